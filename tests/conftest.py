@@ -1,0 +1,30 @@
+"""Test-session setup: 8 fake CPU devices so sharding is exercised for real.
+
+XLA reads XLA_FLAGS once, when jax initialises its backend, so this must run before anything
+imports jax. pytest imports conftest.py before any test module, which guarantees that.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Parity tests compare fp32 against PyTorch's fp32: keep XLA's CPU matmuls at full precision.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+# grain's multiprocessing workers read absl flags; pytest never runs absl.app, so mark them
+# parsed here (google/grain#1355) or every worker dies with UnparsedFlagAccessError.
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def devices():
+    devs = jax.devices()
+    assert len(devs) == 8, f"expected 8 fake CPU devices, got {len(devs)}: XLA_FLAGS was set too late"
+    return devs
