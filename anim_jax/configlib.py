@@ -1,0 +1,102 @@
+"""Loading ``ml_collections`` Python configs with ``--config.a.b=value`` overrides.
+
+A config file is a Python file defining ``get_config(arg=None)`` (``configs/stage1.py``); an
+optional ``path.py:arg`` suffix is passed as ``arg`` (e.g. ``configs/stage1.py:tiny``). Overrides are
+parsed against the type of the field they replace, so a typo or a wrong type is an error that names
+the field instead of a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+from typing import Sequence
+
+import ml_collections
+
+PREFIX = "--config."
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_anim_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} defines no get_config()")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _parse_value(text: str, current, name: str):
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"config override {name}: expected a boolean, got {text!r}")
+    if isinstance(current, str) or current is None:
+        if current is None:
+            try:
+                return ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                return text
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"config override {name}: cannot parse {text!r} as {type(current).__name__}") from e
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(current)(value)
+    if not isinstance(value, type(current)):
+        raise ValueError(
+            f"config override {name}: expected {type(current).__name__}, got {type(value).__name__} ({text!r})"
+        )
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Applies ``--config.a.b=value`` (or ``config.a.b=value``) strings to ``config`` in place."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if not text.startswith("config.") or "=" not in text:
+            raise ValueError(f"config override {item!r}: expected --config.<field>=<value>")
+        dotted, _, raw = text[len("config."):].partition("=")
+        node = config
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if part not in node:
+                raise KeyError(f"config override {item!r}: no field {part!r} (known: {sorted(node.keys())})")
+            node = node[part]
+        leaf = parts[-1]
+        if leaf not in node:
+            raise KeyError(f"config override {item!r}: no field {leaf!r} (known: {sorted(node.keys())})")
+        with node.unlocked() if hasattr(node, "unlocked") else _null():
+            node[leaf] = _parse_value(raw, node[leaf], dotted)
+    return config
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    return apply_overrides(load_config_file(spec), overrides)
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates ``--config.x=y`` items from the other command-line arguments."""
+    overrides, rest = [], []
+    for a in argv:
+        (overrides if a.startswith(PREFIX) else rest).append(a)
+    return overrides, rest

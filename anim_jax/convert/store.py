@@ -1,0 +1,102 @@
+"""The converted-weights directory: what ``anim-jax convert`` writes and the pipeline/trainer load.
+
+Layout::
+
+    DIR/anim_jax.json            model configurations + provenance (format version, sources)
+    DIR/<component>.safetensors  parameters keyed by NNX path, already in our layout
+
+Parameters are stored in our own layout (kernels HWIO / (in, out)), so loading is a strict name
+and shape check followed by a copy, with no per-load transposes. ``anim_jax.convert.mapping``
+exports back to PyTorch layout when needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from anim_jax.convert.mapping import CheckpointMismatchError, flat_params
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "anim_jax.json"
+
+
+def _atomic_write_bytes(path: pathlib.Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_params(model_or_arrays, path: str | os.PathLike, *, dtype=None) -> None:
+    """Writes every parameter (keyed by NNX path) to ``path`` atomically."""
+    if isinstance(model_or_arrays, Mapping):
+        arrays = {k: np.asarray(v) for k, v in model_or_arrays.items()}
+    else:
+        arrays = {k: np.asarray(jax.device_get(v[...])) for k, v in flat_params(model_or_arrays).items()}
+    if dtype is not None:
+        arrays = {k: v.astype(dtype) for k, v in arrays.items()}
+    _atomic_write_bytes(pathlib.Path(path), lambda tmp: save_file(arrays, tmp))
+
+
+def load_params(model: nnx.Module, path: str | os.PathLike, *, dtype=None) -> nnx.Module:
+    """Strictly fills ``model``'s parameters from ``path``; keeps each parameter's sharding."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    arrays = load_file(str(path))
+    params = flat_params(model)
+    missing = sorted(set(params) - set(arrays))
+    unexpected = sorted(set(arrays) - set(params))
+    misshaped = sorted(
+        f"{k}: file {arrays[k].shape}, model {tuple(params[k].shape)}"
+        for k in set(params) & set(arrays)
+        if tuple(arrays[k].shape) != tuple(params[k].shape)
+    )
+    if missing or unexpected or misshaped:
+        msg = [f"{path} does not match the model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
+            if items:
+                msg.append(f"  {len(items)} {title}: " + ", ".join(items[:10]) + (" ..." if len(items) > 10 else ""))
+        raise CheckpointMismatchError("\n".join(msg))
+    for k, var in params.items():
+        arr = jnp.asarray(arrays[k], dtype=dtype or var.dtype)
+        sharding = getattr(var[...], "sharding", None)
+        var[...] = jax.device_put(arr, sharding) if sharding is not None else arr
+    return model
+
+
+def write_config(directory: str | os.PathLike, config: dict[str, Any]) -> None:
+    payload = {"format_version": FORMAT_VERSION, **config}
+    text = json.dumps(payload, indent=2, sort_keys=True)
+    _atomic_write_bytes(pathlib.Path(directory) / CONFIG_NAME, lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = pathlib.Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(directory)!r} is not a converted-weights directory: {CONFIG_NAME} is missing "
+            "(create one with `anim-jax convert`)"
+        )
+    config = json.loads(path.read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {config.get('format_version')!r}, this anim_jax reads {FORMAT_VERSION}")
+    return config
