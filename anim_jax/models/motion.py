@@ -1,0 +1,361 @@
+"""AnimateDiff "Vanilla" motion module (temporal transformer), as used by AnimateDiff v1/v2 and Moore.
+
+On a video ``x`` of shape (B, F, H, W, C) (Moore-AnimateAnyone ``src/models/motion_module.py``,
+AnimateDiff ``animatediff/models/motion_module.py``)::
+
+    h = GroupNorm(groups, eps=1e-6)(x)         per frame: the original folds frames into the batch
+    h = proj_in(tokens(h))                     Linear C->C; tokens are (B*H*W, F, C): one sequence
+                                               over the frames for every spatial location
+    for each transformer block, for each attention block k:
+        n = norms[k](h) + PE[:F]               LayerNorm, then the sinusoidal position encoding
+        h = attention_blocks[k](n) + h         self-attention over frames; the residual has no PE
+    h = ff(ff_norm(h)) + h                     GEGLU C -> 4C -> C (exact erf GELU)
+    out = x + proj_out(h)                      Linear C->C
+
+The PE is ``pe[p, 2i] = sin(p / 10000^(2i/C))``, ``pe[p, 2i+1] = cos(...)`` with p = 0 at the first
+frame of the window. It is not a parameter: it is recomputed here, and the checkpoint's buffers are
+only validated (``check_pe_buffers``). Windows longer than ``temporal_position_encoding_max_len`` are
+an error, as they are impossible in the original.
+
+diffusers' ``AnimateDiffTransformer3D`` differs in one place: its GroupNorm runs on the 5-D
+(B, C, F, H, W) tensor, so its statistics are pooled over all frames. We follow the original (and
+Moore), which normalises each frame on its own; for F = 1 the two agree.
+
+Parameter names follow the original checkpoint format (``temporal_transformer.transformer_blocks.0.
+attention_blocks.0.to_q`` ...); ``anim_jax.convert.motion_keys`` maps them to both formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from anim_jax.convert import motion_keys
+from anim_jax.models.attention_ops import AttentionConfig, dot_product_attention
+from anim_jax.models.layers import Dtype, GroupNorm, LayerNorm, Linear
+
+SUPPORTED_ATTENTION_BLOCK_TYPES = ("Temporal_Self",)
+NUM_UNET_LEVELS = 4  # SD1.5: block_out_channels has four entries
+
+
+@dataclasses.dataclass(frozen=True)
+class MotionConfig:
+    """The ``motion_module_kwargs`` of AnimateDiff/Moore plus where the UNet places the modules.
+
+    Placement (read by the UNet): ``levels`` are UNet resolution levels (0 = full latent resolution;
+    Moore's ``motion_module_resolutions`` [1,2,4,8] are levels 0..3); a down block at level i and the
+    up block at the same resolution carry modules; ``use_mid_block`` adds one in the mid block
+    (AnimateDiff v2 and Moore: True; v1: False). ``decoder_only`` exists for the yaml's sake and must
+    be False. ``zero_initialize`` zeroes ``proj_out`` at construction, like the original, so a fresh
+    module is the identity.
+    """
+
+    num_attention_heads: int = 8
+    num_transformer_block: int = 1
+    attention_block_types: tuple[str, ...] = ("Temporal_Self", "Temporal_Self")
+    temporal_position_encoding: bool = True
+    temporal_position_encoding_max_len: int = 32
+    temporal_attention_dim_div: int = 1
+    norm_num_groups: int = 32
+    zero_initialize: bool = True
+    use_mid_block: bool = True
+    decoder_only: bool = False
+    levels: tuple[int, ...] = (0, 1, 2, 3)
+
+    def __post_init__(self):
+        object.__setattr__(self, "attention_block_types", tuple(self.attention_block_types))
+        object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
+        bad = [t for t in self.attention_block_types if t not in SUPPORTED_ATTENTION_BLOCK_TYPES]
+        if bad or not self.attention_block_types:
+            raise ValueError(
+                f"MotionConfig.attention_block_types={self.attention_block_types!r}: only "
+                f"{SUPPORTED_ATTENTION_BLOCK_TYPES} blocks are supported (AnimateDiff v1/v2, Moore)"
+            )
+        for name in ("num_attention_heads", "num_transformer_block", "temporal_position_encoding_max_len", "norm_num_groups"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"MotionConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.temporal_attention_dim_div != 1:
+            raise ValueError(
+                f"MotionConfig.temporal_attention_dim_div={self.temporal_attention_dim_div}: only 1 is supported"
+            )
+        if self.decoder_only:
+            raise ValueError("MotionConfig.decoder_only=True is not supported (AnimateDiff v1/v2 and Moore use False)")
+        if len(set(self.levels)) != len(self.levels) or any(not 0 <= v < NUM_UNET_LEVELS for v in self.levels):
+            raise ValueError(f"MotionConfig.levels={self.levels}: distinct UNet levels in 0..{NUM_UNET_LEVELS - 1}")
+
+    @property
+    def num_attention_blocks(self) -> int:
+        return len(self.attention_block_types)
+
+    @classmethod
+    def from_moore_yaml_kwargs(cls, kwargs: Mapping[str, Any]) -> "MotionConfig":
+        """From Moore/AnimateDiff yaml: either ``unet_additional_kwargs`` (placement + the nested
+        ``motion_module_kwargs``) or the ``motion_module_kwargs`` dict alone (default placement).
+
+        Unknown motion-module keys and unsupported values are a ValueError naming the key.
+        """
+        kwargs = dict(kwargs)
+        placement: dict[str, Any] = {}
+        if "motion_module_kwargs" in kwargs:
+            if not kwargs.get("use_motion_module", True):
+                raise ValueError("unet_additional_kwargs.use_motion_module is false: there is no motion module")
+            mtype = kwargs.get("motion_module_type", "Vanilla")
+            if mtype != "Vanilla":
+                raise ValueError(f"unet_additional_kwargs.motion_module_type={mtype!r}: only 'Vanilla' is supported")
+            if "motion_module_resolutions" in kwargs:
+                levels = []
+                for r in kwargs["motion_module_resolutions"]:
+                    lvl = int(round(math.log2(r))) if r > 0 else -1
+                    if r <= 0 or 2**lvl != r:
+                        raise ValueError(
+                            f"unet_additional_kwargs.motion_module_resolutions: {r} is not a power of two"
+                        )
+                    levels.append(lvl)
+                placement["levels"] = tuple(sorted(levels))
+            if "motion_module_mid_block" in kwargs:
+                placement["use_mid_block"] = bool(kwargs["motion_module_mid_block"])
+            if "motion_module_decoder_only" in kwargs:
+                placement["decoder_only"] = bool(kwargs["motion_module_decoder_only"])
+            kwargs = dict(kwargs["motion_module_kwargs"] or {})
+        known = {
+            "num_attention_heads", "num_transformer_block", "attention_block_types",
+            "temporal_position_encoding", "temporal_position_encoding_max_len",
+            "temporal_attention_dim_div", "zero_initialize", "norm_num_groups",
+        }  # fmt: skip
+        if kwargs.get("cross_frame_attention_mode") is not None:
+            raise ValueError(
+                f"motion_module_kwargs.cross_frame_attention_mode={kwargs['cross_frame_attention_mode']!r}: "
+                "cross-frame attention is not supported (only None)"
+            )
+        kwargs.pop("cross_frame_attention_mode", None)
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"motion_module_kwargs: unsupported keys {unknown}")
+        return cls(**kwargs, **placement)
+
+    @classmethod
+    def from_state_dict_shapes(cls, shapes: Mapping[str, tuple[int, ...]], **overrides) -> "MotionConfig":
+        """Infers the layout from a checkpoint's ``{key: shape}`` (original or diffusers keys; a
+        motion-module file, a diffusers adapter or a whole UNet).
+
+        Inferred: ``temporal_position_encoding_max_len`` (from the ``pe`` buffers; if the checkpoint
+        has none, the default is kept), ``num_transformer_block``, the number of attention blocks,
+        ``use_mid_block`` and ``levels``. Not inferable (every shape is the same for any value):
+        ``num_attention_heads`` (default 8, AnimateDiff's) and ``norm_num_groups`` (default 32) —
+        pass them in ``overrides`` when they differ.
+        """
+        prefixes = motion_keys.motion_module_prefixes(shapes)
+        if not prefixes:
+            raise ValueError("state dict has no motion-module keys (no '...motion_modules.<j>.' prefix)")
+        blocks: dict[str, set[int]] = {p: set() for p in prefixes}
+        attn: dict[str, set[int]] = {p: set() for p in prefixes}
+        max_lens: dict[str, int] = {}
+        for key, shape in shapes.items():
+            prefix = next((p for p in prefixes if key.startswith(p + ".")), None)
+            if prefix is None:
+                continue
+            rest = key[len(prefix) + 1 :].removeprefix("temporal_transformer.")
+            parts = rest.split(".")
+            if parts[0] == "transformer_blocks":
+                blocks[prefix].add(int(parts[1]))
+                if parts[2] == "attention_blocks":
+                    attn[prefix].add(int(parts[3]))
+                elif parts[2].startswith("attn"):
+                    attn[prefix].add(int(parts[2][4:]) - 1)
+            if key.endswith(("pos_encoder.pe", "pos_embed.pe")):
+                max_lens[key] = int(tuple(shape)[1])
+
+        def one(name, per_prefix):
+            values = set(per_prefix.values())
+            if len(values) != 1:
+                raise ValueError(f"motion modules disagree on {name}: {per_prefix}")
+            return values.pop()
+
+        n_blocks = one("the number of transformer blocks", {p: len(v) for p, v in blocks.items()})
+        n_attn = one("the number of attention blocks", {p: len(v) for p, v in attn.items()})
+        inferred: dict[str, Any] = {
+            "num_transformer_block": n_blocks,
+            "attention_block_types": ("Temporal_Self",) * n_attn,
+            "use_mid_block": any(p.startswith("mid_block.") for p in prefixes),
+        }
+        if max_lens:
+            inferred["temporal_position_encoding_max_len"] = one("the positional-encoding length", max_lens)
+        down = sorted({int(p.split(".")[1]) for p in prefixes if p.startswith("down_blocks.")})
+        up = sorted({int(p.split(".")[1]) for p in prefixes if p.startswith("up_blocks.")})
+        if down:
+            n_levels = max(down + up) + 1
+            if up and sorted(n_levels - 1 - j for j in up) != down:
+                raise ValueError(f"motion modules in down levels {down} but up blocks {up}: not a mirrored layout")
+            inferred["levels"] = tuple(down)
+        inferred.update(overrides)
+        return cls(**inferred)
+
+
+def sinusoidal_position_table(length: int, channels: int) -> np.ndarray:
+    """(length, channels) float32 table; the original's ``PositionalEncoding`` computed the same way
+    (float32, interleaved: even channels sin, odd channels cos)."""
+    if channels % 2:
+        raise ValueError(f"the sinusoidal position encoding needs an even channel count, got {channels}")
+    position = np.arange(length, dtype=np.float32)[:, None]
+    div_term = np.exp(np.arange(0, channels, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / channels))
+    pe = np.zeros((length, channels), np.float32)
+    pe[:, 0::2] = np.sin(position * div_term)
+    pe[:, 1::2] = np.cos(position * div_term)
+    return pe
+
+
+def check_pe_buffers(state_dict: Mapping[str, Any], config: MotionConfig, *, atol: float = 1e-5) -> int:
+    """Validates every ``pos_encoder.pe`` / ``pos_embed.pe`` buffer against the formula; returns how
+    many were checked. A wrong shape, a ``max_len`` other than the config's, or any value off by more
+    than ``atol`` is a ValueError naming the key."""
+    checked = 0
+    for key, value in state_dict.items():
+        if not key.endswith(("pos_encoder.pe", "pos_embed.pe")):
+            continue
+        if not config.temporal_position_encoding:
+            raise ValueError(f"{key}: checkpoint has a position encoding but the config disables it")
+        pe = np.asarray(value, dtype=np.float32)
+        if pe.ndim != 3 or pe.shape[0] != 1:
+            raise ValueError(f"{key}: expected a (1, max_len, channels) buffer, got shape {pe.shape}")
+        max_len = config.temporal_position_encoding_max_len
+        if pe.shape[1] != max_len:
+            raise ValueError(
+                f"{key}: position encoding of length {pe.shape[1]}, config temporal_position_encoding_max_len={max_len}"
+            )
+        err = float(np.max(np.abs(pe[0] - sinusoidal_position_table(max_len, pe.shape[2]))))
+        if not err <= atol:
+            raise ValueError(f"{key}: differs from the sinusoidal formula by {err:.3g} (> {atol:g})")
+        checked += 1
+    return checked
+
+
+class FeedForward(nnx.Module):
+    """GEGLU feed-forward: ``out(value * gelu(gate))`` with ``[value, gate] = proj(x)`` (exact GELU).
+
+    ``proj`` / ``out`` are PyTorch's ``ff.net.0.proj`` / ``ff.net.2``.
+    """
+
+    def __init__(self, dim: int, *, mult: int = 4, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs):
+        inner = dim * mult
+        self.proj = Linear(dim, 2 * inner, axes=("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.out = Linear(inner, dim, axes=("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        value, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return self.out(value * jax.nn.gelu(gate, approximate=False))
+
+
+class TemporalSelfAttention(nnx.Module):
+    """Self-attention over the frame axis of (N, F, C) tokens (N = batch x spatial positions)."""
+
+    def __init__(self, dim: int, heads: int, *, attention: AttentionConfig, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.to_q = Linear(dim, dim, use_bias=False, axes=("embed", "heads"), **kw)
+        self.to_k = Linear(dim, dim, use_bias=False, axes=("embed", "heads"), **kw)
+        self.to_v = Linear(dim, dim, use_bias=False, axes=("embed", "heads"), **kw)
+        self.to_out = Linear(dim, dim, axes=("heads", "embed"), **kw)
+        self.heads = heads
+        self.attention = attention
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, f, c = x.shape
+        split = lambda t: t.reshape(n, f, self.heads, c // self.heads)  # noqa: E731
+        out = dot_product_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)), self.attention)
+        return self.to_out(out.reshape(n, f, c))
+
+
+class TemporalTransformerBlock(nnx.Module):
+    def __init__(self, dim: int, config: MotionConfig, *, attention, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        n = config.num_attention_blocks
+        self.attention_blocks = nnx.List(
+            [TemporalSelfAttention(dim, config.num_attention_heads, attention=attention, **kw) for _ in range(n)]
+        )
+        self.norms = nnx.List([LayerNorm(dim, param_dtype=param_dtype) for _ in range(n)])
+        self.ff = FeedForward(dim, **kw)
+        self.ff_norm = LayerNorm(dim, param_dtype=param_dtype)
+
+    def __call__(self, h: jax.Array, pe: jax.Array | None) -> jax.Array:
+        for attn, norm in zip(self.attention_blocks, self.norms):
+            n = norm(h)
+            if pe is not None:
+                n = n + pe.astype(n.dtype)
+            h = attn(n) + h
+        return self.ff(self.ff_norm(h)) + h
+
+
+class TemporalTransformer3D(nnx.Module):
+    def __init__(self, channels: int, config: MotionConfig, *, attention, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = GroupNorm(config.norm_num_groups, channels, eps=1e-6, param_dtype=param_dtype)
+        self.proj_in = Linear(channels, channels, axes=("embed", "mlp"), **kw)
+        self.transformer_blocks = nnx.List(
+            [
+                TemporalTransformerBlock(channels, config, attention=attention, **kw)
+                for _ in range(config.num_transformer_block)
+            ]
+        )
+        self.proj_out = Linear(channels, channels, axes=("mlp", "embed"), **kw)
+        self.config = config
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, f, hh, ww, c = x.shape
+        cfg = self.config
+        pe = None
+        if cfg.temporal_position_encoding:
+            if f > cfg.temporal_position_encoding_max_len:
+                raise ValueError(
+                    f"motion module: a window of {f} frames is longer than the position encoding "
+                    f"(temporal_position_encoding_max_len={cfg.temporal_position_encoding_max_len})"
+                )
+            pe = jnp.asarray(sinusoidal_position_table(f, c))
+        h = self.norm(x.reshape(b * f, hh, ww, c))  # per-frame statistics
+        h = h.reshape(b, f, hh * ww, c).swapaxes(1, 2).reshape(b * hh * ww, f, c)
+        h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, pe)
+        h = self.proj_out(h)
+        h = h.reshape(b, hh * ww, f, c).swapaxes(1, 2).reshape(b, f, hh, ww, c)
+        return (h + x).astype(x.dtype)
+
+
+class MotionModule(nnx.Module):
+    """One AnimateDiff ``VanillaTemporalModule``: (B, F, H, W, C) -> (B, F, H, W, C).
+
+    With ``config.zero_initialize`` (the default, like the original) ``proj_out`` starts at zero,
+    so a freshly built module is the identity; checkpoints overwrite it.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        config: MotionConfig = MotionConfig(),
+        *,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        attention: AttentionConfig | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if channels % config.num_attention_heads:
+            raise ValueError(
+                f"motion module: {channels} channels are not divisible by num_attention_heads={config.num_attention_heads}"
+            )
+        self.channels = channels
+        self.temporal_transformer = TemporalTransformer3D(
+            channels, config, attention=attention or AttentionConfig(), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        if config.zero_initialize:
+            proj_out = self.temporal_transformer.proj_out
+            proj_out.kernel[...] = jnp.zeros_like(proj_out.kernel[...])
+            proj_out.bias[...] = jnp.zeros_like(proj_out.bias[...])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 5 or x.shape[-1] != self.channels:
+            raise ValueError(f"motion module expects (B, F, H, W, {self.channels}); got {x.shape}")
+        return self.temporal_transformer(x)
