@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from anim_jax.convert.mapping import CheckpointMismatchError, flat_params
+from anim_jax.convert.readers import write_safetensors
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "anim_jax.json"
@@ -45,15 +46,25 @@ def _atomic_write_bytes(path: pathlib.Path, write) -> None:
         raise
 
 
+class _DeferredHostArray:
+    """A parameter's shape and dtype now, its host copy only when the writer asks for the data."""
+
+    def __init__(self, var, dtype):
+        self._var, self.shape = var, tuple(var.shape)
+        self.dtype = np.dtype(dtype) if dtype is not None else np.dtype(var.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        value = np.asarray(jax.device_get(self._var[...])).astype(self.dtype, copy=False)
+        return value if dtype is None else value.astype(dtype, copy=False)
+
+
 def save_params(model_or_arrays, path: str | os.PathLike, *, dtype=None) -> None:
-    """Writes every parameter (keyed by NNX path) to ``path`` atomically."""
+    """Writes every parameter (keyed by NNX path) to ``path`` atomically, one tensor in host memory at a time."""
     if isinstance(model_or_arrays, Mapping):
-        arrays = {k: np.asarray(v) for k, v in model_or_arrays.items()}
+        arrays = {k: (np.asarray(v).astype(dtype) if dtype is not None else np.asarray(v)) for k, v in model_or_arrays.items()}
     else:
-        arrays = {k: np.asarray(jax.device_get(v[...])) for k, v in flat_params(model_or_arrays).items()}
-    if dtype is not None:
-        arrays = {k: v.astype(dtype) for k, v in arrays.items()}
-    _atomic_write_bytes(pathlib.Path(path), lambda tmp: save_file(arrays, tmp))
+        arrays = {k: _DeferredHostArray(v, dtype) for k, v in flat_params(model_or_arrays).items()}
+    write_safetensors(path, arrays)
 
 
 def load_params(model: nnx.Module, path: str | os.PathLike, *, dtype=None) -> nnx.Module:
