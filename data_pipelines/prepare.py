@@ -1,0 +1,351 @@
+"""``anim-jax prepare``: videos + pose videos -> the TFDS ArrayRecord dataset of ``dataset.py``.
+
+Inputs, in Moore-AnimateAnyone's layouts (research/moore.md section 5.1):
+* a folder ``ROOT`` of videos (searched recursively) with pose videos at the same relative paths
+  under ``ROOT_dwpose`` (what ``tools/extract_dwpose_from_vid.py`` writes);
+* or a meta JSON file, a list of ``{"video_path": ..., "kps_path": ...}`` (``tools/extract_meta_info.py``).
+
+Per video, worker processes decode both videos with PyAV and encode every frame (JPEG for frames,
+PNG for poses); with ``resize`` the frames' shorter side becomes ``resize`` (bicubic) and the pose frames
+are resized to the resized frame size (bilinear). Videos that cannot be used never stop the run:
+unreadable or corrupt files, missing pose videos, empty videos, and video/pose frame-count
+mismatches are skipped (mismatches are cut to the common length instead with
+``on_mismatch="truncate"``); every one is listed in the report, which is printed at the end and
+written as JSON into the dataset (``prepare_report.json``) and to ``report_path`` if given.
+The dataset is written atomically (``dataset.build_dataset``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import time
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from data_pipelines import dataset as dataset_lib
+from data_pipelines.video_io import (
+    JPEG_SUBSAMPLING,
+    VIDEO_EXTENSIONS,
+    EmptyVideoError,
+    encode_jpeg,
+    encode_png,
+    iter_video_frames,
+    video_info,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoTask:
+    id: str
+    video_path: str
+    kps_path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+    resize: int | None = None  # shorter side of the stored frames; None keeps the source size
+    jpeg_quality: int = 95
+    jpeg_subsampling: str = "444"  # "444" | "422" | "420"
+    on_mismatch: str = "skip"  # "skip" | "truncate"
+    min_frames: int = 1
+
+    def __post_init__(self):
+        if self.on_mismatch not in ("skip", "truncate"):
+            raise ValueError(f"on_mismatch must be 'skip' or 'truncate', got {self.on_mismatch!r}")
+        if self.jpeg_subsampling not in JPEG_SUBSAMPLING:
+            raise ValueError(f"jpeg_subsampling must be one of {sorted(JPEG_SUBSAMPLING)}, got {self.jpeg_subsampling!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the inputs
+
+
+def _strip_ext(p: str) -> str:
+    return os.path.splitext(p)[0]
+
+
+def find_videos(root: str | os.PathLike) -> tuple[list[VideoTask], list[dict]]:
+    """``ROOT/**/x.mp4`` with ``ROOT_dwpose/**/x.mp4``. Returns (tasks, problems) where problems are
+    videos without a pose video (same relative path; any video extension is accepted for the pose)."""
+    root = os.path.abspath(os.fspath(root)).rstrip("/")
+    pose_root = root + "_dwpose"
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: not a directory")
+    tasks, problems = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not name.lower().endswith(VIDEO_EXTENSIONS):
+                continue
+            video = os.path.join(dirpath, name)
+            rel = os.path.relpath(video, root)
+            vid = _strip_ext(rel).replace(os.sep, "/")
+            kps = os.path.join(pose_root, rel)
+            if not os.path.isfile(kps):
+                alternatives = [_strip_ext(kps) + ext for ext in VIDEO_EXTENSIONS if os.path.isfile(_strip_ext(kps) + ext)]
+                if not alternatives:
+                    problems.append({"id": vid, "video_path": video, "kps_path": kps, "reason": "missing pose video"})
+                    continue
+                kps = alternatives[0]
+            tasks.append(VideoTask(vid, video, kps))
+    return tasks, problems
+
+
+def read_meta(meta_path: str | os.PathLike) -> list[VideoTask]:
+    """A meta JSON list of ``{"video_path", "kps_path"}``; ids are the video paths relative to their
+    common directory, without extension (made unique with ``#k`` suffixes)."""
+    try:
+        with open(meta_path) as f:
+            items = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path}: not valid JSON ({e})") from e
+    if not isinstance(items, list):
+        raise ValueError(f"{meta_path}: expected a JSON list of {{'video_path', 'kps_path'}}")
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or not all(isinstance(it.get(k), str) for k in ("video_path", "kps_path")):
+            raise ValueError(f"{meta_path}: item {i} must be an object with string 'video_path' and 'kps_path', got {it!r}")
+    base = os.path.dirname(os.fspath(meta_path))
+    paths = [
+        (os.path.join(base, it["video_path"]) if not os.path.isabs(it["video_path"]) else it["video_path"],
+         os.path.join(base, it["kps_path"]) if not os.path.isabs(it["kps_path"]) else it["kps_path"])
+        for it in items
+    ]  # fmt: skip
+    if not paths:
+        return []
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(v)) for v, _ in paths])
+    return [VideoTask(_strip_ext(os.path.relpath(os.path.abspath(v), common)).replace(os.sep, "/"), v, k) for v, k in paths]
+
+
+def collect_tasks(sources: Sequence[str | os.PathLike]) -> tuple[list[VideoTask], list[dict]]:
+    """Tasks from folders and/or meta JSON files, ids made unique across all of them."""
+    tasks, problems = [], []
+    for src in sources:
+        if os.fspath(src).endswith(".json"):
+            tasks += read_meta(src)
+        else:
+            t, p = find_videos(src)
+            tasks += t
+            problems += p
+    seen: dict[str, int] = {}
+    unique = []
+    for t in tasks:
+        k = seen.get(t.id, 0)
+        seen[t.id] = k + 1
+        unique.append(t if k == 0 else dataclasses.replace(t, id=f"{t.id}#{k + 1}"))
+    return unique, problems
+
+
+# ----------------------------------------------------------------------------------------------
+# One video (runs in a worker process)
+
+
+def _resized_size(h: int, w: int, shorter: int | None) -> tuple[int, int]:
+    if not shorter or min(h, w) == shorter:
+        return h, w
+    if h <= w:
+        return shorter, max(1, round(w * shorter / h))
+    return max(1, round(h * shorter / w)), shorter
+
+
+def _encode_stream(path: str, encode, size: tuple[int, int] | None, resample) -> tuple[list[bytes], tuple[int, int]]:
+    """Decodes every frame of ``path``, resizes to ``size`` (h, w) if given (else to the first frame's
+    size when a later frame differs) and encodes it. Returns (encoded frames, (h, w))."""
+    out: list[bytes] = []
+    hw = size
+    for arr in iter_video_frames(path):
+        if hw is None:
+            hw = arr.shape[:2]
+        if arr.shape[:2] != hw:
+            arr = np.asarray(Image.fromarray(arr).resize((hw[1], hw[0]), resample))
+        out.append(encode(arr))
+    return out, (hw or (0, 0))
+
+
+def process_video(task: VideoTask, options: PrepareOptions) -> tuple[dict | None, dict | None]:
+    """``(example, None)`` for a usable video, ``(None, problem)`` for a skipped one; a truncated video
+    gives ``(example, note)``. Never raises for a bad input."""
+
+    def problem(reason: str, **extra) -> dict:
+        return {"id": task.id, "video_path": task.video_path, "kps_path": task.kps_path, "reason": reason, **extra}
+
+    for p, what in ((task.video_path, "video"), (task.kps_path, "pose video")):
+        if not os.path.isfile(p):
+            return None, problem(f"missing {what}")
+    try:
+        info = video_info(task.video_path)
+        size = _resized_size(info["height"], info["width"], options.resize) if options.resize else None
+        frames, (h, w) = _encode_stream(
+            task.video_path, lambda a: encode_jpeg(a, options.jpeg_quality, options.jpeg_subsampling), size, Image.BICUBIC
+        )
+    except EmptyVideoError as e:
+        return None, problem(f"empty video: {e}")
+    except Exception as e:  # noqa: BLE001  (any decoder failure means: skip this video)
+        return None, problem(f"unreadable video: {type(e).__name__}: {e}")
+    if len(frames) < options.min_frames:
+        return None, problem("empty video: no frames" if not frames else f"video has {len(frames)} frames < {options.min_frames}")
+    try:
+        poses, (ph, pw) = _encode_stream(task.kps_path, encode_png, (h, w) if options.resize else None, Image.BILINEAR)
+    except EmptyVideoError as e:
+        return None, problem(f"empty pose video: {e}")
+    except Exception as e:  # noqa: BLE001
+        return None, problem(f"unreadable pose video: {type(e).__name__}: {e}")
+    if not poses:
+        return None, problem("empty pose video: no frames")
+    note = None
+    if len(frames) != len(poses):
+        counts = {"frames": len(frames), "poses": len(poses)}
+        if options.on_mismatch == "skip":
+            return None, problem("frame-count mismatch", **counts)
+        n = min(len(frames), len(poses))
+        if n < options.min_frames:
+            return None, problem("frame-count mismatch", **counts)
+        frames, poses = frames[:n], poses[:n]
+        note = problem("frame-count mismatch, truncated", kept=n, **counts)
+    return dataset_lib.make_example(task.id, frames, poses, info["fps"], (h, w), (ph, pw)), note
+
+
+def _work(args):
+    task, options = args
+    return process_video(task, options)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def _results(tasks: Sequence[VideoTask], options: PrepareOptions, workers: int) -> Iterator[tuple]:
+    if workers <= 0:
+        for t in tasks:
+            yield process_video(t, options)
+        return
+    # spawn: the parent may have jax (threads) loaded, which fork would copy in an unsafe state.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap_unordered(_work, [(t, options) for t in tasks], chunksize=1)
+
+
+class _Collector:
+    """Feeds the TFDS writer from the worker results while filling in the report."""
+
+    def __init__(self, tasks, options, workers, report, progress):
+        self.tasks, self.options, self.workers = tasks, options, workers
+        self.report, self.progress = report, progress
+        self.start = time.time()
+
+    def __iter__(self):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(self.tasks), desc="prepare", unit="video", disable=not self.progress)
+        try:
+            for example, note in _results(self.tasks, self.options, self.workers):
+                bar.update(1)
+                if example is None:
+                    self.report["skipped"].append(note)
+                    bar.set_postfix(skipped=len(self.report["skipped"]))
+                    continue
+                if note is not None:
+                    self.report["truncated"].append(note)
+                self.report["num_videos"] += 1
+                self.report["num_frames"] += int(example["num_frames"])
+                yield example
+        finally:
+            bar.close()
+            self.report["elapsed_s"] = round(time.time() - self.start, 2)
+        if self.report["num_videos"] == 0:
+            raise NoUsableVideos("no usable videos: nothing to write")
+
+
+class NoUsableVideos(RuntimeError):
+    pass
+
+
+def prepare(
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    resize: int | None = None,
+    jpeg_quality: int = 95,
+    jpeg_subsampling: str = "444",
+    on_mismatch: str = "skip",
+    workers: int | None = None,
+    overwrite: bool = False,
+    report_path: str | os.PathLike | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    verbose: bool = True,
+) -> dict:
+    """Builds the dataset at ``output`` from video folders and/or meta JSON files; returns the report.
+
+    ``workers``: processes decoding/encoding videos (default: all CPUs; 0 runs in this process).
+    Raises ``NoUsableVideos`` (after printing and writing the report) when no video could be used;
+    ``output`` is then left untouched.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    options = PrepareOptions(
+        resize=resize, jpeg_quality=jpeg_quality, jpeg_subsampling=jpeg_subsampling, on_mismatch=on_mismatch
+    )
+    output = os.path.abspath(os.fspath(output))
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    tasks, problems = collect_tasks(sources)
+    if limit is not None:
+        tasks = tasks[:limit]
+    if workers is None:
+        workers = os.cpu_count() or 1
+    workers = min(workers, len(tasks))
+    report = {
+        "output": output,
+        "sources": [os.fspath(s) for s in sources],
+        "options": dataclasses.asdict(options),
+        "num_inputs": len(tasks) + len(problems),
+        "num_videos": 0,
+        "num_frames": 0,
+        "skipped": list(problems),
+        "truncated": [],
+    }
+    collector = _Collector(tasks, options, workers, report, progress)
+    try:
+        dataset_lib.build_dataset(output, collector, report=report, overwrite=overwrite, description=f"prepared from {report['sources']}")
+    except NoUsableVideos:
+        _finish_report(report, report_path or output + "." + dataset_lib.REPORT_NAME, verbose)
+        raise
+    _finish_report(report, report_path, verbose)
+    return report
+
+
+def _finish_report(report: dict, path, verbose: bool) -> None:
+    if path:
+        dataset_lib.write_json(path, report)
+    if verbose:
+        print(format_report(report), file=sys.stderr if report["num_videos"] == 0 else sys.stdout)
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"prepare: {report['num_videos']} of {report['num_inputs']} videos written "
+        f"({report['num_frames']} frames) to {report['output']}"
+        + (f" in {report['elapsed_s']} s" if "elapsed_s" in report else "")
+    ]
+    if report["truncated"]:
+        lines.append(f"truncated to the common frame count ({len(report['truncated'])}):")
+        lines += [f"  {t['id']}: {t['frames']} frames, {t['poses']} poses -> {t['kept']}" for t in report["truncated"]]
+    if report["skipped"]:
+        lines.append(f"skipped ({len(report['skipped'])}):")
+        for s in report["skipped"]:
+            counts = f" ({s['frames']} frames, {s['poses']} poses)" if "frames" in s else ""
+            lines.append(f"  {s['id']}: {s['reason']}{counts}  [{s['video_path']}]")
+    return "\n".join(lines)
+
+
+def iter_records(path: str | os.PathLike) -> Iterable[dict]:
+    """Every record of a prepared dataset, in order (for inspection)."""
+    src = dataset_lib.open_dataset(path)
+    for i in range(len(src)):
+        yield src[i]
