@@ -1,0 +1,274 @@
+"""The training loop: resume, steps, metrics, periodic checkpoints, preemption and NaN handling.
+
+Per iteration: next batch -> jitted step -> the loss and gradient norm come back to the host
+(one small transfer a step; a non-finite value stops the run before anything is saved) ->
+``on_step`` -> metrics every ``log_every`` steps -> a checkpoint every ``save_every`` steps, or at
+once when SIGTERM/SIGINT arrived during the step.
+
+Exactness: the step's RNG key is ``fold_in(state.rng, state.step)`` and the data iterator's state
+is saved with the train state, so ``N steps, save, restore, N steps`` equals ``2N steps`` bitwise
+(on a deterministic backend with the same mesh).
+
+Preemption across hosts: a signal may reach the hosts at different steps while a save is a
+collective operation, so with several processes the stop step is agreed through JAX's preemption
+sync point (``jax.experimental.multihost_utils.reached_preemption_sync_point``, fed by the
+coordination service's own SIGTERM notifier); SIGINT is forwarded to it as a SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from anim_jax.train import metrics as metrics_lib
+
+log = logging.getLogger(__name__)
+
+STATUS_COMPLETED = "completed"  # reached num_steps
+STATUS_PREEMPTED = "preempted"  # a signal arrived: saved and stopped
+STATUS_DATA_EXHAUSTED = "data_exhausted"  # the data iterator ran out: saved and stopped
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step produced a NaN/Inf loss or gradient norm; the bad state was not saved."""
+
+    def __init__(self, step: int, value: float, name: str, last_checkpoint_step: int | None):
+        self.step = step
+        self.value = value
+        self.name = name
+        self.last_checkpoint_step = last_checkpoint_step
+        where = (
+            f"the last good checkpoint is step {last_checkpoint_step}"
+            if last_checkpoint_step is not None
+            else "there is no checkpoint yet"
+        )
+        super().__init__(
+            f"non-finite {name} ({value}) at step {step}; training stopped without saving this state; {where}"
+        )
+
+
+@dataclasses.dataclass
+class LoopResult:
+    status: str
+    step: int
+    state: Any
+    last_checkpoint_step: int | None
+    signal: int | None = None
+    resumed_from: int | None = None
+
+
+class _StopFlag:
+    """Records SIGTERM/SIGINT instead of dying; the loop saves and returns at the end of the step.
+
+    With several processes, SIGTERM is left to JAX's preemption notifier and SIGINT is turned
+    into a SIGTERM to this process, so that every process stops at the same, agreed step."""
+
+    def __init__(self, multiprocess: bool):
+        self.signum: int | None = None
+        self.multiprocess = multiprocess
+
+    def __call__(self, signum, frame):
+        if self.multiprocess:
+            log.warning("received signal %d: asking every process to stop at an agreed step", signum)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if self.signum is None:
+            log.warning("received signal %d: finishing the current step, then saving and stopping", signum)
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        if self.multiprocess:
+            signals = [signal.SIGINT] if _preemption_service_running() else []
+        else:
+            signals = [signal.SIGTERM, signal.SIGINT]
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("train_loop runs outside the main thread: signal handling disabled")
+            signals = []
+        previous = {s: signal.signal(s, self) for s in signals}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _preemption_service_running() -> bool:
+    try:
+        from jax._src import distributed as jax_distributed
+
+        return jax_distributed.global_state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):
+        return False
+
+
+def _iterator_state(data_iter):
+    get = getattr(data_iter, "get_state", None)
+    return get() if get is not None else None
+
+
+def _cfg_get(cfg, name, default=None):
+    if cfg is None:
+        return default
+    if hasattr(cfg, "get"):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def _multiprocess_preemption(step: int) -> bool:
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+
+    try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    except RuntimeError:  # no preemption sync manager (jax.distributed not initialised by us)
+        return False
+
+
+def train_loop(
+    cfg,
+    state,
+    train_step: Callable,
+    data_iter: Iterator,
+    ckpt_manager=None,
+    writer: metrics_lib.MetricWriter | None = None,
+    *,
+    num_steps: int,
+    save_every: int | None = None,
+    log_every: int = 50,
+    on_step: Callable[[int, dict], None] | None = None,
+    metadata: dict | None = None,
+) -> LoopResult:
+    """Trains until ``state.step == num_steps`` (an absolute step count).
+
+    ``train_step``: the jitted ``(state, batch) -> (state, metrics)`` (``jit_train_step``);
+    ``data_iter``: yields batches the step accepts (host arrays, or global ``jax.Array``s in
+    multi-host runs); with ``get_state()/set_state(dict)`` its position is checkpointed and
+    restored. ``ckpt_manager``: an ``anim_jax.checkpoint.CheckpointManager`` or None; if it holds
+    a checkpoint, the run resumes from the latest one (state and data-iterator position) onto
+    ``state``'s shardings. ``writer``: a ``MetricWriter`` or None. ``on_step(step, metrics)`` runs
+    after every finished step with host-side float metrics.
+
+    ``cfg`` (optional fields): ``global_batch_size`` (examples per train_step call, for
+    examples/s), ``flops_per_step`` (model FLOPs of one call, all devices) and
+    ``peak_flops_per_device`` (for MFU; guessed from the device kind when absent).
+
+    Returns a ``LoopResult``; raises ``NonFiniteLossError`` on a NaN/Inf loss or gradient norm.
+    """
+    is_main = jax.process_index() == 0
+    resumed_from = None
+    last_ckpt = None
+    if ckpt_manager is not None:
+        last_ckpt = ckpt_manager.latest_step()
+        if last_ckpt is not None:
+            restored = ckpt_manager.restore(last_ckpt, state)
+            state = restored.state
+            resumed_from = last_ckpt
+            if restored.data_iterator_state is not None:
+                if not hasattr(data_iter, "set_state"):
+                    raise TypeError("the checkpoint holds a data-iterator state but data_iter has no set_state")
+                data_iter.set_state(restored.data_iterator_state)
+            log.info("resumed from checkpoint step %d", last_ckpt)
+
+    step = int(jax.device_get(state.step))
+    if resumed_from is not None and step != resumed_from:
+        raise ValueError(f"checkpoint {resumed_from} holds state.step == {step}")
+
+    batch_size = _cfg_get(cfg, "global_batch_size")
+    flops = _cfg_get(cfg, "flops_per_step")
+    peak = _cfg_get(cfg, "peak_flops_per_device") or metrics_lib.peak_flops_per_device()
+    n_dev = jax.device_count()
+
+    def save(step_):
+        nonlocal last_ckpt
+        if ckpt_manager is None:
+            return
+        meta = dict(metadata or {}, step=step_, wall_time=time.time())
+        ckpt_manager.save(step_, state, _iterator_state(data_iter), meta)  # False: already saved
+        last_ckpt = step_
+
+    stop = _StopFlag(multiprocess=jax.process_count() > 1)
+    window: dict[str, list[float]] = {}
+    times: list[float] = []
+    status = STATUS_COMPLETED
+    calls = 0
+    bar = None
+    if is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=step, desc="train", dynamic_ncols=True)
+
+    try:
+        with stop.installed():
+            while step < num_steps:
+                t0 = time.perf_counter()  # step_time includes waiting for data: it is what a step costs
+                try:
+                    batch = next(data_iter)
+                except StopIteration:
+                    status = STATUS_DATA_EXHAUSTED
+                    break
+                state, step_metrics = train_step(state, batch)
+                host = {k: float(v) for k, v in jax.device_get(step_metrics).items() if np.ndim(v) == 0}
+                dt = time.perf_counter() - t0
+                for name in ("loss", "grad_norm"):
+                    v = host.get(name)
+                    if v is not None and not math.isfinite(v):
+                        if ckpt_manager is not None:
+                            ckpt_manager.wait()  # the last good checkpoint is complete on disk
+                        raise NonFiniteLossError(step + 1, v, name, last_ckpt)
+                step += 1
+                calls += 1
+                if calls > 1:
+                    times.append(dt)  # the first call includes compilation
+                for k, v in host.items():
+                    window.setdefault(k, []).append(v)
+                if on_step is not None:
+                    on_step(step, host)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{host.get('loss', float('nan')):.4g}", refresh=False)
+                if step % log_every == 0 or step == num_steps:
+                    scalars = {}
+                    for k, vs in window.items():
+                        finite = [v for v in vs if math.isfinite(v)]
+                        if finite:
+                            scalars[k] = float(np.mean(finite))
+                    if times:
+                        st = float(np.mean(times))
+                        scalars["step_time"] = st
+                        if batch_size:
+                            scalars["examples_per_sec"] = batch_size / st
+                        if flops and peak:
+                            scalars["mfu"] = metrics_lib.mfu(flops, st, peak, n_dev)
+                    if writer is not None:
+                        writer.write_scalars(step, scalars)
+                        writer.flush()
+                    window.clear()
+                    times.clear()
+                if stop.signum is not None or _multiprocess_preemption(step):
+                    save(step)
+                    status = STATUS_PREEMPTED
+                    break
+                if save_every and step % save_every == 0:
+                    save(step)
+            if status != STATUS_PREEMPTED:
+                save(step)  # no-op when this step is already saved
+    finally:
+        if ckpt_manager is not None:
+            ckpt_manager.wait()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.flush()
+    return LoopResult(status, step, state, last_ckpt, stop.signum, resumed_from)
