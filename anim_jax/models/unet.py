@@ -1,0 +1,556 @@
+"""The Stable Diffusion 1.5 UNet (diffusers ``UNet2DConditionModel``) in Flax NNX: the denoiser's
+2-D part and, with ``reference_net=True``, Animate Anyone's ReferenceNet.
+
+Module and parameter names mirror diffusers, so ``anim_jax.convert.unet_keys.UNET_KEYMAP`` maps
+every parameter to exactly the diffusers state-dict key.
+
+Video convention: frames are folded into the batch, ``sample`` is ``(B*F, H, W, C)`` with row
+``b*F + f``. The time embedding, the cross-attention context and the reference features are per
+video (leading batch B, or 1 for "shared by all") and broadcast to the frames inside.
+
+Reference attention (see ``anim_jax.models.transformer``) is explicit data flow: the ReferenceNet
+returns its transformer blocks' ``norm1`` outputs, the denoiser takes them as ``reference=``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from anim_jax.models import layers
+from anim_jax.models.attention_ops import AttentionConfig
+from anim_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, frame_group_norm
+from anim_jax.models.transformer import BasicTransformerBlock, Reference, ReferenceKV, Transformer2DModel
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The architecture. Defaults are diffusers' ``UNet2DConditionModel`` defaults (SD1.5's
+    ``unet/config.json`` differs only in ``cross_attention_dim=768``)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    layers_per_block: int = 2
+    # Number of attention heads per down block (an int means the same for all). diffusers calls
+    # this ``attention_head_dim`` in config.json: the legacy name, whose value is the head COUNT.
+    num_attention_heads: int | tuple[int, ...] = 8
+    cross_attention_dim: int = 1280
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    use_linear_projection: bool = False  # proj_in/proj_out: Linear (True) or 1x1 conv (False)
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    transformer_layers_per_block: int = 1
+    # Ours, not diffusers': ResNet GroupNorms and conv_norm_out pool their statistics over the F
+    # frames of a video (the original UNet3D's non-inflated 5-D GroupNorm, used in stage 1);
+    # False: per frame (``use_inflated_groupnorm=True``, stage 2 and inference). Transformer
+    # GroupNorms are always per frame.
+    groupnorm_over_frames: bool = False
+    # Ours: round reference tokens to float16 and back before the denoiser uses them. The PyTorch
+    # original copies its reference bank with ``.to(torch.float16)`` (ReferenceAttentionControl's
+    # default dtype) even in fp32 runs; the rounding changes outputs measurably.
+    reference_fp16_rounding: bool = True
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        heads = self.num_attention_heads
+        heads = (heads,) * n if isinstance(heads, int) else tuple(heads)
+        object.__setattr__(self, "num_attention_heads", heads)
+        for name in ("block_out_channels", "down_block_types", "up_block_types"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name, value in (("down_block_types", self.down_block_types), ("up_block_types", self.up_block_types),
+                            ("num_attention_heads", heads)):
+            if len(value) != n:
+                raise ValueError(f"UNetConfig.{name} has {len(value)} entries, block_out_channels has {n}")
+        for name, types, allowed in (("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
+                                     ("up_block_types", self.up_block_types, UP_BLOCK_TYPES)):
+            bad = [t for t in types if t not in allowed]
+            if bad:
+                raise ValueError(f"UNetConfig.{name}: unsupported block type(s) {bad}; supported: {allowed}")
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "UNetConfig":
+        """Reads a diffusers ``UNet2DConditionModel`` config (the parsed ``unet/config.json``, or
+        ``model.config``). ``overrides`` set fields (e.g. ``groupnorm_over_frames=True``).
+
+        Every option this port does not implement must hold its diffusers default, otherwise a
+        ValueError names the field. Keys starting with ``_`` and ``sample_size`` /
+        ``upcast_attention`` (our softmax is always float32) are ignored; keys we do not know are
+        ignored when None or False (options that are off) and refused otherwise.
+        """
+        config = dict(config)
+        bad = []
+        for key, default in _DIFFUSERS_FIXED.items():
+            if key in config:
+                value = config.pop(key)
+                if key in _NONE_IS_FALSE:  # None / False / a per-block list of False all mean "off"
+                    value = any(value) if isinstance(value, (list, tuple)) else bool(value)
+                if value != default:
+                    bad.append(f"{key}={value!r} (only {default!r} is supported)")
+        for key in _DIFFUSERS_IGNORED:
+            config.pop(key, None)
+        kwargs = {}
+        for key, field in _DIFFUSERS_FIELDS.items():
+            if key not in config:
+                continue
+            value = config.pop(key)
+            if key in _INT_ONLY and not isinstance(value, int):
+                bad.append(f"{key}={value!r} (only a single int is supported)")
+                continue
+            kwargs[field] = tuple(value) if isinstance(value, list) else value
+        for key, value in config.items():
+            if not key.startswith("_") and value not in (None, False):
+                bad.append(f"{key}={value!r} (unknown option)")
+        if bad:
+            raise ValueError("unsupported UNet config: " + "; ".join(bad))
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# diffusers config key -> UNetConfig field
+_DIFFUSERS_FIELDS = {
+    "in_channels": "in_channels",
+    "out_channels": "out_channels",
+    "block_out_channels": "block_out_channels",
+    "down_block_types": "down_block_types",
+    "up_block_types": "up_block_types",
+    "layers_per_block": "layers_per_block",
+    "attention_head_dim": "num_attention_heads",  # legacy meaning: the number of heads
+    "cross_attention_dim": "cross_attention_dim",
+    "norm_num_groups": "norm_num_groups",
+    "norm_eps": "norm_eps",
+    "use_linear_projection": "use_linear_projection",
+    "flip_sin_to_cos": "flip_sin_to_cos",
+    "freq_shift": "freq_shift",
+    "transformer_layers_per_block": "transformer_layers_per_block",
+}
+_INT_ONLY = ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "norm_num_groups")
+_NONE_IS_FALSE = ("only_cross_attention", "mid_block_only_cross_attention")
+_DIFFUSERS_IGNORED = ("sample_size", "upcast_attention", "addition_embed_type_num_heads")
+# Options that must keep their diffusers default (the only behaviour implemented here).
+_DIFFUSERS_FIXED = {
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "center_input_sample": False,
+    "only_cross_attention": False,
+    "mid_block_only_cross_attention": False,
+    "dual_cross_attention": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "num_attention_heads": None,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "class_embeddings_concat": False,
+    "projection_class_embeddings_input_dim": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "attention_type": "default",
+    "cross_attention_norm": None,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """Settings shared by every resnet and transformer of one UNet, and their factories."""
+
+    temb_channels: int
+    groups: int
+    eps: float
+    groupnorm_over_frames: bool
+    context_dim: int
+    use_linear_projection: bool
+    transformer_layers: int
+    attention: AttentionConfig
+    dtype: Any
+    param_dtype: Any
+
+    def resnet(self, cin: int, cout: int, rngs: nnx.Rngs) -> ResnetBlock2D:
+        return ResnetBlock2D(
+            cin, cout, self.temb_channels, groups=self.groups, eps=self.eps,
+            groupnorm_over_frames=self.groupnorm_over_frames, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs,
+        )
+
+    def transformer(self, channels: int, heads: int, rngs: nnx.Rngs) -> Transformer2DModel:
+        return Transformer2DModel(
+            channels, heads=heads, dim_head=channels // heads, context_dim=self.context_dim,
+            num_layers=self.transformer_layers, groups=self.groups, use_linear_projection=self.use_linear_projection,
+            attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs,
+        )
+
+    def sampler(self, cls, channels: int, rngs: nnx.Rngs):
+        return cls(channels, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+
+
+def _chunk(seq: Sequence | None, sizes: Sequence[int]) -> list:
+    """Consecutive pieces of ``seq`` with the given sizes; ``seq=None`` gives a None per piece."""
+    if seq is None:
+        return [None] * len(sizes)
+    if len(seq) != sum(sizes):
+        raise ValueError(f"expected {sum(sizes)} reference entries, got {len(seq)}")
+    out, start = [], 0
+    for size in sizes:
+        out.append(list(seq[start:start + size]))
+        start += size
+    return out
+
+
+class _Block(nnx.Module):
+    """A UNet level: ``resnets`` and ``attentions`` (nnx.Lists; ``attentions`` is empty for the
+    non-attention block types)."""
+
+    @property
+    def reference_sizes(self) -> list[int]:
+        """Transformer blocks per layer (reference entries each layer consumes / produces)."""
+        if not self.attentions:
+            return [0] * len(self.resnets)
+        return [len(a.transformer_blocks) for a in self.attentions]
+
+    @property
+    def num_transformer_blocks(self) -> int:
+        return sum(self.reference_sizes)
+
+    def _layer(self, i, h, temb, context, num_frames, reference):
+        """Layer i of a down/up block: resnet, then attention if any. The one place a layer is
+        applied: the UNet3D inserts motion module i after the attention here (AnimateDiff order
+        resnet -> attention -> motion module)."""
+        h = self.resnets[i](h, temb, num_frames)
+        feats = []
+        if self.attentions:
+            h, feats = self.attentions[i](h, context, num_frames=num_frames, reference=reference)
+        return h, feats
+
+
+class _DownBlock(_Block):
+    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, heads: int | None,
+                 add_downsample: bool, parts: _Parts, rngs: nnx.Rngs):
+        self.resnets = nnx.List(
+            [parts.resnet(in_channels if i == 0 else out_channels, out_channels, rngs) for i in range(num_layers)]
+        )
+        self.attentions = nnx.List([parts.transformer(out_channels, heads, rngs) for _ in range(num_layers)] if heads else [])
+        self.downsamplers = nnx.List([parts.sampler(Downsample2D, out_channels, rngs)] if add_downsample else [])
+
+    def __call__(self, h, temb, context, *, num_frames=1, reference=None):
+        """Returns (h, skip connections, reference features)."""
+        skips, feats = [], []
+        for i, ref in enumerate(_chunk(reference, self.reference_sizes)):
+            h, f = self._layer(i, h, temb, context, num_frames, ref)
+            skips.append(h)
+            feats += f
+        for down in self.downsamplers:
+            h = down(h)
+            skips.append(h)
+        return h, skips, feats
+
+
+class CrossAttnDownBlock2D(_DownBlock):
+    """(resnet -> transformer) x num_layers -> downsample."""
+
+
+class DownBlock2D(_DownBlock):
+    """resnet x num_layers -> downsample."""
+
+    def __init__(self, in_channels, out_channels, *, num_layers, add_downsample, parts, rngs):
+        super().__init__(in_channels, out_channels, num_layers=num_layers, heads=None,
+                         add_downsample=add_downsample, parts=parts, rngs=rngs)
+
+
+class _UpBlock(_Block):
+    def __init__(self, in_channels: int, out_channels: int, prev_output_channels: int, *, num_layers: int,
+                 heads: int | None, add_upsample: bool, parts: _Parts, rngs: nnx.Rngs):
+        resnets = []
+        for i in range(num_layers):
+            skip = in_channels if i == num_layers - 1 else out_channels
+            cin = prev_output_channels if i == 0 else out_channels
+            resnets.append(parts.resnet(cin + skip, out_channels, rngs))
+        self.resnets = nnx.List(resnets)
+        self.attentions = nnx.List([parts.transformer(out_channels, heads, rngs) for _ in range(num_layers)] if heads else [])
+        self.upsamplers = nnx.List([parts.sampler(Upsample2D, out_channels, rngs)] if add_upsample else [])
+
+    def __call__(self, h, skips, temb, context, *, num_frames=1, reference=None, upsample_hw=None):
+        """``skips``: this block's skip connections (one per resnet), consumed last first;
+        ``upsample_hw``: the size to upsample to (the next skip connection's). Returns (h, features)."""
+        feats = []
+        for i, ref in enumerate(_chunk(reference, self.reference_sizes)):
+            h = jnp.concatenate([h, skips[-1 - i].astype(h.dtype)], axis=-1)
+            h, f = self._layer(i, h, temb, context, num_frames, ref)
+            feats += f
+        for up in self.upsamplers:
+            h = up(h, upsample_hw)
+        return h, feats
+
+
+class CrossAttnUpBlock2D(_UpBlock):
+    """(concat skip -> resnet -> transformer) x num_layers -> upsample."""
+
+
+class UpBlock2D(_UpBlock):
+    """(concat skip -> resnet) x num_layers -> upsample."""
+
+    def __init__(self, in_channels, out_channels, prev_output_channels, *, num_layers, add_upsample, parts, rngs):
+        super().__init__(in_channels, out_channels, prev_output_channels, num_layers=num_layers, heads=None,
+                         add_upsample=add_upsample, parts=parts, rngs=rngs)
+
+
+class UNetMidBlock2DCrossAttn(_Block):
+    """resnet 0 -> (transformer i -> resnet i+1) for each attention (one in SD1.5)."""
+
+    def __init__(self, channels: int, *, heads: int, parts: _Parts, rngs: nnx.Rngs, num_layers: int = 1):
+        self.resnets = nnx.List([parts.resnet(channels, channels, rngs) for _ in range(num_layers + 1)])
+        self.attentions = nnx.List([parts.transformer(channels, heads, rngs) for _ in range(num_layers)])
+
+    def __call__(self, h, temb, context, *, num_frames=1, reference=None):
+        h = self.resnets[0](h, temb, num_frames)
+        feats = []
+        for i, ref in enumerate(_chunk(reference, self.reference_sizes)):
+            h, f = self.attentions[i](h, context, num_frames=num_frames, reference=ref)
+            # UNet3D: motion module i goes here (between the attention and the next resnet).
+            h = self.resnets[i + 1](h, temb, num_frames)
+            feats += f
+        return h, feats
+
+
+class TimestepEmbedding(nnx.Module):
+    """linear_1 -> SiLU -> linear_2."""
+
+    def __init__(self, in_features: int, dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = layers.Linear(in_features, dim, axes=("embed", "mlp"), **kw)
+        self.linear_2 = layers.Linear(dim, dim, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The UNet
+
+
+class UNet2DConditionModel(nnx.Module):
+    """SD1.5 UNet (denoiser) or, with ``reference_net=True``, Animate Anyone's ReferenceNet.
+
+    ``model(sample, timesteps, context, *, num_frames=1, reference=None, pose_features=None)``:
+
+    * ``sample`` (N, H, W, C_in), N = B * num_frames, frame-major inside each video (row b*F + f).
+      Any H, W: upsampling goes to the skip connection's exact size (98x64 latents -> 13x8 at the
+      bottom -> back), with PyTorch's floor nearest indexing.
+    * ``timesteps``: scalar or (B,); the time embedding is shared by the frames of a video.
+    * ``context`` (B, L, D): cross-attention tokens per video (B may be 1: shared by all videos).
+    * ``pose_features`` (N, H, W, C0): added right after ``conv_in`` (Animate Anyone's pose
+      injection).
+    * ``reference``: None (plain self-attention) or one entry per transformer block, in the order
+      below: reference tokens (B or 1, Lr, C) — e.g. a ReferenceNet's output — or their
+      ``ReferenceKV`` from ``reference_kv`` (identical result, projected once). An entry may be
+      None (that block does plain self-attention). In each block's ``attn1`` the keys/values are
+      ``concat([frame tokens, reference tokens], axis=1)`` through that block's own ``attn1``
+      weights, the reference shared by the F frames of its video. With
+      ``config.reference_fp16_rounding`` the tokens are rounded to float16 first.
+
+    Returns the prediction (N, H, W, C_out); a ReferenceNet returns instead the list of every
+    transformer block's ``norm1`` output (its self-attention input), each (N, H*W, C).
+
+    Order of the reference list (both directions): module order = call order, i.e. for
+    ``down_blocks`` 0.., then ``mid_block``, then ``up_blocks`` 0..: for each of the block's
+    ``attentions`` in order, for each of its ``transformer_blocks`` in order. At SD1.5 size the
+    16 entries are
+      0-1  down_blocks.0.attentions.{0,1}   (320, latent/1)
+      2-3  down_blocks.1.attentions.{0,1}   (640, /2)
+      4-5  down_blocks.2.attentions.{0,1}   (1280, /4)
+      6    mid_block.attentions.0           (1280, /8)
+      7-9  up_blocks.1.attentions.{0,1,2}   (1280, /4)
+      10-12 up_blocks.2.attentions.{0,1,2}  (640, /2)
+      13-15 up_blocks.3.attentions.{0,1,2}  (320, /1)
+    (each ``.transformer_blocks.0``). The PyTorch original pairs denoiser and ReferenceNet blocks
+    by sorting both lists by width (stable) and zipping; since the two nets have the same
+    structure that pairing is location-to-location, i.e. "the same position in this list".
+
+    A ReferenceNet has no ``conv_norm_out``/``conv_out`` (682 tensors at SD1.5 size). Its last
+    transformer block's work after ``norm1`` (and the rest of the net after it) does not feed
+    the output; under ``jax.jit`` XLA removes it.
+    """
+
+    def __init__(
+        self,
+        config: UNetConfig,
+        *,
+        reference_net: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attention: AttentionConfig = AttentionConfig(),
+        rngs: nnx.Rngs,
+    ):
+        c = config
+        ch = c.block_out_channels
+        n = len(ch)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        parts = _Parts(
+            temb_channels=4 * ch[0], groups=c.norm_num_groups, eps=c.norm_eps,
+            groupnorm_over_frames=c.groupnorm_over_frames, context_dim=c.cross_attention_dim,
+            use_linear_projection=c.use_linear_projection, transformer_layers=c.transformer_layers_per_block,
+            attention=attention, dtype=dtype, param_dtype=param_dtype,
+        )
+        self.config = config
+        self.reference_net = reference_net
+        self.dtype = dtype
+
+        self.conv_in = layers.Conv2d(c.in_channels, ch[0], 3, **kw)
+        self.time_embedding = TimestepEmbedding(ch[0], 4 * ch[0], **kw)
+
+        down, out_ch = [], ch[0]
+        for i, kind in enumerate(c.down_block_types):
+            in_ch, out_ch = out_ch, ch[i]
+            common = dict(num_layers=c.layers_per_block, add_downsample=i < n - 1, parts=parts, rngs=rngs)
+            if kind == "CrossAttnDownBlock2D":
+                down.append(CrossAttnDownBlock2D(in_ch, out_ch, heads=c.num_attention_heads[i], **common))
+            else:
+                down.append(DownBlock2D(in_ch, out_ch, **common))
+        self.down_blocks = nnx.List(down)
+
+        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], heads=c.num_attention_heads[-1], parts=parts, rngs=rngs)
+
+        rev_ch, rev_heads = ch[::-1], c.num_attention_heads[::-1]
+        up, out_ch = [], rev_ch[0]
+        for i, kind in enumerate(c.up_block_types):
+            prev_ch, out_ch = out_ch, rev_ch[i]
+            in_ch = rev_ch[min(i + 1, n - 1)]
+            common = dict(num_layers=c.layers_per_block + 1, add_upsample=i < n - 1, parts=parts, rngs=rngs)
+            if kind == "CrossAttnUpBlock2D":
+                up.append(CrossAttnUpBlock2D(in_ch, out_ch, prev_ch, heads=rev_heads[i], **common))
+            else:
+                up.append(UpBlock2D(in_ch, out_ch, prev_ch, **common))
+        self.up_blocks = nnx.List(up)
+
+        if reference_net:
+            self.conv_norm_out = self.conv_out = None
+        else:
+            self.conv_norm_out = layers.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps, param_dtype=param_dtype)
+            self.conv_out = layers.Conv2d(ch[0], c.out_channels, 3, **kw)
+
+    # -- reference features ----------------------------------------------------------------------
+
+    def _levels(self) -> list[_Block]:
+        return [*self.down_blocks, self.mid_block, *self.up_blocks]
+
+    def transformer_blocks(self) -> Iterator[BasicTransformerBlock]:
+        """Every BasicTransformerBlock in the documented reference order."""
+        for level in self._levels():
+            for attn in level.attentions:
+                yield from attn.transformer_blocks
+
+    @property
+    def num_transformer_blocks(self) -> int:
+        return sum(level.num_transformer_blocks for level in self._levels())
+
+    def _prepare_reference(self, reference: Sequence[Reference] | None) -> list[Reference] | None:
+        if reference is None:
+            return None
+        reference = list(reference)
+        if len(reference) != self.num_transformer_blocks:
+            raise ValueError(
+                f"reference has {len(reference)} entries; this UNet has {self.num_transformer_blocks} transformer blocks"
+            )
+        if not self.config.reference_fp16_rounding:
+            return reference
+        return [
+            r if r is None or isinstance(r, ReferenceKV) else r.astype(jnp.float16).astype(r.dtype)
+            for r in reference
+        ]
+
+    def reference_kv(self, reference: Sequence[Reference]) -> list[ReferenceKV | None]:
+        """Projects reference tokens through each transformer block's ``attn1.to_k``/``to_v`` once
+        (after the fp16 rounding, if configured). Passing the result as ``reference=`` gives the
+        same output as passing the tokens; across timesteps and context windows it saves the
+        projections."""
+        refs = self._prepare_reference(reference)
+        return [
+            r if r is None or isinstance(r, ReferenceKV) else block.attn1.project_kv(r)
+            for block, r in zip(self.transformer_blocks(), refs)
+        ]
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array | float,
+        context: jax.Array,
+        *,
+        num_frames: int = 1,
+        reference: Sequence[Reference] | None = None,
+        pose_features: jax.Array | None = None,
+    ):
+        c = self.config
+        n = sample.shape[0]
+        if n % num_frames:
+            raise ValueError(f"sample batch {n} is not a multiple of num_frames={num_frames}")
+        if self.reference_net and reference is not None:
+            raise ValueError("a ReferenceNet produces reference features; it does not take them")
+        b = n // num_frames
+
+        t = jnp.reshape(jnp.asarray(timesteps), (-1,))
+        if t.shape[0] not in (1, b):
+            raise ValueError(f"timesteps must be a scalar or one per video ({b}); got shape {jnp.shape(timesteps)}")
+        t = jnp.broadcast_to(t, (b,))
+        temb = layers.timestep_embedding(
+            t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos, downscale_freq_shift=c.freq_shift
+        )
+        temb = jnp.repeat(self.time_embedding(temb.astype(self.dtype)), num_frames, axis=0)
+        context = context.astype(self.dtype)
+
+        h = self.conv_in(sample.astype(self.dtype))
+        if pose_features is not None:
+            h = h + pose_features.astype(h.dtype)
+
+        refs = _chunk(self._prepare_reference(reference), [level.num_transformer_blocks for level in self._levels()])
+        refs_down, ref_mid, refs_up = refs[: len(self.down_blocks)], refs[len(self.down_blocks)], refs[len(self.down_blocks) + 1:]
+        feats = []
+        skips = [h]
+        for block, ref in zip(self.down_blocks, refs_down):
+            h, s, f = block(h, temb, context, num_frames=num_frames, reference=ref)
+            skips += s
+            feats += f
+        h, f = self.mid_block(h, temb, context, num_frames=num_frames, reference=ref_mid)
+        feats += f
+        for block, ref in zip(self.up_blocks, refs_up):
+            k = len(block.resnets)
+            block_skips, skips = skips[-k:], skips[:-k]
+            upsample_hw = skips[-1].shape[1:3] if skips else None
+            h, f = block(h, block_skips, temb, context, num_frames=num_frames, reference=ref, upsample_hw=upsample_hw)
+            feats += f
+
+        if self.reference_net:
+            return feats
+        h = jax.nn.silu(frame_group_norm(self.conv_norm_out, h, num_frames, c.groupnorm_over_frames))
+        return self.conv_out(h)

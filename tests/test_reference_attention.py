@@ -1,0 +1,190 @@
+"""Reference attention and frame-pooled GroupNorm against PyTorch computations written here.
+
+The PyTorch side is diffusers' UNet2DConditionModel with every BasicTransformerBlock's forward
+replaced by Moore-AnimateAnyone's read-mode ``hacked_basic_transformer_inner_forward``: attn1's
+keys/values are ``cat([norm1(h), ref repeated per frame])``, the bank optionally stored in fp16.
+The bank comes from a second diffusers UNet through forward pre-hooks on attn1 (the writer), paired
+by module path, which is Moore's width-sorted pairing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from test_unet_parity import (
+    TINY_2L,
+    assert_close,
+    capture_attn1_inputs,
+    inputs,
+    jax_unet,
+    state_dict_numpy,
+    torch_forward,
+    torch_unet,
+)
+
+CONFIG = TINY_2L
+BATCH, FRAMES, HW = 2, 2, (8, 8)  # the denoiser shapes of test_unet_parity's 2-level case
+
+
+def moore_read_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, **kwargs):
+    """Moore's hacked BasicTransformerBlock forward in read mode (no CFG mask, no temporal attn)."""
+    norm_hidden_states = self.norm1(hidden_states)
+    if self.bank is None:
+        kv = norm_hidden_states
+    else:
+        ref = self.bank.to(torch.float16) if self.bank_fp16 else self.bank
+        ref = ref.unsqueeze(1).repeat(1, self.video_length, 1, 1).flatten(0, 1)  # b t l c -> (b t) l c
+        kv = torch.cat([norm_hidden_states, ref], dim=1)
+    hidden_states = self.attn1(norm_hidden_states, encoder_hidden_states=kv) + hidden_states
+    hidden_states = self.attn2(self.norm2(hidden_states), encoder_hidden_states=encoder_hidden_states) + hidden_states
+    return self.ff(self.norm3(hidden_states)) + hidden_states
+
+
+@contextlib.contextmanager
+def moore_reader(unet, bank: dict[str, np.ndarray], video_length: int, fp16: bool):
+    blocks = {n: m for n, m in unet.named_modules() if type(m).__name__ == "BasicTransformerBlock"}
+    assert set(blocks) == set(bank)
+    for name, block in blocks.items():
+        block.bank, block.bank_fp16, block.video_length = torch.from_numpy(bank[name]), fp16, video_length
+        block.forward = types.MethodType(moore_read_forward, block)
+    try:
+        yield
+    finally:
+        for block in blocks.values():
+            del block.forward, block.bank, block.bank_fp16, block.video_length
+
+
+class FramePooledGroupNorm(torch.nn.Module):
+    """The original UNet3D's non-inflated GroupNorm: nn.GroupNorm on the 5-D (B, C, F, H, W) tensor."""
+
+    def __init__(self, norm: torch.nn.GroupNorm, frames: int):
+        super().__init__()
+        self.norm, self.frames = norm, frames
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        x5 = x.reshape(n // self.frames, self.frames, c, h, w).permute(0, 2, 1, 3, 4)
+        return self.norm(x5).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
+
+
+@contextlib.contextmanager
+def pooled_groupnorms(unet, frames: int):
+    resnets = [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+    saved = [(r, r.norm1, r.norm2) for r in resnets] + [(unet, unet.conv_norm_out, None)]
+    for r in resnets:
+        r.norm1, r.norm2 = FramePooledGroupNorm(r.norm1, frames), FramePooledGroupNorm(r.norm2, frames)
+    unet.conv_norm_out = FramePooledGroupNorm(unet.conv_norm_out, frames)
+    try:
+        yield
+    finally:
+        for module, a, b in saved:
+            if b is None:
+                module.conv_norm_out = a
+            else:
+                module.norm1, module.norm2 = a, b
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch_ref, torch_den = torch_unet(CONFIG, seed=11), torch_unet(CONFIG, seed=12)
+    ref_x, _, ref_ctx = inputs(CONFIG, BATCH, 1, HW, seed=7)
+    ref_t = np.zeros((BATCH,), np.float32)  # ReferenceNet runs at t = 0
+    names, bank = capture_attn1_inputs(torch_ref, ref_x, ref_t, ref_ctx)
+    x, t, ctx = inputs(CONFIG, BATCH, FRAMES, HW)
+    return types.SimpleNamespace(
+        torch_ref=torch_ref, torch_den=torch_den, den_sd=state_dict_numpy(torch_den),
+        ref_inputs=(jnp.asarray(ref_x), jnp.asarray(ref_t), jnp.asarray(ref_ctx)),
+        names=names, bank=bank, bank_by_name=dict(zip(names, bank)),
+        x=x, t=t, ctx=ctx, args=(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)),
+    )
+
+
+def torch_denoise(s, *, bank=None, fp16=False):
+    if bank is None:
+        return torch_forward(s.torch_den, s.x, s.t, s.ctx, FRAMES)
+    with moore_reader(s.torch_den, bank, FRAMES, fp16):
+        return torch_forward(s.torch_den, s.x, s.t, s.ctx, FRAMES)
+
+
+def test_reference_net_into_denoiser_matches_moore(setup):
+    s = setup
+    ref_net = jax_unet(CONFIG, state_dict_numpy(s.torch_ref), reference_net=True)
+    feats = ref_net(*s.ref_inputs)
+    for ours, ref in zip(feats, s.bank):
+        assert_close(ours, ref)
+    den = jax_unet(CONFIG, s.den_sd, reference_fp16_rounding=False)
+    out = den(*s.args, num_frames=FRAMES, reference=feats)
+    assert_close(out, torch_denoise(s, bank=s.bank_by_name, fp16=False))
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_fp16_rounding_of_the_reference(setup, fp16):
+    s = setup
+    den = jax_unet(CONFIG, s.den_sd, reference_fp16_rounding=fp16)
+    out = den(*s.args, num_frames=FRAMES, reference=[jnp.asarray(b) for b in s.bank])
+    ref = torch_denoise(s, bank=s.bank_by_name, fp16=fp16)
+    other = torch_denoise(s, bank=s.bank_by_name, fp16=not fp16)
+    # The rounding is visible at this size, and we match the right side of it tightly.
+    assert np.abs(ref - other).max() > 10 * np.abs(np.asarray(out) - ref).max()
+    assert_close(out, ref, rel=1e-5)
+
+
+def test_no_reference_is_plain_self_attention(setup):
+    s = setup
+    den = jax_unet(CONFIG, s.den_sd)
+    out = den(*s.args, num_frames=FRAMES)
+    assert_close(out, torch_denoise(s))
+    # Entries may also be None per block.
+    out_none = den(*s.args, num_frames=FRAMES, reference=[None] * den.num_transformer_blocks)
+    np.testing.assert_array_equal(np.asarray(out_none), np.asarray(out))
+
+
+def test_precomputed_reference_kv_equals_tokens(setup):
+    s = setup
+    den = jax_unet(CONFIG, s.den_sd)  # with fp16 rounding: reference_kv applies it too
+    tokens = [jnp.asarray(b) for b in s.bank]
+    kv = den.reference_kv(tokens)
+    assert all(e.k.shape == (BATCH, b.shape[1], 2, b.shape[2] // 2) for e, b in zip(kv, s.bank))
+    a = den(*s.args, num_frames=FRAMES, reference=tokens)
+    b = den(*s.args, num_frames=FRAMES, reference=kv)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6 * np.abs(np.asarray(a)).max())
+
+
+def test_one_reference_and_context_shared_by_all_videos(setup):
+    s = setup
+    den = jax_unet(CONFIG, s.den_sd)
+    one = [jnp.asarray(b[:1]) for b in s.bank]
+    x, t, ctx = s.args
+    a = den(x, t, ctx[:1], num_frames=FRAMES, reference=one)
+    b = den(x, t, jnp.repeat(ctx[:1], BATCH, axis=0), num_frames=FRAMES,
+            reference=[jnp.repeat(r, BATCH, axis=0) for r in one])
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6 * np.abs(np.asarray(b)).max())
+
+
+def test_reference_list_length_is_checked(setup):
+    den = jax_unet(CONFIG, setup.den_sd)
+    with pytest.raises(ValueError, match="reference has 1 entries"):
+        den(*setup.args, num_frames=FRAMES, reference=[jnp.asarray(setup.bank[0])])
+
+
+def test_groupnorm_over_frames(setup):
+    s = setup
+    per_frame = jax_unet(CONFIG, s.den_sd)
+    pooled = jax_unet(CONFIG, s.den_sd, groupnorm_over_frames=True)
+    a = np.asarray(per_frame(*s.args, num_frames=FRAMES))
+    b = np.asarray(pooled(*s.args, num_frames=FRAMES))
+    assert np.abs(a - b).max() > 1e-2 * np.abs(a).max()
+    with pooled_groupnorms(s.torch_den, FRAMES):
+        ref = torch_denoise(s)
+    assert_close(b, ref)
+    # With one frame the two are the same model.
+    x1 = jnp.asarray(s.x[::FRAMES])
+    np.testing.assert_array_equal(
+        np.asarray(pooled(x1, s.args[1], s.args[2])), np.asarray(per_frame(x1, s.args[1], s.args[2]))
+    )
