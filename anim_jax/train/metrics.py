@@ -282,6 +282,10 @@ def peak_flops_per_device(device=None) -> float | None:
             return PEAK_BF16_FLOPS[key]
     if "v5lite" in kind or "v5e" in kind:
         return PEAK_BF16_FLOPS["v5e"]
+    if "v6lite" in kind:
+        return PEAK_BF16_FLOPS["v6e"]
+    if kind == "tpuv5":  # v5p reports itself as "TPU v5"
+        return PEAK_BF16_FLOPS["v5p"]
     return None
 
 
