@@ -141,10 +141,11 @@ def load_torch_state_dict(
         value = from_torch_layout(path, np.asarray(state_dict[key]))
         target_dtype = dtype or var.dtype
         arr = jnp.asarray(value, dtype=target_dtype)
-        sharding = getattr(var[...], "sharding", None)
+        # .value (not [...]) also works on abstract parameters from nnx.eval_shape.
+        sharding = getattr(var.value, "sharding", None)
         if sharding is not None:
             arr = jax.device_put(arr, sharding)
-        var[...] = arr
+        var.value = arr
     return model
 
 

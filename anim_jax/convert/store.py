@@ -89,8 +89,9 @@ def load_params(model: nnx.Module, path: str | os.PathLike, *, dtype=None) -> nn
         raise CheckpointMismatchError("\n".join(msg))
     for k, var in params.items():
         arr = jnp.asarray(arrays[k], dtype=dtype or var.dtype)
-        sharding = getattr(var[...], "sharding", None)
-        var[...] = jax.device_put(arr, sharding) if sharding is not None else arr
+        # .value (not [...]) also works on abstract parameters from nnx.eval_shape.
+        sharding = getattr(var.value, "sharding", None)
+        var.value = jax.device_put(arr, sharding) if sharding is not None else arr
     return model
 
 

@@ -31,9 +31,22 @@ def param(rngs_key, init, shape, dtype, axes: Sequence[str | None]) -> nnx.Param
 
 
 def _torch_uniform(fan_in: int):
-    # PyTorch's default Linear/Conv init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), +).
+    """PyTorch's default Linear/Conv init (kaiming_uniform, a=sqrt(5)): U(-1/sqrt(fan_in), +).
+
+    Eagerly the values are drawn with numpy, seeded from the jax key: ``jax.random`` would compile
+    a kernel per distinct parameter shape, which made building a UNet take minutes on CPU. Under
+    tracing (``nnx.eval_shape``, jit) the jax path is used and nothing is compiled anyway.
+    """
     bound = 1.0 / math.sqrt(max(fan_in, 1))
-    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    def init(key, shape, dtype):
+        if isinstance(key, jax.core.Tracer):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+        values = np.random.default_rng(seed).uniform(-bound, bound, shape)
+        return jnp.asarray(values, dtype)
+
+    return init
 
 
 class Linear(nnx.Module):
