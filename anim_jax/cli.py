@@ -1,8 +1,7 @@
 """The ``anim-jax`` command line.
 
-Each subcommand lives in the module that implements it and contributes two functions:
-``add_parser(subparsers)`` and ``run(args)``. Modules are imported when their command runs, so
-``anim-jax --help`` stays fast and never pulls in jax.
+Each subcommand lives beside the code it runs; its module contributes a function that adds the
+subparser and sets ``func``. Heavy imports happen inside ``func``, so ``anim-jax --help`` is fast.
 """
 
 from __future__ import annotations
@@ -13,8 +12,12 @@ import sys
 
 from anim_jax import __version__
 
-# command name -> (module, one-line help). The module provides add_arguments(parser) and run(args).
-COMMANDS: dict[str, tuple[str, str]] = {}
+# (module, function): each function adds one subcommand to the subparsers and sets ``func``.
+# Modules keep jax out of their top level so ``--help`` is instant.
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("data_pipelines.cli", "add_synthetic_parser"),
+    ("data_pipelines.cli", "add_prepare_parser"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,10 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"anim-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+    for module, adder in COMMANDS:
+        getattr(importlib.import_module(module), adder)(sub)
     return parser
 
 
@@ -41,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args.config_overrides = overrides
-    result = importlib.import_module(args._module).run(args)
-    return int(result or 0)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":
