@@ -78,7 +78,8 @@ class DataConfig:
     read_threads: int = 1  # threads per process computing batches (to_iter_dataset ReadOptions)
     prefetch: int = 2  # batches buffered per worker (or per reader when num_workers == 0)
     # Emit the images as uint8 and leave the float conversion to `normalize_batch` (on device):
-    # a quarter of the bytes to move out of the workers, which is what limits float32 throughput.
+    # a quarter of the bytes to move out of the workers, about twice the clips per worker CPU-second
+    # (benchmarks/RESULTS.md). Recommended for training; False keeps the float32 format.
     uint8_output: bool = False
 
     def __post_init__(self):

@@ -294,6 +294,11 @@ def prepare(
     output = os.path.abspath(os.fspath(output))
     if os.path.exists(output) and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    parent, base = os.path.split(output)
+    stale = sorted(p for p in os.listdir(parent) if p.startswith(base + ".incomplete-")) if os.path.isdir(parent) else []
+    if stale and verbose:
+        print(f"prepare: found {len(stale)} unfinished build(s) next to {output} ({', '.join(stale)}); they are "
+              "left over from interrupted runs (or belong to one still running) and can be deleted", file=sys.stderr)  # fmt: skip
     tasks, problems = collect_tasks(sources)
     if limit is not None:
         tasks = tasks[:limit]

@@ -150,7 +150,7 @@ def test_no_usable_videos(tmp_path):
     assert [p for p in os.listdir(tmp_path) if ".incomplete-" in p] == []
 
 
-def test_interrupted_prepare_leaves_no_complete_dataset(video_root, tmp_path, monkeypatch):
+def test_interrupted_prepare_leaves_no_complete_dataset(video_root, tmp_path, monkeypatch, capsys):
     # (1) an exception in the middle: nothing at the output path, the temp dir is removed
     out = str(tmp_path / "ds")
     calls = []
@@ -193,6 +193,10 @@ def test_interrupted_prepare_leaves_no_complete_dataset(video_root, tmp_path, mo
     for dirpath, _, files in os.walk(tmp_path / leftovers[0]):
         # TFDS's final dataset_info.json never got written anywhere in the temp tree
         assert "dataset_info.json" not in files, dirpath
+    # a new run succeeds and points at the leftover
+    monkeypatch.setattr(prep, "process_video", real)
+    prep.prepare(video_root, out2, workers=0, progress=False)
+    assert dataset_lib.is_complete(out2) and leftovers[0] in capsys.readouterr().err
 
 
 def test_dataset_built_and_read_without_tensorflow(tmp_path):
