@@ -92,6 +92,14 @@ class AnimVideoDataset(tfds.core.GeneratorBasedBuilder):
             features=features(),
         )
 
+    # TFDS announces the (temporary) build directory as the dataset's home; build_dataset reports
+    # the real place instead.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _split_generators(self, dl_manager):
         del dl_manager
         return {SPLIT: self._generate_examples()}
