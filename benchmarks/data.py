@@ -42,19 +42,7 @@ import numpy as np  # noqa: E402
 from data_pipelines import dataset as dataset_lib  # noqa: E402
 from data_pipelines import grain_pipeline as G  # noqa: E402
 from data_pipelines import synthetic  # noqa: E402
-from data_pipelines.video_io import decode_pil, encode_jpeg, encode_png  # noqa: E402
-
-
-def _examples(n, frames, height, width, noise, seed):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        fr, po = [], []
-        for frame, pose, _ in synthetic.iter_video(seed, i, frames, height, width):
-            if noise:
-                frame = np.clip(frame + rng.normal(0, noise, frame.shape), 0, 255).astype(np.uint8)
-            fr.append(encode_jpeg(frame))
-            po.append(encode_png(pose))
-        yield dataset_lib.make_example(synthetic.video_name(i), fr, po, 30.0, (height, width), (height, width))
+from data_pipelines.video_io import decode_pil  # noqa: E402
 
 
 def _cpu_name() -> str:
@@ -178,7 +166,10 @@ def main():
         build_s = None
         if not dataset_lib.is_complete(path):
             t = time.perf_counter()
-            dataset_lib.build_dataset(path, _examples(args.videos, args.frames, height, args.size, args.noise, 0))
+            examples = synthetic.synthetic_examples(
+                args.videos, seed=0, num_frames=args.frames, height=height, width=args.size, fps=30.0, noise=args.noise
+            )
+            dataset_lib.build_dataset(path, examples)
             build_s = time.perf_counter() - t
         src = dataset_lib.open_dataset(path)
         r0 = src[0]
