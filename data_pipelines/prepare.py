@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -347,10 +347,3 @@ def format_report(report: dict) -> str:
             counts = f" ({s['frames']} frames, {s['poses']} poses)" if "frames" in s else ""
             lines.append(f"  {s['id']}: {s['reason']}{counts}  [{s['video_path']}]")
     return "\n".join(lines)
-
-
-def iter_records(path: str | os.PathLike) -> Iterable[dict]:
-    """Every record of a prepared dataset, in order (for inspection)."""
-    src = dataset_lib.open_dataset(path)
-    for i in range(len(src)):
-        yield src[i]

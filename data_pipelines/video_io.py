@@ -149,15 +149,3 @@ def decode_pil(data: bytes) -> Image.Image:
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded JPEG/PNG bytes -> RGB uint8 ``(H, W, 3)``."""
     return np.asarray(decode_pil(data))
-
-
-def resize_shorter_side(arr: np.ndarray, size: int, resample=Image.BICUBIC) -> np.ndarray:
-    """Resizes so the shorter side is ``size`` (aspect kept, the longer side rounded)."""
-    h, w = arr.shape[:2]
-    if min(h, w) == size:
-        return arr
-    if h <= w:
-        nh, nw = size, max(1, round(w * size / h))
-    else:
-        nh, nw = max(1, round(h * size / w)), size
-    return np.asarray(Image.fromarray(arr).resize((nw, nh), resample))
