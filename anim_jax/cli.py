@@ -17,6 +17,7 @@ from anim_jax import __version__
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("data_pipelines.cli", "add_synthetic_parser"),
     ("data_pipelines.cli", "add_prepare_parser"),
+    ("anim_jax.animate_cli", "add_animate_parser"),
 )
 
 
