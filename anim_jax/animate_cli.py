@@ -1,0 +1,84 @@
+"""``anim-jax animate``: one reference image + a pose video (or folder) -> an mp4 (and optionally GIF / grid)."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+
+def add_animate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "animate",
+        help="animate a reference image with a pose sequence",
+        description="Animate a reference character image with a pose video (or a folder of pose images), "
+        "using weights converted with `anim-jax convert`.",
+    )
+    p.add_argument("--weights", required=True, help="converted-weights directory (anim-jax convert)")
+    p.add_argument("--reference", required=True, help="reference image (png/jpg/...)")
+    p.add_argument("--pose", required=True, help="pose video or folder of pose images")
+    p.add_argument("--out", required=True, help="output video path (.mp4)")
+    p.add_argument("--width", "-W", type=int, default=512)
+    p.add_argument("--height", "-H", type=int, default=768)
+    p.add_argument("--frames", "-L", type=int, default=None, help="number of frames (default: all pose frames)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--context-frames", type=int, default=24, help="frames per context window")
+    p.add_argument("--context-overlap", type=int, default=4, help="frames shared by consecutive windows")
+    p.add_argument("--open-loop", action="store_true",
+                   help="do not wrap the last window onto the first frames (Moore's default wraps)")
+    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the pose video's, else 8)")
+    p.add_argument("--grid", action="store_true", help="also write OUT_grid.mp4: reference | pose | result")
+    p.add_argument("--gif", action="store_true", help="also write a GIF next to the mp4")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="compute dtype (parameters stay as stored)")
+    p.add_argument("--attention", choices=("xla", "chunked", "cudnn", "auto"), default="auto",
+                   help="attention implementation (auto: cuDNN on GPU in half precision, chunked when large)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="shard context windows over this many devices (default: all local devices)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_animate)
+    return p
+
+
+def run_animate(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from anim_jax import media, parallel
+    from anim_jax.models.attention_ops import AttentionConfig
+    from anim_jax.pipeline import AnimatePipeline
+
+    out = pathlib.Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        print(f"error: --out must end in .mp4, got {str(out)!r}", file=sys.stderr)
+        return 2
+    devices = jax.devices()[: args.devices] if args.devices else jax.devices()
+    mesh = parallel.make_mesh((len(devices),), ("data",), devices=devices) if len(devices) > 1 else None
+    try:
+        pipe = AnimatePipeline.from_pretrained(
+            args.weights, dtype=getattr(jnp, args.dtype), attention=AttentionConfig(args.attention), mesh=mesh
+        )
+        result = pipe(
+            args.reference, args.pose, width=args.width, height=args.height, num_frames=args.frames,
+            steps=args.steps, guidance_scale=args.guidance, seed=args.seed, context_frames=args.context_frames,
+            context_overlap=args.context_overlap, closed_loop=not args.open_loop, progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError) as e:  # media.InputError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fps = args.fps or result.fps or 8.0
+    media.write_mp4(out, result.frames, fps=fps)
+    written = [out]
+    if args.gif:
+        media.write_gif(out.with_suffix(".gif"), result.frames, fps=fps)
+        written.append(out.with_suffix(".gif"))
+    if args.grid:
+        grid = media.side_by_side([result.reference, result.poses, result.frames])
+        grid_path = out.with_name(out.stem + "_grid.mp4")
+        media.write_mp4(grid_path, grid, fps=fps)
+        written.append(grid_path)
+    print(f"wrote {', '.join(map(str, written))} ({result.frames.shape[0]} frames, "
+          f"{result.frames.shape[2]}x{result.frames.shape[1]}, {fps:g} fps)")
+    return 0
