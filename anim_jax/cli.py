@@ -18,6 +18,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("data_pipelines.cli", "add_synthetic_parser"),
     ("data_pipelines.cli", "add_prepare_parser"),
     ("anim_jax.animate_cli", "add_animate_parser"),
+    ("anim_jax.evaluate", "add_evaluate_parser"),
 )
 
 

@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "anim_jax.json"
 
 
-def _atomic_write_bytes(path: pathlib.Path, write) -> None:
+def atomic_write(path: pathlib.Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -98,7 +98,7 @@ def load_params(model: nnx.Module, path: str | os.PathLike, *, dtype=None) -> nn
 def write_config(directory: str | os.PathLike, config: dict[str, Any]) -> None:
     payload = {"format_version": FORMAT_VERSION, **config}
     text = json.dumps(payload, indent=2, sort_keys=True)
-    _atomic_write_bytes(pathlib.Path(directory) / CONFIG_NAME, lambda tmp: pathlib.Path(tmp).write_text(text))
+    atomic_write(pathlib.Path(directory) / CONFIG_NAME, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:

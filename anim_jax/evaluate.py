@@ -1,0 +1,145 @@
+"""Video quality metrics and ``anim-jax evaluate``.
+
+PSNR and SSIM come from scikit-image and are computed per frame in float on the [0, 1] range
+(``data_range=1``), then averaged per video and over a set. This avoids the DisCo-era bug where
+uint8 differences overflowed before squaring (peers.md §3), which inflated the PSNR reported by
+most animation papers; our numbers are comparable to the "PSNR*" columns, not to those.
+L1 is the mean absolute error on [0, 1].
+
+LPIPS and FVD need pretrained networks (VGG/AlexNet, I3D) that this package does not ship or
+convert yet; ``anim-jax evaluate`` reports that rather than printing a number it cannot stand behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class VideoMetrics:
+    psnr: float
+    ssim: float
+    l1: float
+    frames: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _as_unit_float(video: np.ndarray, name: str) -> np.ndarray:
+    video = np.asarray(video)
+    if video.ndim == 3:
+        video = video[None]
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"{name}: expected (frames, H, W, 3), got {video.shape}")
+    if video.dtype == np.uint8:
+        return video.astype(np.float64) / 255.0
+    if np.issubdtype(video.dtype, np.floating):
+        if video.min() < -1e-6 or video.max() > 1 + 1e-6:
+            raise ValueError(f"{name}: float frames must be in [0, 1], got [{video.min():.3g}, {video.max():.3g}]")
+        return video.astype(np.float64)
+    raise ValueError(f"{name}: dtype {video.dtype} is not uint8 or float")
+
+
+def video_metrics(prediction: np.ndarray, target: np.ndarray) -> VideoMetrics:
+    """Per-frame PSNR / SSIM / L1 of (F, H, W, 3) videos, averaged over frames."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    pred = _as_unit_float(prediction, "prediction")
+    true = _as_unit_float(target, "target")
+    if pred.shape != true.shape:
+        raise ValueError(f"prediction {pred.shape} and target {true.shape} differ in shape")
+    if min(pred.shape[1:3]) < 7:
+        raise ValueError(f"frames of {pred.shape[1]}x{pred.shape[2]} are too small for SSIM's 7x7 window")
+    psnr, ssim = [], []
+    for p, t in zip(pred, true):
+        mse = np.mean((p - t) ** 2)
+        # identical frames have infinite PSNR; cap at 100 dB so averages stay finite.
+        psnr.append(100.0 if mse == 0 else float(peak_signal_noise_ratio(t, p, data_range=1.0)))
+        ssim.append(float(structural_similarity(t, p, data_range=1.0, channel_axis=-1)))
+    return VideoMetrics(psnr=float(np.mean(psnr)), ssim=float(np.mean(ssim)),
+                        l1=float(np.mean(np.abs(pred - true))), frames=len(pred))
+
+
+def mean_metrics(per_video: Sequence[VideoMetrics]) -> dict:
+    """The average over videos (each video weighs the same, whatever its length)."""
+    if not per_video:
+        raise ValueError("no videos to average")
+    return {k: float(np.mean([getattr(m, k) for m in per_video])) for k in ("psnr", "ssim", "l1")} | {
+        "videos": len(per_video)
+    }
+
+
+def _read_video(path: pathlib.Path) -> np.ndarray:
+    from anim_jax import media
+
+    if path.is_dir() or path.suffix.lower() in media.VIDEO_SUFFIXES:
+        frames, _ = media.load_pose_frames(path)
+    else:
+        frames = [media.to_rgb_image(path, name="frame")]
+    return np.stack([np.asarray(f) for f in frames])
+
+
+def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="PSNR / SSIM / L1 of generated videos against ground truth",
+        description="Compare generated videos with ground-truth videos frame by frame (float, [0, 1]). "
+        "PRED and TRUE are two videos, or two folders holding videos with the same file names.",
+    )
+    p.add_argument("pred", help="generated video, or folder of them")
+    p.add_argument("true", help="ground-truth video, or folder of them")
+    p.add_argument("--json", default=None, help="also write the per-video and mean metrics here")
+    p.add_argument("--lpips-weights", default=None, help="converted LPIPS network weights (not supported yet)")
+    p.add_argument("--fvd-weights", default=None, help="converted I3D weights for FVD (not supported yet)")
+    p.set_defaults(func=run_evaluate)
+    return p
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from anim_jax import media
+
+    if args.lpips_weights or args.fvd_weights:
+        print("error: LPIPS and FVD need network ports that anim_jax does not have yet; "
+              "run without --lpips-weights/--fvd-weights", file=sys.stderr)
+        return 2
+    pred, true = pathlib.Path(args.pred), pathlib.Path(args.true)
+    try:
+        if pred.is_dir() and true.is_dir() and any(p.suffix.lower() in media.VIDEO_SUFFIXES for p in pred.iterdir()):
+            names = sorted(p.name for p in pred.iterdir() if p.suffix.lower() in media.VIDEO_SUFFIXES)
+            missing = [n for n in names if not (true / n).exists()]
+            if missing:
+                raise ValueError(f"{true} has no ground truth for {', '.join(missing[:5])}")
+            pairs = [(pred / n, true / n) for n in names]
+        else:
+            pairs = [(pred, true)]
+        results = {}
+        for p, t in pairs:
+            a, b = _read_video(p), _read_video(t)
+            n = min(len(a), len(b))
+            if len(a) != len(b):
+                print(f"warning: {p.name}: {len(a)} generated vs {len(b)} true frames; comparing the first {n}",
+                      file=sys.stderr)
+            results[p.name] = video_metrics(a[:n], b[:n])
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = mean_metrics(list(results.values()))
+    width = max(len(k) for k in results)
+    print(f"{'video':<{width}}  {'PSNR':>7}  {'SSIM':>6}  {'L1':>7}")
+    for name, m in results.items():
+        print(f"{name:<{width}}  {m.psnr:7.3f}  {m.ssim:6.4f}  {m.l1:7.5f}")
+    print(f"{'mean':<{width}}  {summary['psnr']:7.3f}  {summary['ssim']:6.4f}  {summary['l1']:7.5f}")
+    if args.json:
+        from anim_jax.convert.store import atomic_write
+
+        text = json.dumps({"videos": {k: m.as_dict() for k, m in results.items()}, "mean": summary}, indent=2)
+        atomic_write(pathlib.Path(args.json), lambda tmp: pathlib.Path(tmp).write_text(text))
+    return 0
