@@ -20,6 +20,7 @@ from anim_jax.diffusion import NoiseSchedule
 from anim_jax.models.attention_ops import AttentionConfig
 from anim_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
 from anim_jax.models.motion import MotionConfig
+from anim_jax.models.pixel_autoencoder import PixelAutoencoder, PixelAutoencoderConfig
 from anim_jax.models.pose_guider import PoseGuider
 from anim_jax.models.unet import UNet2DConditionModel, UNetConfig
 from anim_jax.models.vae import AutoencoderKL, VAEConfig
@@ -81,6 +82,8 @@ def build(component: str, config: dict, *, dtype=jnp.float32, attention: Attenti
         if component == "pose_guider":
             c = _dataclass_from_json(PoseGuiderConfig, config, component)
             return PoseGuider(c.conditioning_embedding_channels, c.block_out_channels, dtype=dtype, rngs=rngs)
+        if component == "vae" and config.get("kind") == "pixel_unshuffle":
+            return PixelAutoencoder(_dataclass_from_json(PixelAutoencoderConfig, config, component))
         if component == "vae":
             return AutoencoderKL(_dataclass_from_json(VAEConfig, config, component), dtype=dtype,
                                  attention=attention, rngs=rngs)
