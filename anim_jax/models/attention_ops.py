@@ -11,6 +11,10 @@ Layout is ``(batch, length, heads, head_dim)`` for q, k and v (the layout of
   NVIDIA GPUs; needs fp16/bf16 inputs).
 * ``"auto"``: cuDNN on GPU for half-precision inputs, otherwise chunked once the score matrix would
   exceed ``chunk_threshold`` elements per batch-head, otherwise xla.
+
+``kv_lengths`` (optional, int (B,)) makes batch row b attend only to its first ``kv_lengths[b]``
+keys: the others get a -inf logit, i.e. probability exactly 0. Training uses it to switch reference
+attention off per sample (the reference keys come after the frame's own keys).
 """
 
 from __future__ import annotations
@@ -40,30 +44,36 @@ class AttentionConfig:
             raise ValueError(f"attention query_chunk_size must be positive, got {self.query_chunk_size}")
 
 
-def _xla_attention(q, k, v, scale):
+def _xla_attention(q, k, v, scale, kv_lengths=None):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if kv_lengths is not None:
+        valid = jnp.arange(k.shape[1]) < kv_lengths[:, None]
+        scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def _chunked_attention(q, k, v, scale, chunk):
+def _chunked_attention(q, k, v, scale, chunk, kv_lengths=None):
     lq = q.shape[1]
     if lq <= chunk:
-        return _xla_attention(q, k, v, scale)
+        return _xla_attention(q, k, v, scale, kv_lengths)
     n = math.ceil(lq / chunk)
     pad = n * chunk - lq
     qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
     qc = qp.reshape(q.shape[0], n, chunk, *q.shape[2:]).swapaxes(0, 1)
     # remat each chunk so the backward pass also holds only one chunk's scores.
-    out = jax.lax.map(jax.checkpoint(lambda qi: _xla_attention(qi, k, v, scale)), qc)
+    out = jax.lax.map(jax.checkpoint(lambda qi: _xla_attention(qi, k, v, scale, kv_lengths)), qc)
     out = out.swapaxes(0, 1).reshape(q.shape[0], n * chunk, *v.shape[2:])
     return out[:, :lq]
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, config: AttentionConfig | None = None
+    q: jax.Array, k: jax.Array, v: jax.Array, config: AttentionConfig | None = None, *, kv_lengths=None
 ) -> jax.Array:
-    """softmax(q k^T / sqrt(d)) v over (B, L, H, D) tensors; returns (B, Lq, H, D)."""
+    """softmax(q k^T / sqrt(d)) v over (B, L, H, D) tensors; returns (B, Lq, H, D).
+
+    ``kv_lengths``: None, or int (B,) in [1, Lk]: row b ignores keys/values from position
+    ``kv_lengths[b]`` on (see the module docstring)."""
     config = config or AttentionConfig()
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects (batch, length, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
@@ -77,8 +87,14 @@ def dot_product_attention(
             impl = "chunked"
         else:
             impl = "xla"
+    if kv_lengths is not None:
+        kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+        if kv_lengths.shape != (q.shape[0],):
+            raise ValueError(f"kv_lengths must have shape ({q.shape[0]},), got {kv_lengths.shape}")
     if impl == "xla":
-        return _xla_attention(q, k, v, scale)
+        return _xla_attention(q, k, v, scale, kv_lengths)
     if impl == "chunked":
-        return _chunked_attention(q, k, v, scale, config.query_chunk_size)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        return _chunked_attention(q, k, v, scale, config.query_chunk_size, kv_lengths)
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, key_value_seq_lengths=kv_lengths, implementation="cudnn"
+    )

@@ -27,10 +27,16 @@ from anim_jax.models.attention_ops import AttentionConfig, dot_product_attention
 
 class ReferenceKV(NamedTuple):
     """Reference tokens already projected by one block's ``attn1.to_k``/``to_v``: each
-    ``(B or 1, Lr, heads, head_dim)``. A pytree, so it passes through ``jax.jit``."""
+    ``(B or 1, Lr, heads, head_dim)``. A pytree, so it passes through ``jax.jit``.
+
+    ``enabled`` (optional, bool ``(B or 1,)``): per video, whether its frames attend to the
+    reference. A disabled video gets plain self-attention: its reference keys are masked out
+    (probability exactly 0), which is how training switches reference attention off for its
+    unconditional samples without a second forward pass. None: always enabled."""
 
     k: jax.Array
     v: jax.Array
+    enabled: jax.Array | None = None
 
 
 def per_frame(t: jax.Array, n: int, num_frames: int) -> jax.Array:
@@ -96,18 +102,22 @@ class Attention(nnx.Module):
         n, length, _ = x.shape
         q = self._split_heads(self.to_q(x))
         if context is None:
-            k, v = self.project_kv(x)
+            k, v, _ = self.project_kv(x)
+            kv_lengths = None
             if extra_kv is not None:
                 k = jnp.concatenate([k, per_frame(extra_kv.k.astype(k.dtype), n, num_frames)], axis=1)
                 v = jnp.concatenate([v, per_frame(extra_kv.v.astype(v.dtype), n, num_frames)], axis=1)
-            out = dot_product_attention(q, k, v, self.attention)
+                if extra_kv.enabled is not None:
+                    enabled = per_frame(jnp.reshape(extra_kv.enabled, (-1,)), n, num_frames)
+                    kv_lengths = length + extra_kv.k.shape[1] * enabled.astype(jnp.int32)
+            out = dot_product_attention(q, k, v, self.attention, kv_lengths=kv_lengths)
         else:
             if extra_kv is not None:
                 raise ValueError("extra keys/values are only defined for self-attention")
             g = context.shape[0]
             if n % g:
                 raise ValueError(f"context batch {g} does not divide the {n} rows of the input")
-            k, v = self.project_kv(context)
+            k, v, _ = self.project_kv(context)
             q = q.reshape((g, (n // g) * length) + q.shape[2:])
             out = dot_product_attention(q, k, v, self.attention).reshape((n, length) + q.shape[2:])
         return self.to_out(out.reshape(n, length, -1))
