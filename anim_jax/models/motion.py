@@ -39,9 +39,9 @@ from flax import nnx
 from anim_jax.convert import motion_keys
 from anim_jax.models.attention_ops import AttentionConfig, dot_product_attention
 from anim_jax.models.layers import Dtype, GroupNorm, LayerNorm, Linear
+from anim_jax.models.transformer import FeedForward
 
 SUPPORTED_ATTENTION_BLOCK_TYPES = ("Temporal_Self",)
-NUM_UNET_LEVELS = 4  # SD1.5: block_out_channels has four entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,9 @@ class MotionConfig:
             )
         if self.decoder_only:
             raise ValueError("MotionConfig.decoder_only=True is not supported (AnimateDiff v1/v2 and Moore use False)")
-        if len(set(self.levels)) != len(self.levels) or any(not 0 <= v < NUM_UNET_LEVELS for v in self.levels):
-            raise ValueError(f"MotionConfig.levels={self.levels}: distinct UNet levels in 0..{NUM_UNET_LEVELS - 1}")
+        # The upper bound is the UNet's level count, checked by UNetConfig.
+        if len(set(self.levels)) != len(self.levels) or any(v < 0 for v in self.levels):
+            raise ValueError(f"MotionConfig.levels={self.levels}: expected distinct non-negative UNet levels")
 
     @property
     def num_attention_blocks(self) -> int:
@@ -233,22 +234,6 @@ def check_pe_buffers(state_dict: Mapping[str, Any], config: MotionConfig, *, ato
             raise ValueError(f"{key}: differs from the sinusoidal formula by {err:.3g} (> {atol:g})")
         checked += 1
     return checked
-
-
-class FeedForward(nnx.Module):
-    """GEGLU feed-forward: ``out(value * gelu(gate))`` with ``[value, gate] = proj(x)`` (exact GELU).
-
-    ``proj`` / ``out`` are PyTorch's ``ff.net.0.proj`` / ``ff.net.2``.
-    """
-
-    def __init__(self, dim: int, *, mult: int = 4, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs):
-        inner = dim * mult
-        self.proj = Linear(dim, 2 * inner, axes=("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.out = Linear(inner, dim, axes=("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        value, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return self.out(value * jax.nn.gelu(gate, approximate=False))
 
 
 class TemporalSelfAttention(nnx.Module):

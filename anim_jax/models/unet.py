@@ -1,8 +1,15 @@
-"""The Stable Diffusion 1.5 UNet (diffusers ``UNet2DConditionModel``) in Flax NNX: the denoiser's
-2-D part and, with ``reference_net=True``, Animate Anyone's ReferenceNet.
+"""The Stable Diffusion 1.5 UNet (diffusers ``UNet2DConditionModel``) in Flax NNX: Animate Anyone's
+denoiser and, with ``reference_net=True``, its ReferenceNet.
 
 Module and parameter names mirror diffusers, so ``anim_jax.convert.unet_keys.UNET_KEYMAP`` maps
 every parameter to exactly the diffusers state-dict key.
+
+With ``UNetConfig.motion`` set, the UNet is the denoiser "UNet3D" (Moore-AnimateAnyone's
+``UNet3DConditionModel``, from AnimateDiff): the same 2-D layers applied per frame, plus AnimateDiff
+motion modules (``anim_jax.models.motion``) at the configured levels, in nnx.Lists named
+``down_blocks.{i}.motion_modules.{j}``, ``mid_block.motion_modules.0`` and
+``up_blocks.{i}.motion_modules.{j}`` like the PyTorch keys
+(``anim_jax.convert.unet_keys.DENOISER_KEYMAP``).
 
 Video convention: frames are folded into the batch, ``sample`` is ``(B*F, H, W, C)`` with row
 ``b*F + f``. The time embedding, the cross-attention context and the reference features are per
@@ -23,6 +30,7 @@ from flax import nnx
 
 from anim_jax.models import layers
 from anim_jax.models.attention_ops import AttentionConfig
+from anim_jax.models.motion import MotionConfig, MotionModule
 from anim_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, frame_group_norm
 from anim_jax.models.transformer import BasicTransformerBlock, Reference, ReferenceKV, Transformer2DModel
 
@@ -65,6 +73,11 @@ class UNetConfig:
     # original copies its reference bank with ``.to(torch.float16)`` (ReferenceAttentionControl's
     # default dtype) even in fp32 runs; the rounding changes outputs measurably.
     reference_fp16_rounding: bool = True
+    # Ours: AnimateDiff motion modules (the denoiser UNet3D); None: a plain 2-D UNet. Placement:
+    # ``motion.levels`` (level i = down block i and the up block at the same resolution, one module
+    # after each layer) and ``motion.use_mid_block`` (between the mid block's attention and its
+    # second resnet).
+    motion: MotionConfig | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -82,6 +95,12 @@ class UNetConfig:
             bad = [t for t in types if t not in allowed]
             if bad:
                 raise ValueError(f"UNetConfig.{name}: unsupported block type(s) {bad}; supported: {allowed}")
+        if self.motion is not None:
+            if not isinstance(self.motion, MotionConfig):
+                raise TypeError(f"UNetConfig.motion must be a MotionConfig or None, got {type(self.motion).__name__}")
+            beyond = [v for v in self.motion.levels if v >= n]
+            if beyond:
+                raise ValueError(f"UNetConfig.motion.levels={self.motion.levels}: this UNet has only levels 0..{n - 1}")
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "UNetConfig":
@@ -91,7 +110,8 @@ class UNetConfig:
         Every option this port does not implement must hold its diffusers default, otherwise a
         ValueError names the field. Keys starting with ``_`` and ``sample_size`` /
         ``upcast_attention`` (our softmax is always float32) are ignored; keys we do not know are
-        ignored when None or False (options that are off) and refused otherwise.
+        ignored when None or False (options that are off) and refused otherwise. The motion modules
+        are not part of a diffusers 2-D config: pass ``motion=MotionConfig(...)`` for a UNet3D.
         """
         config = dict(config)
         bad = []
@@ -196,6 +216,7 @@ class _Parts:
     attention: AttentionConfig
     dtype: Any
     param_dtype: Any
+    motion: MotionConfig | None = None
 
     def resnet(self, cin: int, cout: int, rngs: nnx.Rngs) -> ResnetBlock2D:
         return ResnetBlock2D(
@@ -213,6 +234,22 @@ class _Parts:
     def sampler(self, cls, channels: int, rngs: nnx.Rngs):
         return cls(channels, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
+    def motion_modules(self, channels: int, count: int, enabled: bool, rngs: nnx.Rngs) -> nnx.List:
+        """``count`` motion modules, or an empty list where this UNet has none."""
+        if self.motion is None or not enabled:
+            return nnx.List([])
+        return nnx.List([
+            MotionModule(channels, self.motion, dtype=self.dtype, param_dtype=self.param_dtype,
+                         attention=self.attention, rngs=rngs)
+            for _ in range(count)
+        ])
+
+
+def _apply_motion(module: MotionModule, h: jax.Array, num_frames: int) -> jax.Array:
+    """A motion module on frames folded into the batch: (B*F, H, W, C) -> (B, F, H, W, C) -> back."""
+    n = h.shape[0]
+    return module(h.reshape((n // num_frames, num_frames) + h.shape[1:])).reshape(h.shape)
+
 
 def _chunk(seq: Sequence | None, sizes: Sequence[int]) -> list:
     """Consecutive pieces of ``seq`` with the given sizes; ``seq=None`` gives a None per piece."""
@@ -228,8 +265,8 @@ def _chunk(seq: Sequence | None, sizes: Sequence[int]) -> list:
 
 
 class _Block(nnx.Module):
-    """A UNet level: ``resnets`` and ``attentions`` (nnx.Lists; ``attentions`` is empty for the
-    non-attention block types)."""
+    """A UNet level: ``resnets``, ``attentions`` and ``motion_modules`` (nnx.Lists; ``attentions``
+    is empty for the non-attention block types, ``motion_modules`` where the level has none)."""
 
     @property
     def reference_sizes(self) -> list[int]:
@@ -243,23 +280,25 @@ class _Block(nnx.Module):
         return sum(self.reference_sizes)
 
     def _layer(self, i, h, temb, context, num_frames, reference):
-        """Layer i of a down/up block: resnet, then attention if any. The one place a layer is
-        applied: the UNet3D inserts motion module i after the attention here (AnimateDiff order
-        resnet -> attention -> motion module)."""
+        """Layer i of a down/up block, in AnimateDiff's order: resnet, attention (if any), motion
+        module (if any)."""
         h = self.resnets[i](h, temb, num_frames)
         feats = []
         if self.attentions:
             h, feats = self.attentions[i](h, context, num_frames=num_frames, reference=reference)
+        if self.motion_modules:
+            h = _apply_motion(self.motion_modules[i], h, num_frames)
         return h, feats
 
 
 class _DownBlock(_Block):
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, heads: int | None,
-                 add_downsample: bool, parts: _Parts, rngs: nnx.Rngs):
+                 add_downsample: bool, parts: _Parts, rngs: nnx.Rngs, motion: bool = False):
         self.resnets = nnx.List(
             [parts.resnet(in_channels if i == 0 else out_channels, out_channels, rngs) for i in range(num_layers)]
         )
         self.attentions = nnx.List([parts.transformer(out_channels, heads, rngs) for _ in range(num_layers)] if heads else [])
+        self.motion_modules = parts.motion_modules(out_channels, num_layers, motion, rngs)
         self.downsamplers = nnx.List([parts.sampler(Downsample2D, out_channels, rngs)] if add_downsample else [])
 
     def __call__(self, h, temb, context, *, num_frames=1, reference=None):
@@ -276,20 +315,20 @@ class _DownBlock(_Block):
 
 
 class CrossAttnDownBlock2D(_DownBlock):
-    """(resnet -> transformer) x num_layers -> downsample."""
+    """(resnet -> transformer [-> motion module]) x num_layers -> downsample."""
 
 
 class DownBlock2D(_DownBlock):
-    """resnet x num_layers -> downsample."""
+    """(resnet [-> motion module]) x num_layers -> downsample."""
 
-    def __init__(self, in_channels, out_channels, *, num_layers, add_downsample, parts, rngs):
+    def __init__(self, in_channels, out_channels, *, num_layers, add_downsample, parts, rngs, motion=False):
         super().__init__(in_channels, out_channels, num_layers=num_layers, heads=None,
-                         add_downsample=add_downsample, parts=parts, rngs=rngs)
+                         add_downsample=add_downsample, parts=parts, rngs=rngs, motion=motion)
 
 
 class _UpBlock(_Block):
     def __init__(self, in_channels: int, out_channels: int, prev_output_channels: int, *, num_layers: int,
-                 heads: int | None, add_upsample: bool, parts: _Parts, rngs: nnx.Rngs):
+                 heads: int | None, add_upsample: bool, parts: _Parts, rngs: nnx.Rngs, motion: bool = False):
         resnets = []
         for i in range(num_layers):
             skip = in_channels if i == num_layers - 1 else out_channels
@@ -297,6 +336,7 @@ class _UpBlock(_Block):
             resnets.append(parts.resnet(cin + skip, out_channels, rngs))
         self.resnets = nnx.List(resnets)
         self.attentions = nnx.List([parts.transformer(out_channels, heads, rngs) for _ in range(num_layers)] if heads else [])
+        self.motion_modules = parts.motion_modules(out_channels, num_layers, motion, rngs)
         self.upsamplers = nnx.List([parts.sampler(Upsample2D, out_channels, rngs)] if add_upsample else [])
 
     def __call__(self, h, skips, temb, context, *, num_frames=1, reference=None, upsample_hw=None):
@@ -313,30 +353,35 @@ class _UpBlock(_Block):
 
 
 class CrossAttnUpBlock2D(_UpBlock):
-    """(concat skip -> resnet -> transformer) x num_layers -> upsample."""
+    """(concat skip -> resnet -> transformer [-> motion module]) x num_layers -> upsample."""
 
 
 class UpBlock2D(_UpBlock):
-    """(concat skip -> resnet) x num_layers -> upsample."""
+    """(concat skip -> resnet [-> motion module]) x num_layers -> upsample."""
 
-    def __init__(self, in_channels, out_channels, prev_output_channels, *, num_layers, add_upsample, parts, rngs):
+    def __init__(self, in_channels, out_channels, prev_output_channels, *, num_layers, add_upsample, parts, rngs,
+                 motion=False):
         super().__init__(in_channels, out_channels, prev_output_channels, num_layers=num_layers, heads=None,
-                         add_upsample=add_upsample, parts=parts, rngs=rngs)
+                         add_upsample=add_upsample, parts=parts, rngs=rngs, motion=motion)
 
 
 class UNetMidBlock2DCrossAttn(_Block):
-    """resnet 0 -> (transformer i -> resnet i+1) for each attention (one in SD1.5)."""
+    """resnet 0 -> (transformer i [-> motion module i] -> resnet i+1) for each attention (one in
+    SD1.5); the motion module is AnimateDiff v2's mid-block module."""
 
-    def __init__(self, channels: int, *, heads: int, parts: _Parts, rngs: nnx.Rngs, num_layers: int = 1):
+    def __init__(self, channels: int, *, heads: int, parts: _Parts, rngs: nnx.Rngs, num_layers: int = 1,
+                 motion: bool = False):
         self.resnets = nnx.List([parts.resnet(channels, channels, rngs) for _ in range(num_layers + 1)])
         self.attentions = nnx.List([parts.transformer(channels, heads, rngs) for _ in range(num_layers)])
+        self.motion_modules = parts.motion_modules(channels, num_layers, motion, rngs)
 
     def __call__(self, h, temb, context, *, num_frames=1, reference=None):
         h = self.resnets[0](h, temb, num_frames)
         feats = []
         for i, ref in enumerate(_chunk(reference, self.reference_sizes)):
             h, f = self.attentions[i](h, context, num_frames=num_frames, reference=ref)
-            # UNet3D: motion module i goes here (between the attention and the next resnet).
+            if self.motion_modules:
+                h = _apply_motion(self.motion_modules[i], h, num_frames)
             h = self.resnets[i + 1](h, temb, num_frames)
             feats += f
         return h, feats
@@ -359,7 +404,10 @@ class TimestepEmbedding(nnx.Module):
 
 
 class UNet2DConditionModel(nnx.Module):
-    """SD1.5 UNet (denoiser) or, with ``reference_net=True``, Animate Anyone's ReferenceNet.
+    """SD1.5 UNet (denoiser) or, with ``reference_net=True``, Animate Anyone's ReferenceNet. With
+    ``config.motion`` it is the video denoiser (UNet3D): motion modules run over the frames of
+    each video, so ``num_frames`` must then be the true frame count of the window (at most
+    ``motion.temporal_position_encoding_max_len``).
 
     ``model(sample, timesteps, context, *, num_frames=1, reference=None, pose_features=None)``:
 
@@ -419,11 +467,14 @@ class UNet2DConditionModel(nnx.Module):
             temb_channels=4 * ch[0], groups=c.norm_num_groups, eps=c.norm_eps,
             groupnorm_over_frames=c.groupnorm_over_frames, context_dim=c.cross_attention_dim,
             use_linear_projection=c.use_linear_projection, transformer_layers=c.transformer_layers_per_block,
-            attention=attention, dtype=dtype, param_dtype=param_dtype,
+            attention=attention, dtype=dtype, param_dtype=param_dtype, motion=c.motion,
         )
+        if reference_net and c.motion is not None:
+            raise ValueError("a ReferenceNet is a 2-D UNet; its UNetConfig must have motion=None")
         self.config = config
         self.reference_net = reference_net
         self.dtype = dtype
+        motion_levels = set(c.motion.levels) if c.motion is not None else set()
 
         self.conv_in = layers.Conv2d(c.in_channels, ch[0], 3, **kw)
         self.time_embedding = TimestepEmbedding(ch[0], 4 * ch[0], **kw)
@@ -431,21 +482,26 @@ class UNet2DConditionModel(nnx.Module):
         down, out_ch = [], ch[0]
         for i, kind in enumerate(c.down_block_types):
             in_ch, out_ch = out_ch, ch[i]
-            common = dict(num_layers=c.layers_per_block, add_downsample=i < n - 1, parts=parts, rngs=rngs)
+            common = dict(num_layers=c.layers_per_block, add_downsample=i < n - 1, parts=parts, rngs=rngs,
+                          motion=i in motion_levels)
             if kind == "CrossAttnDownBlock2D":
                 down.append(CrossAttnDownBlock2D(in_ch, out_ch, heads=c.num_attention_heads[i], **common))
             else:
                 down.append(DownBlock2D(in_ch, out_ch, **common))
         self.down_blocks = nnx.List(down)
 
-        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], heads=c.num_attention_heads[-1], parts=parts, rngs=rngs)
+        self.mid_block = UNetMidBlock2DCrossAttn(
+            ch[-1], heads=c.num_attention_heads[-1], parts=parts, rngs=rngs,
+            motion=c.motion is not None and c.motion.use_mid_block,
+        )
 
         rev_ch, rev_heads = ch[::-1], c.num_attention_heads[::-1]
         up, out_ch = [], rev_ch[0]
         for i, kind in enumerate(c.up_block_types):
             prev_ch, out_ch = out_ch, rev_ch[i]
             in_ch = rev_ch[min(i + 1, n - 1)]
-            common = dict(num_layers=c.layers_per_block + 1, add_upsample=i < n - 1, parts=parts, rngs=rngs)
+            common = dict(num_layers=c.layers_per_block + 1, add_upsample=i < n - 1, parts=parts, rngs=rngs,
+                          motion=n - 1 - i in motion_levels)  # up block i is at level n-1-i
             if kind == "CrossAttnUpBlock2D":
                 up.append(CrossAttnUpBlock2D(in_ch, out_ch, prev_ch, heads=rev_heads[i], **common))
             else:
@@ -518,6 +574,13 @@ class UNet2DConditionModel(nnx.Module):
         if self.reference_net and reference is not None:
             raise ValueError("a ReferenceNet produces reference features; it does not take them")
         b = n // num_frames
+        m = c.motion
+        if m is not None and m.temporal_position_encoding and num_frames > m.temporal_position_encoding_max_len:
+            raise ValueError(
+                f"UNet3D: num_frames={num_frames} is longer than the motion modules' position encoding "
+                f"(motion.temporal_position_encoding_max_len={m.temporal_position_encoding_max_len}); "
+                "use context windows of at most that many frames"
+            )
 
         t = jnp.reshape(jnp.asarray(timesteps), (-1,))
         if t.shape[0] not in (1, b):
