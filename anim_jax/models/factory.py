@@ -12,6 +12,7 @@ import os
 import pathlib
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -67,13 +68,23 @@ class PoseGuiderConfig:
     block_out_channels: tuple[int, ...] = (16, 32, 96, 256)
 
 
+class _ShapeOnlyRngs:
+    """``nnx.Rngs`` for abstract builds. Every module draws its initial values with ``rngs.params()``;
+    under ``nnx.eval_shape`` the draws are never computed, but each ``nnx.Rngs`` call updates a traced
+    counter, and flax inspects that counter's ever longer chain of updates on every call: tracing
+    becomes quadratic in the number of parameters (12 s instead of 1.4 s for an SD1.5 UNet3D)."""
+
+    def params(self):
+        return jax.random.key(0)
+
+
 def build(component: str, config: dict, *, dtype=jnp.float32, attention: AttentionConfig | None = None,
           abstract: bool = False, seed: int = 0):
     """One component from its JSON config; ``abstract`` gives shapes only (to be filled by loading)."""
     attention = attention or AttentionConfig()
 
     def make():
-        rngs = nnx.Rngs(seed)
+        rngs = _ShapeOnlyRngs() if abstract else nnx.Rngs(seed)
         if component in ("denoiser", "reference_net"):
             return UNet2DConditionModel(
                 unet_config_from_json(config, component), reference_net=component == "reference_net",
