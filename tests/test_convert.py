@@ -25,6 +25,7 @@ import re
 import struct
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -246,22 +247,22 @@ def test_pose_guider_vae_clip_match_torch(moore_set, converted):
     pose = rng.uniform(0, 1, (2, 24, 16, 3)).astype(np.float32)
     with torch.no_grad():
         ref = nhwc(moore_set.pose_guider(nchw(pose)))
-    assert_close(comps["pose_guider"](jnp.asarray(pose)), ref)
+    assert_close(nnx.jit(lambda m, x: m(x))(comps["pose_guider"], jnp.asarray(pose)), ref)
 
     image = rng.uniform(-1, 1, (1, 16, 12, 3)).astype(np.float32)
     with torch.no_grad():
         dist = moore_set.vae.encode(nchw(image)).latent_dist
         z = rng.standard_normal((1, 8, 6, 4)).astype(np.float32)
         decoded = moore_set.vae.decode(nchw(z)).sample
-    mean, logvar = comps["vae"].encode(jnp.asarray(image))
+    mean, logvar = nnx.jit(lambda m, x: m.encode(x))(comps["vae"], jnp.asarray(image))
     assert_close(mean, nhwc(dist.mean))
     assert_close(logvar, nhwc(dist.logvar))
-    assert_close(comps["vae"].decode(jnp.asarray(z)), nhwc(decoded))
+    assert_close(nnx.jit(lambda m, z: m.decode(z))(comps["vae"], jnp.asarray(z)), nhwc(decoded))
 
     pixels = rng.standard_normal((2, 30, 30, 3)).astype(np.float32)
     with torch.no_grad():
         embeds = moore_set.clip(pixel_values=nchw(pixels)).image_embeds.numpy()
-    assert_close(comps["image_encoder"](jnp.asarray(pixels)), embeds)
+    assert_close(nnx.jit(lambda m, x: m(x))(comps["image_encoder"], jnp.asarray(pixels)), embeds)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,8 +289,8 @@ def test_animatediff_motion_modules(moore_set, tmp_path, kind):
     original = original_motion_state_dict(sd)
     extra = []
     if kind == "v1-ckpt-state_dict":
-        path = tmp_path / "mm_sd_v15.ckpt"
-        torch.save({"state_dict": original, "global_step": 1000}, path)
+        path = tmp_path / "mm_sd_v15.ckpt"  # as a DataParallel training run saves it
+        torch.save({"state_dict": {f"module.{k}": v for k, v in original.items()}, "global_step": 1000}, path)
     elif kind == "v2-ckpt-fp16":
         path = tmp_path / "mm_sd_v15_v2.ckpt"
         torch.save(collections.OrderedDict((k, v.half()) for k, v in original.items()), path)
@@ -328,6 +329,33 @@ def test_motion_module_alone_is_refused(moore_set, tmp_path):
     rc, _, err = run_cli("convert", "--motion-module", moore_set.moore / "motion_module.pth", "--out", tmp_path / "o",
                          "--no-progress")
     assert rc == 1 and "--denoiser" in err
+
+
+def test_legacy_vae_names_and_bfloat16(moore_set, tmp_path):
+    """sd-vae-ft-mse's .bin names the mid-block attention query/key/value/proj_attn; --dtype bfloat16."""
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    sd = collections.OrderedDict()
+    for key, value in moore_set.vae.state_dict().items():
+        for new, old in legacy.items():
+            key = re.sub(rf"(mid_block\.attentions\.0)\.{re.escape(new)}\.", rf"\1.{old}.", key)
+        sd[key] = value
+    assert sum(".query." in k or ".proj_attn." in k for k in sd) == 8
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text((moore_set.vae_folder / "config.json").read_text())
+    torch.save(sd, folder / "diffusion_pytorch_model.bin")
+    rc, stdout, err = run_cli("convert", "--vae", folder, "--out", tmp_path / "out", "--dtype", "bfloat16",
+                              "--no-progress")
+    assert rc == 0 and "legacy attention names" in stdout, err
+    got = read_safetensors(tmp_path / "out" / "vae.safetensors")
+    ref = {k: v.numpy() for k, v in moore_set.vae.state_dict().items()}
+    assert got["encoder.mid_block.attentions.0.to_q.kernel"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got["encoder.mid_block.attentions.0.to_out.kernel"].astype(np.float32),
+                                  ref["encoder.mid_block.attentions.0.to_out.0.weight"].T.astype(ml_dtypes.bfloat16)
+                                  .astype(np.float32))
+    np.testing.assert_array_equal(got["decoder.conv_in.kernel"].astype(np.float32),
+                                  from_torch_layout("k.kernel", ref["decoder.conv_in.weight"]).astype(ml_dtypes.bfloat16)
+                                  .astype(np.float32))
 
 
 # ------------------------------------------------------------------------------------------------

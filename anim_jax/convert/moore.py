@@ -368,15 +368,21 @@ def _unet_config(inputs: ConversionInputs):
 
 
 def _motion_sources(reader: CheckpointReader) -> tuple[dict[str, _Source], str, dict]:
-    """The motion checkpoint's keys in the original format; its format; its adapter config (if any)."""
+    """The motion checkpoint's keys in the original format; its format; its adapter config (if any).
+
+    A prefix that every key carries (``module.`` from DataParallel, ``unet.`` from a training
+    script's wrapper) is dropped."""
     from anim_jax.convert import motion_keys
 
     keys = list(reader)
-    if any("temporal_transformer." in k for k in keys):
-        return _sources(reader), "original", {}
-    if any(re.search(r"(^|\.)motion_modules\.\d+\.(norm|proj_in|proj_out|transformer_blocks)\.", k) for k in keys):
+    strip = next((p for p in ("module.", "unet.") if keys and all(k.startswith(p) for k in keys)), "")
+    plain = {k[len(strip):]: k for k in keys}
+    if any("temporal_transformer." in k for k in plain):
+        return _sources(reader, plain), "original", {}
+    if any(re.search(r"(^|\.)motion_modules\.\d+\.(norm|proj_in|proj_out|transformer_blocks)\.", k) for k in plain):
         try:
-            renames = motion_keys.diffusers_to_original_keys({k: k for k in keys})
+            renames = {ours: plain[theirs] for ours, theirs in
+                       motion_keys.diffusers_to_original_keys({k: k for k in plain}).items()}
         except ValueError as e:
             raise ValueError(f"{reader.path}: {e}") from None
         config = {}
@@ -541,7 +547,7 @@ def _plan_all(inputs: ConversionInputs, rd: _Readers, *, motion_heads, motion_ma
             raise ValueError(f"{cfg_path}: {e}") from None
         reader = rd.open(inputs.vae, "VAE")
         try:
-            renames = {new: old for new, old in rename_legacy_vae_keys({k: k for k in reader}).items()}
+            renames = rename_legacy_vae_keys({k: k for k in reader})  # current name -> the file's
         except ValueError as e:
             raise ValueError(f"{reader.path}: {e}") from None
         notes = [f"config from {cfg_path}"]
@@ -877,8 +883,9 @@ def export_moore(
             if mcfg.get("temporal_position_encoding", True):
                 pe = _motion_pe_buffers(motion, {k: v[1] for k, v in motion.items()},
                                         int(mcfg["temporal_position_encoding_max_len"]))
+                pe_dtype = next(iter(tensors.values())).dtype  # that of the module parameters
                 for k, v in pe.items():
-                    tensors[k] = v if dtype == "keep" else v.astype(_target_dtype(dtype, v.dtype))
+                    tensors[k] = v.astype(pe_dtype)
                 tensors = {k: tensors[k] for k in sorted(tensors, key=_natural_key)}
                 notes.append(f"{len(pe)} pos_encoder.pe buffers recomputed for motion_module.pth")
             outputs.append((MOORE_FILES["motion_module"], tensors))

@@ -64,6 +64,10 @@ ALIGNMENT = 64
 _LOCAL_HEADER = 30  # fixed part of a zip local file header
 _ZIP64_EXTRA = 20  # the zip64 extra field zipfile appends to a local header (id, size, 2 x 8 bytes)
 _PAD_ID = b"FB"  # the extra-field id torch uses for its alignment padding
+# Records from this size on get zip64 headers. zipfile adds its zip64 field exactly when forced or
+# when file_size * 1.05 > ZIP64_LIMIT (which implies >= 1 GiB); forcing it from 1 GiB on makes the
+# decision ours, so the header length, hence the alignment padding, is known before writing.
+_ZIP64_FROM = 1 << 30
 
 
 class _Global:
@@ -149,9 +153,7 @@ def _aligned_info(zf: zipfile.ZipFile, name: str, nbytes: int) -> tuple[zipfile.
     info = zipfile.ZipInfo(name)  # fixed 1980-01-01 timestamp: identical inputs, identical files
     info.compress_type = zipfile.ZIP_STORED
     info.file_size = nbytes
-    # Decide zip64 ourselves so the header length is known: zipfile adds its zip64 field exactly
-    # when forced or when file_size * 1.05 > ZIP64_LIMIT, which implies nbytes >= 1 GiB.
-    zip64 = nbytes >= 1 << 30
+    zip64 = nbytes >= _ZIP64_FROM
     start = zf.fp.tell()
     fixed = start + _LOCAL_HEADER + len(name.encode("utf-8")) + 4 + (_ZIP64_EXTRA if zip64 else 0)
     pad = -fixed % ALIGNMENT
