@@ -21,6 +21,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("anim_jax.evaluate", "add_evaluate_parser"),
     ("anim_jax.convert.cli", "add_convert_parser"),
     ("anim_jax.convert.cli", "add_export_parser"),
+    ("anim_jax.train.cli", "add_train_parser"),
 )
 
 

@@ -1,0 +1,299 @@
+"""Animate Anyone training on tiny models (configs/tiny.py), CPU, 2 of the 8 fake devices.
+
+* the per-sample unconditional switch is exactly plain self-attention for the switched-off samples;
+* stage 1 lowers the loss on a fixed batch and trains exactly its modules;
+* stage 2 changes only the motion-module parameters (bitwise) and lowers the loss;
+* ``anim-jax train`` end to end: checkpoints, event files, validation video, export; resume is exact;
+* initialisation sources: a stage-1 checkpoint / export, AnimateDiff-format motion modules.
+
+The jitted train steps are cached by configuration (``animate_anyone._STEP_CACHE``), so the stage-1
+tests and the command-line runs share one compilation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from anim_jax import cli as main_cli
+from anim_jax import configlib
+from anim_jax.train import animate_anyone as aa
+from anim_jax.train import optim
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train_infra import read_events  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STAGE1 = str(ROOT / "configs" / "stage1.py") + ":tiny"
+STAGE2 = str(ROOT / "configs" / "stage2.py") + ":tiny"
+COMMON = ["--config.mesh.num_devices=2"]
+
+
+def load(spec, *overrides):
+    return configlib.load_config(spec, [*COMMON, *overrides])
+
+
+def host(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """Dotted path -> host array, for a pure dict of arrays or an NNX module."""
+    if isinstance(tree, nnx.Module):
+        return {k: np.asarray(jax.device_get(v)) for k, v in aa.flat_arrays(tree).items()}
+    return {optim.path_str([getattr(k, "key", k) for k in p]): np.asarray(jax.device_get(v))
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def copy_state(state):
+    """A copy that survives the step's donation of its input."""
+    return jax.tree.map(lambda x: x.copy(), state)
+
+
+def loss_at_step0_key(trainer, state, batch) -> float:
+    """The loss of ``state``'s parameters with the noise, timesteps and uncond draws of step 0
+    (the step's key is fold_in(rng, step)), through the train step itself (no extra compile)."""
+    state = copy_state(state)
+    _, m = trainer.train_step(state.replace(step=state.step * 0), batch)
+    return float(m["loss"])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, devices):
+    from data_pipelines.synthetic import write_synthetic_dataset
+
+    path = tmp_path_factory.mktemp("data") / "synthetic"
+    write_synthetic_dataset(path, 2, num_frames=12, height=64, width=64)
+    return str(path)
+
+
+def first_batch(cfg, dataset, batch_size):
+    from anim_jax.train.cli import data_config
+    from data_pipelines.grain_pipeline import make_map_dataset
+
+    with cfg.unlocked():
+        cfg.data.dataset = dataset
+    ds = make_map_dataset(data_config(cfg, batch_size), process_index=0, process_count=1)
+    batch = ds[0]
+    batch.pop("index")
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The unconditional switch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_uncond_samples_get_plain_self_attention_exactly(devices):
+    cfg = load(STAGE1)
+    model = aa.build_model(cfg)
+    r = np.random.default_rng(0)
+    b, lat = 3, (8, 8, 4)
+    refs = jnp.asarray(r.standard_normal((b,) + lat), jnp.float32)
+    noisy = jnp.asarray(r.standard_normal((b, 1) + lat), jnp.float32)
+    poses = jnp.asarray(r.random((b, 1, 64, 64, 3)), jnp.float32)
+    clip = jnp.asarray(r.integers(0, 256, (b, 32, 32, 3)), jnp.uint8)
+    t = jnp.asarray([10, 500, 990])
+    uncond = jnp.asarray([False, True, False])
+
+    @jax.jit
+    def run(uncond):
+        ctx = model.image_context(clip, zero_image=uncond)
+        kv = model.reference(refs, ctx, enabled=~uncond)
+        pose = model.pose_features(poses)
+        masked = model.predict(noisy, t, ctx, reference=kv, pose_features=pose)
+        plain = model.predict(noisy, t, ctx, reference=None, pose_features=pose)
+        unmasked = model.predict(noisy, t, ctx, reference=[k._replace(enabled=None) for k in kv], pose_features=pose)
+        return masked, plain, unmasked, ctx
+
+    masked, plain, unmasked, ctx = map(np.asarray, run(uncond))
+    # The masked keys get probability exactly 0, so what remains is float32 rounding: XLA reduces
+    # over 2L keys instead of L (a different summation order), ~1e-7 relative.
+    scale = np.abs(plain).max()
+    # The unconditional sample is the denoiser without reference attention...
+    assert np.abs(masked[1] - plain[1]).max() <= 2e-6 * scale
+    # ... and the conditional ones the denoiser with it.
+    assert np.abs(masked[[0, 2]] - unmasked[[0, 2]]).max() <= 2e-6 * scale
+    # The reference matters by orders of magnitude more, so the checks above are not vacuous.
+    assert np.abs(unmasked[1] - plain[1]).max() > 1e-2 * scale
+    # Moore's training uncond CLIP input: the encoder on zeroed normalised pixels.
+    zero = np.asarray(model.image_encoder(jnp.zeros((1, 32, 32, 3))))[0]
+    np.testing.assert_allclose(ctx[1, 0], zero, rtol=1e-6, atol=1e-6)
+    assert np.abs(ctx[0, 0] - zero).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stage1_trainable_set(devices):
+    cfg = load(STAGE1)
+    model = aa.build_model(cfg)
+    mask = aa.trainable_filter(model, 1)
+    paths = [optim.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    trained = {p for p in paths if mask.selects(p)}
+    last = f"reference_net.up_blocks.{len(model.reference_net.up_blocks) - 1}."
+    expected = {p for p in paths if p.split(".")[0] in ("denoiser", "reference_net", "pose_guider")
+                and not p.startswith(last)}
+    assert trained == expected and any(p.startswith(last) for p in paths)
+    with pytest.raises(ValueError, match="motion"):
+        aa.trainable_filter(aa.build_model(load(STAGE2)), 1)
+
+
+def test_stage1_lowers_the_loss_on_a_fixed_batch(dataset):
+    cfg = load(STAGE1)
+    trainer = aa.setup(cfg)
+    batch = trainer.put_batch(first_batch(cfg, dataset, trainer.global_batch_size))
+    state = trainer.state
+    before = loss_at_step0_key(trainer, state, batch)
+    frozen_before = host(state.frozen)
+    for _ in range(8):
+        state, m = trainer.train_step(state, batch)
+        assert np.isfinite(float(m["loss"]))
+    after = loss_at_step0_key(trainer, state, batch)
+    assert after < 0.7 * before, (before, after)
+    jax.tree.map(np.testing.assert_array_equal, host(state.frozen), frozen_before)
+    for k in ("mse", "snr_weight", "uncond_fraction", "loss_t/000-249", "loss_t/750-999", "grad_norm", "lr"):
+        assert k in m
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stage2_changes_only_motion_modules_and_lowers_the_loss(devices):
+    cfg = load(STAGE2, "--config.data.batch_size=2")
+    trainer = aa.setup(cfg)
+    state = trainer.state
+    trained = set(flat(state.params))
+    assert trained and all(".motion_modules." in p and p.startswith("denoiser.") for p in trained)
+    r = np.random.default_rng(2)
+    batch = trainer.put_batch({k: r.integers(0, 256, v.shape).astype(np.uint8) for k, v in trainer.batch_spec.items()})
+    before_model = flat(state.model())
+    before = loss_at_step0_key(trainer, state, batch)
+    for _ in range(6):
+        state, _ = trainer.train_step(state, batch)
+    after = loss_at_step0_key(trainer, state, batch)
+    after_model = flat(state.model())
+    assert before_model.keys() == after_model.keys()
+    changed = {p for p in before_model if not np.array_equal(before_model[p], after_model[p])}
+    unchanged_motion = {p for p in before_model if ".motion_modules." in p} - changed
+    assert changed and changed <= trained, sorted(changed - trained)[:5]
+    # Every motion-module parameter moves except those gated by a zero proj_out on the first step.
+    assert len(unchanged_motion) < len(trained) // 4, sorted(unchanged_motion)[:5]
+    for p in before_model:
+        if ".motion_modules." not in p:
+            np.testing.assert_array_equal(before_model[p], after_model[p], err_msg=p)
+    assert after < before, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------
+# anim-jax train
+# ---------------------------------------------------------------------------------------------
+
+
+def cli_run(workdir, dataset, *overrides) -> int:
+    return main_cli.main(["train", "--config", STAGE1, "--workdir", str(workdir), *COMMON,
+                          f"--config.data.dataset={dataset}", "--config.train.log_every=2",
+                          "--config.train.peak_flops_per_device=1e12", *overrides])
+
+
+@pytest.fixture(scope="module")
+def stage1_run(dataset, tmp_path_factory):
+    """``anim-jax train`` for 2 steps with validation, then resumed to 4."""
+    workdir = tmp_path_factory.mktemp("stage1") / "run"
+    assert cli_run(workdir, dataset, "--config.train.num_steps=2", "--config.train.save_every=2",
+                   "--config.validation.every=2") == 0
+    first = sorted(os.listdir(workdir / "checkpoints"))
+    assert cli_run(workdir, dataset, "--config.train.num_steps=4", "--config.train.save_every=2") == 0
+    return workdir, first
+
+
+def test_cli_trains_checkpoints_logs_validates_and_exports(stage1_run):
+    workdir, first = stage1_run
+    assert first == ["2"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    assert (workdir / "config.json").is_file()
+    events = [e for f in sorted((workdir / "logs").glob("events.out.tfevents.*")) for e in read_events(f)]
+    tags = {t for e in events for t in e["scalars"]}
+    for tag in ("loss", "mse", "grad_norm", "lr", "step_time", "examples_per_sec", "mfu", "loss_t/000-249"):
+        assert tag in tags, tag
+    steps = {e["step"] for e in events if "loss" in e["scalars"]}
+    assert steps == {2, 4}
+    assert any("validation" in e["images"] for e in events)
+    assert (workdir / "validation" / "step_00000002.mp4").stat().st_size > 0
+    assert (workdir / "logs" / "videos" / "validation_00000002.gif").is_file()
+    for name in aa.COMPONENTS:
+        assert (workdir / "export" / f"{name}.safetensors").is_file()
+
+
+def test_cli_resume_is_exact(stage1_run, dataset, tmp_path):
+    """2 steps + resume to 4 (the fixture) == 4 steps straight, bitwise."""
+    workdir, _ = stage1_run
+    assert cli_run(tmp_path / "straight", dataset, "--config.train.num_steps=4", "--config.train.save_every=4",
+                   "--config.train.export=False") == 0
+    resumed = aa.read_train_checkpoint(workdir / "checkpoints", 4, items=("params", "opt_state", "rng", "step"))
+    straight = aa.read_train_checkpoint(tmp_path / "straight" / "checkpoints", 4,
+                                        items=("params", "opt_state", "rng", "step"))
+    assert resumed.keys() == straight.keys() and len(resumed) > 100
+    for k in resumed:
+        np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
+
+
+def test_stage2_initialises_from_stage1_results(stage1_run, tmp_path):
+    workdir, _ = stage1_run
+    ckpt = aa.read_train_checkpoint(workdir / "checkpoints")
+    # From the Orbax checkpoint (its config has random init otherwise).
+    cfg = load(STAGE2, f"--config.init.stage1_checkpoint={workdir / 'checkpoints'}")
+    model = aa.init_model(cfg)
+    got = flat(model)
+    shared = [p for p in ckpt if p in got]
+    assert len(shared) == len(ckpt)  # the stage-1 model is the stage-2 model minus the motion modules
+    for p in shared:
+        np.testing.assert_array_equal(got[p], ckpt[p], err_msg=p)
+    motion = [p for p in got if ".motion_modules." in p]
+    assert motion and all(p not in ckpt for p in motion)
+    assert all(not got[p].any() for p in motion if ".proj_out." in p)  # fresh modules are the identity
+    # From the export directory, plus AnimateDiff-format motion modules.
+    from anim_jax.convert.mapping import export_torch_state_dict
+    from anim_jax.convert.motion_keys import MOTION_KEYMAP_ORIGINAL
+    from anim_jax.convert.readers import write_safetensors
+    from anim_jax.models.motion import MotionModule
+
+    donor = aa.build_model(load(STAGE2), seed=99).denoiser
+    sd = {}
+    for p, node in nnx.iter_graph(donor):
+        if isinstance(node, MotionModule):
+            for k, v in export_torch_state_dict(node, MOTION_KEYMAP_ORIGINAL).items():
+                sd[f"{optim.path_str(p)}.{k}"] = v
+    mm = tmp_path / "mm_sd_v15_v2.safetensors"
+    write_safetensors(mm, sd)
+    cfg = load(STAGE2, f"--config.init.weights_dir={workdir / 'export'}", f"--config.init.motion_modules={mm}")
+    model = aa.init_model(cfg)
+    got = flat(model)
+    donor_params = {f"denoiser.{k}": v for k, v in flat(donor).items()}
+    for p in got:
+        want = donor_params[p] if ".motion_modules." in p else ckpt.get(p)
+        if want is not None:
+            np.testing.assert_array_equal(got[p], want, err_msg=p)
+
+
+def test_bad_config_is_reported_by_field(devices):
+    with pytest.raises(ValueError, match="clip_size"):
+        aa.component_configs(load(STAGE1, "--config.data.clip_size=48"))
+    with pytest.raises(ValueError, match="resolution"):
+        aa.component_configs(load(STAGE1, "--config.data.resolution=(60, 64)"))
+    with pytest.raises(ValueError, match="dataset"):
+        from anim_jax.train.cli import data_config
+
+        data_config(load(STAGE1), 8)
