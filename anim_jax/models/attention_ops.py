@@ -9,8 +9,10 @@ Layout is ``(batch, length, heads, head_dim)`` for q, k and v (the layout of
   self-attention at the top UNet level fit (one unfused score matrix there is tens of GB).
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (fused flash attention on
   NVIDIA GPUs; needs fp16/bf16 inputs).
-* ``"auto"``: cuDNN on GPU for half-precision inputs, otherwise chunked once the score matrix would
-  exceed ``chunk_threshold`` elements per batch-head, otherwise xla.
+* ``"auto"``: on GPU, cuDNN for half-precision inputs whose key sequence is at least
+  ``fused_min_kv_length`` long (short ones — the 24-frame temporal attention, the single CLIP
+  token — are cheaper as plain XLA than as a fused kernel launch per tiny problem); otherwise chunked
+  once the score matrix would exceed ``chunk_threshold`` elements per batch-head, otherwise xla.
 
 ``kv_lengths`` (optional, int (B,)) makes batch row b attend only to its first ``kv_lengths[b]``
 keys: the others get a -inf logit, i.e. probability exactly 0. Training uses it to switch reference
@@ -34,6 +36,7 @@ class AttentionConfig:
     query_chunk_size: int = 1024
     # "auto" switches to the chunked path above this many score elements per (batch, head).
     chunk_threshold: int = 4096 * 4096
+    fused_min_kv_length: int = 128
 
     def __post_init__(self):
         if self.implementation not in IMPLEMENTATIONS:
@@ -81,7 +84,8 @@ def dot_product_attention(
     impl = config.implementation
     if impl == "auto":
         on_gpu = jax.default_backend() == "gpu"
-        if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0:
+        fusable = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+        if on_gpu and fusable and k.shape[1] >= config.fused_min_kv_length:
             impl = "cudnn"
         elif q.shape[1] * k.shape[1] > config.chunk_threshold:
             impl = "chunked"
