@@ -24,7 +24,6 @@ import argparse
 import collections
 import datetime
 import json
-import math
 import os
 import platform
 import re

@@ -19,7 +19,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import pathlib
 import re
 import struct
@@ -35,13 +34,13 @@ from flax import nnx
 
 from anim_jax import cli
 from anim_jax.convert import moore, store
-from anim_jax.convert.mapping import CheckpointMismatchError, from_torch_layout, to_torch_layout
+from anim_jax.convert.mapping import from_torch_layout, to_torch_layout
 from anim_jax.convert.readers import read_checkpoint, read_safetensors
 from anim_jax.diffusion import NoiseSchedule, moore_inference_schedule
 from anim_jax.models import factory
 from test_motion_parity import _PerFrameGroupNorm
 from test_pose_guider_parity import TorchPoseGuider
-from test_unet_parity import assert_close, capture_attn1_inputs, inputs, nchw, nhwc, randomize_, state_dict_numpy
+from test_unet_parity import assert_close, capture_attn1_inputs, inputs, nchw, nhwc, randomize_
 
 # Tiny, Moore-shaped: CrossAttn + Down levels, 2 layers per block, the motion modules' defaults
 # (8 heads, 32 groups, max_len 32) so nothing needs a flag. 32 groups on 32/64 channels.

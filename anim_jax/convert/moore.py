@@ -667,8 +667,6 @@ def _target_dtype(dtype: str, source: np.dtype) -> np.dtype:
     if dtype == "keep":
         return np.dtype(source)
     if dtype == "bfloat16":
-        import ml_dtypes
-
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(dtype)
 
