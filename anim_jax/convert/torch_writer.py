@@ -42,6 +42,8 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from anim_jax.convert.readers import _fsync_dir
+
 __all__ = ["save_torch_state_dict", "STORAGE_TYPES"]
 
 # numpy dtype -> torch legacy typed-storage class (what torch.save names for these dtypes).
@@ -229,18 +231,3 @@ def save_torch_state_dict(
             pass
         raise
     _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: pathlib.Path) -> None:
-    if os.name != "posix":
-        return
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
