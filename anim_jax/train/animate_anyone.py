@@ -236,8 +236,11 @@ def make_loss_fn(loss_cfg: LossConfig, schedule: NoiseSchedule | None = None):
     def loss_fn(model: AnimateAnyoneModel, batch, rng):
         frames, poses, reference, clip = as_video_batch(batch)
         b = frames.shape[0]
-        k_lat, k_ref, k_noise, k_t, k_unc = jax.random.split(rng, 5)
-        latents = model.encode(frames, k_lat)  # (B, F, h, w, C)
+        k_lat, k_noise, k_t, k_unc = jax.random.split(rng, 4)
+        f = frames.shape[1]
+        # One VAE pass over the target frames and the reference images.
+        both = model.encode(jnp.concatenate([frames.reshape((b * f,) + frames.shape[2:]), reference]), k_lat)
+        latents, ref_latents = both[: b * f].reshape((b, f) + both.shape[1:]), both[b * f:]
         noise = offset_noise(k_noise, latents.shape, loss_cfg.noise_offset)
         t = jax.random.randint(k_t, (b,), 0, T)
         noisy = add_noise(schedule, latents, noise, t)
@@ -247,7 +250,7 @@ def make_loss_fn(loss_cfg: LossConfig, schedule: NoiseSchedule | None = None):
         else:
             uncond = jnp.broadcast_to(jax.random.bernoulli(k_unc, loss_cfg.uncond_ratio), (b,))
         context = model.image_context(clip, zero_image=uncond)
-        kv = model.reference(model.encode(reference, k_ref), context, enabled=~uncond)
+        kv = model.reference(ref_latents, context, enabled=~uncond)
         pred = model.predict(noisy, t, context, reference=kv, pose_features=model.pose_features(poses))
         loss = diffusion_loss(pred, target, t, schedule, loss_cfg.snr_gamma)
         per_sample = jnp.mean(jnp.square(pred - target).reshape(b, -1), axis=1)
@@ -683,7 +686,8 @@ class Trainer:
     batch_spec: dict
     batch_shardings: dict
     global_batch_size: int
-    model_step: Callable  # the same step without remat (for model FLOPs)
+    model_step: Callable  # the same step without remat (for model FLOPs), taking states with...
+    model_graphdef: Any  # ...this graphdef (``state.graphdef`` has the rematerialising classes)
     memo: dict = dataclasses.field(default_factory=dict)  # per compiled step: e.g. its FLOPs
 
     def put_batch(self, batch: Mapping[str, Any]) -> dict:
@@ -697,11 +701,14 @@ class Trainer:
             out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
         return out
 
-    def lower(self, step_fn=None):
-        """Lowers the step for the abstract state and batch (no compilation)."""
-        step_fn = step_fn or self.train_step
+    def lower(self, *, model_step: bool = False):
+        """Lowers the train step (``model_step``: its remat-free twin) for the abstract state and
+        batch, without compiling."""
+        step_fn, state = self.train_step, self.state
+        if model_step:
+            step_fn, state = self.model_step, state.replace(graphdef=self.model_graphdef)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k]) for k, v in self.batch_spec.items()}
-        return step_fn.lower(train_state.abstract_like(self.state), batch)
+        return step_fn.lower(train_state.abstract_like(state), batch)
 
 
 # Jitted steps by everything their computation depends on, so a second run in the same process
@@ -726,31 +733,36 @@ def _jitted_steps(cfg, state, mask, loss_cfg, tx, shardings, spec, mesh, stage):
             graphdef = nnx.split(remat_model, mask, ...)[0]
             step = train_state.jit_train_step(train_state.make_train_step(loss_fn, tx), state.replace(graphdef=graphdef),
                                               shardings)
-        _STEP_CACHE[key] = (loss_fn, plain, step, graphdef, {})
+        _STEP_CACHE[key] = (loss_fn, plain, step, state.graphdef, graphdef, {})
     return _STEP_CACHE[key]
 
 
-def setup(cfg, *, mesh=None, model: AnimateAnyoneModel | None = None) -> Trainer:
+def setup(cfg, *, mesh=None, model: AnimateAnyoneModel | None = None, abstract: bool = False) -> Trainer:
     """Model (``init_model`` unless given), trainable mask, optimizer, sharded train state and the
-    jitted, donating train step for ``cfg.stage``."""
+    jitted, donating train step for ``cfg.stage``. ``abstract``: the state as ``ShapeDtypeStruct``s
+    with their shardings, nothing allocated (``Trainer.lower`` and FLOP counts at any size)."""
     stage = int(cfg.stage)
     mesh = mesh or mesh_from_config(cfg)
     rules = rules_from_config(cfg)
     if model is None:
-        model = init_model(cfg, stage)
+        model = build_model(cfg, stage, abstract=True) if abstract else init_model(cfg, stage)
     tr = cfg.get("trainable", {}) or {}
     mask = trainable_filter(model, stage, tuple(tr.get("include", ())), tuple(tr.get("exclude", ())))
     tx = optim.make_optimizer(cfg.optimizer)
     frozen_dtype = cfg.model.get("frozen_dtype") or None
-    state = train_state.create_train_state(model, tx, mask, mesh, rules, frozen_dtype, rng=int(cfg.seed))
+    if abstract:
+        state = train_state.abstract_train_state(lambda: build_model(cfg, stage), tx, mask, mesh, rules, frozen_dtype)
+    else:
+        state = train_state.create_train_state(model, tx, mask, mesh, rules, frozen_dtype, rng=int(cfg.seed))
     loss_cfg = LossConfig.from_config(cfg.loss)
     gbs = global_batch_size(cfg, mesh)
     spec = batch_spec(stage, gbs, tuple(cfg.data.resolution), int(cfg.data.clip_size), int(cfg.data.get("n_frames", 1)),
                       bool(cfg.data.get("uint8_output", True)))
     shardings = batch_shardings(mesh, spec)
-    loss_fn, plain, step, graphdef, memo = _jitted_steps(cfg, state, mask, loss_cfg, tx, shardings, spec, mesh, stage)
+    loss_fn, plain, step, plain_graphdef, graphdef, memo = _jitted_steps(
+        cfg, state, mask, loss_cfg, tx, shardings, spec, mesh, stage)
     state = state.replace(graphdef=graphdef)
-    return Trainer(state, step, loss_fn, tx, mask, mesh, spec, shardings, gbs, plain, memo)
+    return Trainer(state, step, loss_fn, tx, mask, mesh, spec, shardings, gbs, plain, plain_graphdef, memo)
 
 
 def step_flops(trainer: Trainer) -> float | None:
@@ -763,8 +775,8 @@ def step_flops(trainer: Trainer) -> float | None:
     (stage 2: the whole denoiser) are real work and are counted."""
     if "flops" not in trainer.memo:
         try:
-            ca = trainer.lower(trainer.model_step).cost_analysis()
-        except Exception:  # noqa: BLE001 - not every backend implements it
+            ca = trainer.lower(model_step=True).cost_analysis()
+        except NotImplementedError:  # not every backend implements it
             ca = None
         if isinstance(ca, (list, tuple)):
             ca = ca[0] if ca else None
