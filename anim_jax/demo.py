@@ -39,7 +39,7 @@ class DemoSettings:
 
     quick: bool = False
     seed: int = 0
-    train_videos: int = 32
+    train_videos: int = 64
     train_frames: int = 24  # frames per training video
     heldout_videos: int = 4
     heldout_frames: int = 8  # generated frames per held-out video
@@ -51,7 +51,7 @@ class DemoSettings:
     @classmethod
     def for_run(cls, quick: bool, seed: int) -> "DemoSettings":
         if quick:
-            return cls(quick=True, seed=seed, train_videos=16, heldout_videos=2, heldout_frames=4)
+            return cls(quick=True, seed=seed, train_videos=32)
         return cls(quick=False, seed=seed)
 
 
@@ -100,14 +100,17 @@ def run(out, settings: DemoSettings = DemoSettings(), *, say: Callable[[str], No
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
 
+    from configs import demo as demo_config
+
+    height, width = demo_config.RESOLUTION
     t0 = time.perf_counter()
-    say(f"1/5 writing {settings.train_videos} synthetic training videos ({settings.train_frames} frames, 64x64) "
+    say(f"1/5 writing {settings.train_videos} synthetic training videos ({settings.train_frames} frames, {width}x{height}) "
         f"to {out / 'data'}")
     from data_pipelines.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(out / "data", settings.train_videos, seed=settings.seed, num_frames=settings.train_frames,
-                            height=64, width=64)
-    heldout = heldout_videos(settings)
+                            height=height, width=width)
+    heldout = heldout_videos(settings, height, width)
     seconds["data"] = time.perf_counter() - t0
 
     runs = out / "runs"
@@ -167,47 +170,59 @@ def _train(cfg, workdir: pathlib.Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def heldout_videos(settings: DemoSettings) -> list[dict]:
+def heldout_videos(settings: DemoSettings, height: int, width: int) -> list[dict]:
     """Held-out videos: ``reference`` (H, W, 3), ``poses`` and ``frames`` (F, H, W, 3), uint8."""
     from data_pipelines.synthetic import render_video
 
     out = []
     for i in range(settings.heldout_videos):
         frames, poses, _ = render_video(settings.seed + settings.heldout_seed_offset, i,
-                                        num_frames=settings.heldout_frames + 1, height=64, width=64)
+                                        num_frames=settings.heldout_frames + 1, height=height, width=width)
         out.append(dict(reference=frames[0], poses=poses[1:], frames=frames[1:]))
     return out
 
 
-def untrained_pipeline(cfg, schedule):
-    """The stage-2 architecture with the random initialisation training starts from."""
-    from anim_jax.pipeline import AnimatePipeline
+def untrained_weights(cfg) -> dict:
+    """The stage-2 architecture with the random initialisation training starts from (same seed;
+    zero-initialised PoseGuider ``conv_out`` and motion ``proj_out`` stay as constructed): the
+    parameter state of each component."""
+    from flax import nnx
+
     from anim_jax.train import animate_anyone as aa
 
     init = cfg.copy_and_resolve_references()
     init.init.weights_dir = ""
     model = aa.build_model(init, 2)
-    return AnimatePipeline(**model.components(), schedule=schedule)
+    return {name: nnx.state(module) for name, module in model.components().items()}
 
 
 def evaluate(export_dir, cfg, heldout: list[dict], settings: DemoSettings) -> dict:
     """Animates every held-out video with the trained model, the untrained one and copy-the-reference;
-    their per-video and mean metrics (``anim_jax.evaluate``) and the generated frames."""
+    their per-video and mean metrics (``anim_jax.evaluate``) and the generated frames.
+
+    Both models run in one ``AnimatePipeline`` (loaded from the export; the untrained weights are
+    swapped in afterwards), so its jitted stages compile once."""
+    from flax import nnx
+
     from anim_jax.evaluate import mean_metrics, video_metrics
     from anim_jax.pipeline import AnimatePipeline
 
-    trained = AnimatePipeline.from_pretrained(export_dir)
-    untrained = untrained_pipeline(cfg, trained.schedule)
+    pipe = AnimatePipeline.from_pretrained(export_dir)
+    untrained = untrained_weights(cfg)
     h, w = heldout[0]["reference"].shape[:2]
     generated: dict[str, list[np.ndarray]] = {"trained": [], "untrained": [], "copy_reference": []}
-    for i, video in enumerate(heldout):
-        n = len(video["poses"])
-        for name, pipe in (("trained", trained), ("untrained", untrained)):
+    for name in ("trained", "untrained"):
+        if name == "untrained":
+            for component, state in untrained.items():
+                nnx.update(getattr(pipe, component), state)
+        for i, video in enumerate(heldout):
+            n = len(video["poses"])
             result = pipe(video["reference"], list(video["poses"]), width=w, height=h, num_frames=n,
                           steps=settings.steps, guidance_scale=settings.guidance_scale, seed=settings.seed + i,
                           context_frames=n, context_overlap=0)
             generated[name].append(result.frames)
-        generated["copy_reference"].append(np.repeat(video["reference"][None], n, axis=0))
+    for video in heldout:
+        generated["copy_reference"].append(np.repeat(video["reference"][None], len(video["poses"]), axis=0))
     per_video = {name: [video_metrics(g, v["frames"]) for g, v in zip(gens, heldout)] for name, gens in generated.items()}
     metrics = {name: dict(mean=mean_metrics(m), per_video=[x.as_dict() for x in m]) for name, m in per_video.items()}
     return {"metrics": metrics, "generated": generated}
@@ -229,7 +244,8 @@ def write_outputs(out: pathlib.Path, results: dict, heldout: list[dict], setting
     paths: dict[str, list[str] | str] = {"mp4": [], "gif": []}
     for i, (video, gen) in enumerate(zip(heldout, results["generated"]["trained"])):
         grid = media.side_by_side([video["reference"], video["poses"], gen, video["frames"]])
-        grid = np.repeat(np.repeat(grid, 2, axis=1), 2, axis=2)  # 64 px panels are small on screen
+        zoom = max(1, 128 // video["reference"].shape[0])  # tiny frames are hard to see on screen
+        grid = np.repeat(np.repeat(grid, zoom, axis=1), zoom, axis=2)
         mp4, gif = out / "videos" / f"heldout_{i}.mp4", out / "videos" / f"heldout_{i}.gif"
         media.write_mp4(mp4, grid, fps=settings.fps)
         media.write_gif(gif, grid, fps=settings.fps)
@@ -260,8 +276,11 @@ def write_outputs(out: pathlib.Path, results: dict, heldout: list[dict], setting
 
 def metrics_table(metrics: dict, settings: DemoSettings) -> str:
     n = metrics["trained"]["mean"]["videos"]
+    from configs.demo import RESOLUTION
+
     lines = [
-        f"# anim-jax demo: {n} held-out synthetic videos x {settings.heldout_frames} frames, 64x64",
+        f"# anim-jax demo: {n} held-out synthetic videos x {settings.heldout_frames} frames, "
+        f"{RESOLUTION[1]}x{RESOLUTION[0]}",
         "",
         "Unseen characters animated with unseen pose sequences; per-frame metrics against the ground truth, "
         "averaged per video then over videos (PSNR/SSIM in float on [0, 1], L1 on [0, 1]).",

@@ -2,8 +2,11 @@
 
 The exact pixel-unshuffle autoencoder (anim_jax/models/pixel_autoencoder.py) replaces the SD VAE,
 so the demo needs no pretrained weights and its pixel metrics measure the denoiser alone. It
-downsamples by 4, so the PoseGuider has two stride-2 convs instead of three and the UNet reads and
-writes 3 * 4 * 4 = 48 latent channels; everything else is the tiny architecture of configs/tiny.py.
+downsamples by 2 (32x32 frames -> 16x16 x 12 latents), so the PoseGuider has one stride-2 conv
+instead of three and the UNet reads and writes 3 * 2 * 2 = 12 latent channels; everything else is
+the tiny architecture of configs/tiny.py. The factor is 2, not 4: with 4 the 48 latent channels
+would pass through the UNet's 32-channel first level, which cannot carry the per-pixel noise the
+denoiser has to predict at low noise levels, and the samples stay noisy.
 
 ``get_config("stage1")`` / ``get_config("stage2")``; a ``,quick`` suffix (``"stage1,quick"``) is
 the shortened run of the test suite. The demo sets ``data.dataset`` and, for stage 2,
@@ -16,14 +19,14 @@ import ml_collections
 
 from configs import stage1, stage2, tiny
 
-FACTOR = 4  # pixel-unshuffle factor: 64x64 frames -> 16x16 x 48 latents
-RESOLUTION = (64, 64)
+FACTOR = 2  # pixel-unshuffle factor: 32x32 frames -> 16x16 x 12 latents
+RESOLUTION = (32, 32)
 NUM_FRAMES = 4  # stage-2 clip length
 
 # Training length (steps) and learning rate per stage, full demo vs the test suite's quick run.
 SCHEDULE = {
-    "full": dict(stage1_steps=400, stage2_steps=60, stage1_lr=2e-3, stage2_lr=1e-3),
-    "quick": dict(stage1_steps=150, stage2_steps=20, stage1_lr=2e-3, stage2_lr=1e-3),
+    "full": dict(stage1_steps=600, stage2_steps=50, stage1_lr=2e-3, stage2_lr=1e-3),
+    "quick": dict(stage1_steps=300, stage2_steps=20, stage1_lr=2e-3, stage2_lr=1e-3),
 }
 
 
@@ -33,7 +36,7 @@ def components() -> dict:
         unet=unet,
         vae=dict(kind="pixel_unshuffle", factor=FACTOR),
         image_encoder=dict(tiny.IMAGE_ENCODER),
-        pose_guider=dict(conditioning_embedding_channels=unet["block_out_channels"][0], block_out_channels=(8, 16, 32)),
+        pose_guider=dict(conditioning_embedding_channels=unet["block_out_channels"][0], block_out_channels=(16, 32)),
     )
 
 
