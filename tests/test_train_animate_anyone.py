@@ -12,7 +12,6 @@ tests and the command-line runs share one compilation.
 
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
 import sys

@@ -43,7 +43,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import pathlib
 import re
@@ -765,22 +764,44 @@ def setup(cfg, *, mesh=None, model: AnimateAnyoneModel | None = None, abstract: 
     return Trainer(state, step, loss_fn, tx, mask, mesh, spec, shardings, gbs, plain, plain_graphdef, memo)
 
 
-def step_flops(trainer: Trainer) -> float | None:
+def _lowered_flops(lowered) -> float | None:
+    try:
+        ca = lowered.cost_analysis()
+    except NotImplementedError:  # not every backend implements it
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    return float(ca["flops"]) if ca and "flops" in ca else None
+
+
+def flops_config(cfg):
+    """``cfg`` as the FLOP count sees it: plain XLA attention, no remat. The fused (cuDNN) and
+    chunked attentions hide their work from XLA's cost analysis (a custom call counts nothing; a
+    loop body counts once), while the math, and so the model FLOPs, is the same."""
+    from ml_collections import ConfigDict
+
+    c = ConfigDict(cfg.to_dict())
+    c.model.attention = "xla"
+    c.model.remat = "none"
+    return c
+
+
+def step_flops(trainer: Trainer, cfg=None) -> float | None:
     """Model FLOPs of one global train step: XLA's cost analysis of the lowered step *without*
-    remat (recomputation is not model work), before SPMD partitioning, so it counts the whole
-    global batch once (a compiled program's cost analysis describes one device's partition). The
-    lowered count is within a few percent of the compiled one (which adds replicated work and
-    removes dead code). Frozen parts count forward only by construction: autodiff emits no backward
-    for them. Gradients wrt activations of frozen layers between the loss and a trained layer
-    (stage 2: the whole denoiser) are real work and are counted."""
+    remat (recomputation is not model work) and with plain XLA attention (``flops_config``), before
+    SPMD partitioning, so it counts the whole global batch once (a compiled program's cost analysis
+    describes one device's partition). The lowered count is within a few percent of the compiled
+    one (which adds replicated work and removes dead code). Frozen parts count forward only by
+    construction: autodiff emits no backward for them. Gradients wrt activations of frozen layers
+    between the loss and a trained layer (stage 2: the whole denoiser) are real work and are
+    counted. ``cfg``: the trainer's config; when its attention is not "xla" the count lowers an
+    abstract twin of the step (tracing only, nothing allocated)."""
     if "flops" not in trainer.memo:
-        try:
-            ca = trainer.lower(model_step=True).cost_analysis()
-        except NotImplementedError:  # not every backend implements it
-            ca = None
-        if isinstance(ca, (list, tuple)):
-            ca = ca[0] if ca else None
-        trainer.memo["flops"] = float(ca["flops"]) if ca and "flops" in ca else None
+        if cfg is None or cfg.model.attention == "xla":
+            flops = _lowered_flops(trainer.lower(model_step=True))
+        else:
+            flops = _lowered_flops(setup(flops_config(cfg), mesh=trainer.mesh, abstract=True).lower())
+        trainer.memo["flops"] = flops
     return trainer.memo["flops"]
 
 

@@ -267,7 +267,7 @@ def train(cfg, workdir) -> "object":
     flops = None
     if tc.get("compute_flops", True):
         t0 = time.perf_counter()
-        flops = aa.step_flops(trainer)
+        flops = aa.step_flops(trainer, cfg)
         log.info("model FLOPs per step (XLA cost analysis, no remat): %s (%.1fs)",
                  f"{flops:.4g}" if flops else "unknown", time.perf_counter() - t0)
     step_fn = trainer.train_step
