@@ -51,7 +51,7 @@ class DemoSettings:
     @classmethod
     def for_run(cls, quick: bool, seed: int) -> "DemoSettings":
         if quick:
-            return cls(quick=True, seed=seed, train_videos=32)
+            return cls(quick=True, seed=seed, train_videos=16)
         return cls(quick=False, seed=seed)
 
 

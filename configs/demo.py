@@ -26,7 +26,7 @@ NUM_FRAMES = 4  # stage-2 clip length
 # Training length (steps) and learning rate per stage, full demo vs the test suite's quick run.
 SCHEDULE = {
     "full": dict(stage1_steps=600, stage2_steps=50, stage1_lr=2e-3, stage2_lr=1e-3),
-    "quick": dict(stage1_steps=300, stage2_steps=20, stage1_lr=2e-3, stage2_lr=1e-3),
+    "quick": dict(stage1_steps=150, stage2_steps=10, stage1_lr=2e-3, stage2_lr=1e-3),
 }
 
 
