@@ -25,13 +25,14 @@ import collections
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+from _hardware import cpu_name  # noqa: E402  (benchmarks run as scripts: their folder is on sys.path)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,17 +45,6 @@ SD15_UNET_CONFIG = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }  # fmt: skip
 HEAD_KEYS = ("conv_norm_out.weight", "conv_norm_out.bias", "conv_out.weight", "conv_out.bias")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _original_motion_key(key: str) -> str:
@@ -217,7 +207,7 @@ def main() -> None:
         written = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
         total = sum(sizes.values())
         print(stdout)
-        print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; CPU: {_cpu_name()} x "
+        print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; CPU: {cpu_name()} x "
               f"{os.cpu_count()}; load average before: {load:.1f}, after: {os.getloadavg()[0]:.1f}")
         print(f"convert: inputs {total / 1e9:.2f} GB ({args.dtype}; largest {max(sizes.values()) / 1e9:.2f} GB), "
               f"output {written / 1e9:.2f} GB, {'cold' if args.cold else 'warm'} page cache: {wall:.1f} s wall, "

@@ -43,16 +43,7 @@ from data_pipelines import grain_pipeline as G  # noqa: E402
 from data_pipelines import synthetic  # noqa: E402
 from data_pipelines.video_io import decode_pil  # noqa: E402
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from _hardware import cpu_name  # noqa: E402  (benchmarks run as scripts: their folder is on sys.path)
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -179,7 +170,7 @@ def main():
         results = {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "dataset": {"videos": len(src), "frames": int(r0["num_frames"]), "height": height, "width": args.size, "noise": args.noise,

@@ -37,22 +37,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
+from _hardware import cpu_name  # noqa: E402  (benchmarks run as scripts: their folder is on sys.path)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measured_matmul_peak(dtype) -> float:
@@ -240,7 +230,7 @@ def main(argv=None) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}, host CPU {_cpu_name()} ({os.cpu_count()} cores)")
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}, host CPU {cpu_name()} ({os.cpu_count()} cores)")
     results = []
     for stage in stages:
         spec = os.path.join(here, "configs", f"stage{stage}.py") + ("" if args.full else ":tiny")
