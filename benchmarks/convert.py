@@ -25,7 +25,6 @@ import collections
 import datetime
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -47,14 +46,6 @@ SD15_UNET_CONFIG = {
 HEAD_KEYS = ("conv_norm_out.weight", "conv_norm_out.bias", "conv_out.weight", "conv_out.bias")
 
 
-def _original_motion_key(key: str) -> str:
-    prefix, rest = re.match(r"^(.*?motion_modules\.\d+)\.(.*)$", key).groups()
-    rest = re.sub(r"^(transformer_blocks\.\d+)\.attn([12])\.", lambda m: f"{m[1]}.attention_blocks.{int(m[2]) - 1}.", rest)
-    rest = re.sub(r"^(transformer_blocks\.\d+)\.norm([12])\.", lambda m: f"{m[1]}.norms.{int(m[2]) - 1}.", rest)
-    rest = re.sub(r"^(transformer_blocks\.\d+)\.norm3\.", r"\1.ff_norm.", rest)
-    return f"{prefix}.temporal_transformer.{rest}"
-
-
 def moore_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
     """{file: {key: shape}} of the released Moore-AnimateAnyone files."""
     import torch
@@ -65,14 +56,9 @@ def moore_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
         adapter = MotionAdapter(motion_layers_per_block=2, motion_num_attention_heads=8, motion_max_seq_length=32,
                                 use_motion_mid_block=True)  # fmt: skip
     unet_shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    motion = {}
-    for key, value in adapter.state_dict().items():
-        if key.endswith(".pos_embed.pe"):
-            block = _original_motion_key(key[: -len(".pos_embed.pe")] + ".x")[: -len(".x")]
-            for k in (0, 1):
-                motion[f"{block}.attention_blocks.{k}.pos_encoder.pe"] = tuple(value.shape)
-        else:
-            motion[_original_motion_key(key)] = tuple(value.shape)
+    from anim_jax.convert import motion_keys
+
+    motion = motion_keys.diffusers_to_original_keys({k: tuple(v.shape) for k, v in adapter.state_dict().items()})
     ch = (16, 32, 96, 256)
     pose = {"conv_in.weight": (ch[0], 3, 3, 3), "conv_in.bias": (ch[0],)}
     for i, (cin, cout) in enumerate(zip(ch[:-1], ch[1:])):
