@@ -152,7 +152,33 @@ def count_stage(spec: str, overrides: list[str]) -> dict:
                 seconds=time.perf_counter() - t0)
 
 
-def bench_stage(spec: str, overrides: list[str], steps: int) -> dict:
+def _stage_flops(stage: int, cfg, trainer, counts: dict | None) -> tuple[float | None, float | None]:
+    """(model, convention) FLOPs of a step: from ``counts`` (a ``--count-only --json`` file made on a
+    CPU host) when given, else XLA's cost analysis here. Some backends (GPU, for lowered programs)
+    give none; then both are None and MFU is reported as unknown rather than guessed."""
+    if counts is not None:
+        c = counts.get(stage)
+        if c is None:
+            raise SystemExit(f"--counts file has no stage-{stage} line")
+        if c["global_batch"] != trainer.global_batch_size:
+            raise SystemExit(f"--counts stage {stage}: global batch {c['global_batch']} != this run's "
+                             f"{trainer.global_batch_size}; count with the same config and device count")
+        return c["model_flops"], c["convention_flops"]
+    model = aa_step_flops(trainer, cfg)
+    try:
+        conv = convention_flops(stage, forward_flops(cfg, trainer))
+    except (TypeError, KeyError, NotImplementedError):  # no cost analysis on this backend
+        conv = None
+    return model, conv
+
+
+def aa_step_flops(trainer, cfg):
+    from anim_jax.train import animate_anyone as aa
+
+    return aa.step_flops(trainer, cfg)
+
+
+def bench_stage(spec: str, overrides: list[str], steps: int, counts: dict | None = None) -> dict:
     import jax
     import numpy as np
 
@@ -173,8 +199,6 @@ def bench_stage(spec: str, overrides: list[str], steps: int) -> dict:
     compiled = trainer.lower().compile()
     compile_s = time.perf_counter() - t0
     hw_per_device = aa.compiled_flops(compiled)
-    model_flops = aa.step_flops(trainer, cfg)
-    conv = convention_flops(stage, forward_flops(cfg, trainer))
 
     state = trainer.state
     for _ in range(2):
@@ -187,6 +211,8 @@ def bench_stage(spec: str, overrides: list[str], steps: int) -> dict:
         jax.block_until_ready((state.step, m))
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
+    print(f"# stage {stage}: setup {setup_s:.1f} s, compile {compile_s:.1f} s, median step {step_s:.4f} s", flush=True)
+    model_flops, conv = _stage_flops(stage, cfg, trainer, counts)
 
     peak = metrics_lib.peak_flops_per_device()
     peak_kind = "bf16 data sheet"
@@ -209,7 +235,7 @@ def bench_stage(spec: str, overrides: list[str], steps: int) -> dict:
         step_s_min=float(np.min(times)), examples_per_s=gbs / step_s, frames_per_s=frames / step_s,
         model_flops=model_flops, hardware_flops=(hw_per_device or 0.0) * n_dev, convention_flops=conv,
         peak_flops_per_device=peak, peak_kind=peak_kind, mfu=mfu(model_flops), hfu=mfu((hw_per_device or 0) * n_dev),
-        mfu_convention=mfu(conv), peak_memory_gib=mem, loss=float(m["loss"]),
+        mfu_convention=mfu(conv), flops_source="counts file" if counts else "cost analysis here", peak_memory_gib=mem, loss=float(m["loss"]),
     )
 
 
@@ -219,6 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--stage", choices=("1", "2", "both"), default="both")
     p.add_argument("--steps", type=int, default=10, help="timed steps per stage (median reported)")
     p.add_argument("--json", help="also append the results as JSON lines to this file")
+    p.add_argument("--counts", help="take the FLOPs per step from this --count-only --json file (made on a CPU "
+                   "host: GPU backends give no cost analysis of a lowered program)")
     p.add_argument("--count-only", action="store_true",
                    help="only count FLOPs (abstract state, nothing allocated or compiled): --full on a CPU host")
     args, rest = p.parse_known_args(argv)
@@ -231,13 +259,17 @@ def main(argv=None) -> int:
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}, host CPU {cpu_name()} ({os.cpu_count()} cores)")
+    counts = None
+    if args.counts:
+        with open(args.counts) as f:
+            counts = {(r := json.loads(line))["stage"]: r for line in f if line.strip()}
     results = []
     for stage in stages:
         spec = os.path.join(here, "configs", f"stage{stage}.py") + ("" if args.full else ":tiny")
         overrides = list(rest)
         if not args.full and stage == 2:
             overrides = ["--config.data.batch_size=2", *overrides]
-        r = count_stage(spec, overrides) if args.count_only else bench_stage(spec, overrides, args.steps)
+        r = count_stage(spec, overrides) if args.count_only else bench_stage(spec, overrides, args.steps, counts)
         results.append(r)
         print(json.dumps(r))
         if args.json:
@@ -260,7 +292,7 @@ def main(argv=None) -> int:
         res = "x".join(str(x) for x in r["resolution"]) + (f"x{r['frames_per_step'] // r['global_batch']}" if r["stage"] == 2 else "")
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-"
         print(f"| {r['stage']} | {res} | {r['devices']} | {r['global_batch']} | {r['compute_dtype']} | {r['remat']} "
-              f"| {r['step_s']:.3f} | {r['examples_per_s']:.2f} | {r['frames_per_s']:.2f} | {r['model_flops'] / 1e12:.4f} "
+              f"| {r['step_s']:.3f} | {r['examples_per_s']:.2f} | {r['frames_per_s']:.2f} | {(r['model_flops'] or float('nan')) / 1e12:.4f} "
               f"| {r['mfu']:.1%} | {r['hfu']:.1%} | {r['mfu_convention']:.1%} | {mem} |")
     print(f"\npeak per device: {results[0]['peak_flops_per_device']:.3g} FLOP/s ({results[0]['peak_kind']})")
     return 0
