@@ -9,9 +9,12 @@ from __future__ import annotations
 import builtins
 import collections
 import io
+import itertools
 import json
 import os
 import pickle
+import pickletools
+import struct
 import subprocess
 import sys
 import textwrap
@@ -479,13 +482,19 @@ def test_random_and_empty_files(tmp_path):
         read_checkpoint(empty)
 
 
-def test_legacy_non_zip_pickle_is_refused(tmp_path):
-    path = tmp_path / "legacy.pth"
-    torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
-    for fn in (read_checkpoint, read_torch_pickle):
-        with pytest.raises(LegacyCheckpointError, match=r"torch >= 1\.6") as ei:
+def test_legacy_tar_format_and_plain_pickle_are_refused(tmp_path):
+    import tarfile
+
+    path = tmp_path / "ancient.pth"  # the earliest torch releases wrote a tar archive
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("sys_info")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"\x80\x02N."))
+    for fn in (read_checkpoint, read_torch_pickle, open_checkpoint, R.detect_format):
+        with pytest.raises(LegacyCheckpointError, match="tar-based format") as ei:
             fn(path)
         assert str(path) in str(ei.value)
+        assert 'map_location="cpu"' in str(ei.value)
     plain = tmp_path / "plain.pkl"
     plain.write_bytes(pickle.dumps({"w": [1, 2]}))
     with pytest.raises(CheckpointReadError, match="plain pickle"):
@@ -645,6 +654,8 @@ def test_write_safetensors_rejects_bad_input(tmp_path):
 
 def test_module_works_with_torch_blocked(tmp_path, torch_file):
     path, sd = torch_file
+    legacy = tmp_path / "legacy.pth"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
     st = tmp_path / "w.safetensors"
     st_save_torch({"bf16": sd["bf16"].contiguous(), "fp32": sd["fp32"]}, st)
     expect = {k: _bits(t) for k, t in sd.items()}
@@ -660,6 +671,10 @@ def test_module_works_with_torch_blocked(tmp_path, torch_file):
         assert list(got) == list(expect), (list(got), list(expect))
         for k, v in got.items():
             assert np.ascontiguousarray(v).tobytes() == expect[k], k
+        legacy = readers.read_checkpoint({str(legacy)!r})
+        assert list(legacy) == list(expect)
+        for k, v in legacy.items():
+            assert np.ascontiguousarray(v).tobytes() == expect[k], k
         st = readers.read_checkpoint({str(st)!r})
         assert st["bf16"].tobytes() == expect["bf16"]
         readers.write_safetensors({str(tmp_path / "out.safetensors")!r}, st)
@@ -674,3 +689,303 @@ def test_module_works_with_torch_blocked(tmp_path, torch_file):
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.strip() == f"OK {len(sd)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Legacy (pre-1.6, non-zip) torch files
+
+
+def _save_legacy(obj, path, **kw):
+    torch.save(obj, path, _use_new_zipfile_serialization=False, **kw)
+    return path
+
+
+def _legacy_parts(data: bytes) -> tuple[list[bytes], bytes]:
+    """The five pickles of a legacy file (magic, version, sys_info, object, storage keys) and the
+    storage records after them (parsed by pickletools, never unpickled)."""
+    f = io.BytesIO(data)
+    parts = []
+    for _ in range(5):
+        start = f.tell()
+        for _ in pickletools.genops(f):
+            pass
+        parts.append(data[start : f.tell()])
+    return parts, data[f.tell() :]
+
+
+class _LegacyStorage:
+    def __init__(self, key, numel, view=None, storage_type=torch.FloatStorage):
+        self.key, self.numel, self.view, self.storage_type = key, numel, view, storage_type
+
+
+class _LegacyPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _LegacyStorage):
+            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel, obj.view)
+        return None
+
+
+_SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 8}}
+
+
+def _write_legacy(path, obj, records: dict[str, bytes], *, itemsize=4, sys_info=_SYS_INFO, keys=None):
+    """A legacy file laid out as torch's legacy writer does, with hand-made storage ids and records."""
+    buf = io.BytesIO()
+    for head in (0x1950A86A20F9469CFC6C, 1001, sys_info):
+        pickle.dump(head, buf, protocol=2)
+    _LegacyPickler(buf, protocol=2).dump(obj)
+    keys = list(records) if keys is None else keys
+    pickle.dump(keys, buf, protocol=2)
+    for key in keys:
+        buf.write(struct.pack("<q", len(records[key]) // itemsize))
+        buf.write(records[key])
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_legacy_bitexact_all_dtypes_and_views(tmp_path):
+    sd = _state_dict()  # every classic dtype, 0-d, empty, transposes, slices, stride 0, parameters
+    sd["empty_i64"] = torch.empty(0, dtype=torch.int64)
+    path = _save_legacy(sd, tmp_path / "legacy.pth")
+    assert R.detect_format(path) == "torch_legacy"
+    obj = read_torch_pickle(path)
+    assert isinstance(obj, collections.OrderedDict) and list(obj) == list(sd)
+    flat = read_checkpoint(path)
+    assert list(flat) == list(sd)
+    for k, t in sd.items():
+        assert_bitexact(obj[k], t)
+        assert_bitexact(flat[k], t)
+    assert np.shares_memory(flat["row"], flat["base"])  # one storage, read once
+    assert flat["transposed"].flags.c_contiguous
+    with open_checkpoint(path) as r:
+        assert isinstance(r, R.TorchPickleReader) and r.format == "torch_legacy"
+        assert list(r) == list(sd)
+        for k, t in sd.items():
+            assert r.shape(k) == tuple(t.shape)
+            assert r.dtype(k) == np.dtype(_NP_OF_TORCH[t.dtype])
+            assert r.nbytes(k) == t.numel() * t.element_size()
+        assert_bitexact(r["strided"], sd["strided"])
+    for k, v in iter_checkpoint(path):
+        assert_bitexact(v, sd[k])
+
+
+def test_legacy_shared_storage_is_indexed_then_read_lazily_once(tmp_path, monkeypatch):
+    base = torch.arange(40, dtype=torch.float32) * 0.5
+    other = torch.randn(3, 3, generator=torch.Generator().manual_seed(3))
+    sd = {
+        "a": base[2:10].view(2, 4),  # two tensors on one storage, different offsets
+        "b": base[5:35:3],
+        "c": base[12:36].view(4, 6).t(),
+        "other": other,
+    }
+    path = _save_legacy(sd, tmp_path / "shared.pth")
+    parts, _ = _legacy_parts(path.read_bytes())
+    assert len(pickle.loads(parts[4])) == 2  # the storage key list: base's storage is stored once
+    reads = []
+    read_record = R._TorchLegacy._read_record
+
+    def counting(self, key, size):
+        reads.append(key)
+        return read_record(self, key, size)
+
+    monkeypatch.setattr(R._TorchLegacy, "_read_record", counting)
+    with open_checkpoint(path) as r:
+        assert reads == []  # opening reads the pickles and record sizes, no tensor data
+        assert r.shape("c") == (6, 4) and r.dtype("b") == np.float32
+        assert_bitexact(r["other"], other)
+        assert len(reads) == 1
+    reads.clear()
+    flat = read_checkpoint(path)
+    assert len(reads) == 2  # base's storage once for its three views
+    for k, t in sd.items():
+        assert_bitexact(flat[k], t)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_legacy_nested_ordered_dict_and_module_state_dict(tmp_path, protocol):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    msd = model.state_dict()  # an OrderedDict with `_metadata` (BUILD), int64 num_batches_tracked
+    sd = _state_dict()
+    inner = collections.OrderedDict([("w", sd["bf16"]), ("h", sd["fp16"]), ("e", sd["empty"])])
+    extra = {"lr": 1e-4, "names": ["a", "b"], "shape": (1, 2), "flag": True, "none": None}
+    obj = {"state_dict": msd, "ema": {"inner": inner, "list": [sd["i64"], sd["slice"]]}, "epoch": 7, "extra": extra}
+    path = _save_legacy(obj, tmp_path / f"nested{protocol}.ckpt", pickle_protocol=protocol)
+    got = read_torch_pickle(path)
+    assert got["epoch"] == 7 and got["extra"] == extra
+    assert isinstance(got["ema"]["inner"], collections.OrderedDict) and list(got["ema"]["inner"]) == ["w", "h", "e"]
+    for k, t in inner.items():
+        assert_bitexact(got["ema"]["inner"][k], t)
+    assert_bitexact(got["ema"]["list"][0], sd["i64"])
+    assert_bitexact(got["ema"]["list"][1], sd["slice"])
+    flat = read_checkpoint(path)  # unwraps "state_dict"
+    assert list(flat) == list(msd)
+    for k, t in msd.items():
+        assert_bitexact(flat[k], t)
+
+
+def test_legacy_newer_dtypes_and_conj(tmp_path):
+    # Saved through an untyped storage and _rebuild_tensor_v3 (torch cannot read these back itself).
+    sd = {
+        "u16": torch.tensor([0, 1, 65535], dtype=torch.uint16),
+        "f8": torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn),
+        "c64": torch.tensor([1 + 2j, -3j], dtype=torch.complex64),
+        "conj": torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj(),
+    }
+    path = _save_legacy(sd, tmp_path / "newer.pth")
+    got = read_checkpoint(path)
+    for k, t in sd.items():
+        assert_bitexact(got[k], t)
+
+
+def test_legacy_cuda_saved_file_loads_to_host(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    sd = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g).half()}
+    with monkeypatch.context() as m:  # what torch writes for storages that lived on the GPU
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        path = _save_legacy(sd, tmp_path / "cuda.pth")
+    assert b"cuda:0" in path.read_bytes()
+    if not torch.cuda.is_available():  # sanity: the file really asks torch for the GPU
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    got = read_checkpoint(path)
+    for k, t in sd.items():
+        assert_bitexact(got[k], t)
+
+
+def test_legacy_storage_views_of_old_files(tmp_path):
+    """torch < 1.0 could store ids of storage *views* (view key, element offset, size)."""
+    data = np.arange(12, dtype=np.float32) * 1.5
+    obj = {
+        "a": _Tensor(_LegacyStorage("root", 12, view=("v1", 2, 6)), 1, (2, 2), (1, 2)),
+        "b": _Tensor(_LegacyStorage("root", 12, view=("v2", 8, 4)), 0, (4,), (1,)),
+        "whole": _Tensor(_LegacyStorage("root", 12), 0, (3, 4), (4, 1)),
+    }
+    path = _write_legacy(tmp_path / "views.pth", obj, {"root": data.tobytes()})
+    ref = torch.load(path, weights_only=True)  # torch's own reading of the same file
+    got = read_checkpoint(path)
+    for k in obj:
+        assert_bitexact(got[k], ref[k])
+    np.testing.assert_array_equal(got["a"], np.lib.stride_tricks.as_strided(data[3:], (2, 2), (4, 8)))
+    np.testing.assert_array_equal(got["b"], data[8:12])
+
+
+@pytest.mark.parametrize(
+    "obj, records, keys, match",
+    [
+        ({"t": _Tensor(_LegacyStorage("0", 12, view=("v", 10, 4)), 0, (4,), (1,))}, {"0": bytes(48)}, None,
+         "reaches past"),
+        ({"t": _Tensor(_LegacyStorage("0", 4, view=("v", 0, 4)), 1, (4,), (1,))}, {"0": bytes(16)}, None,
+         "reaches element"),
+        ({"t": _Tensor(_LegacyStorage("0", 4), 0, (4,), (1,)),
+          "u": _Tensor(_LegacyStorage("0", 4, storage_type=torch.DoubleStorage), 0, (2,), (1,))},
+         {"0": bytes(16)}, None, "declared as"),
+        ({"t": _Tensor(_LegacyStorage("0", 4), 0, (4,), (1,))}, {"0": bytes(16)}, [], "not stored"),
+        ({"t": _Tensor(_LegacyStorage("0", 4), 0, (4,), (1,))}, {"0": bytes(16), "9": bytes(4)}, None,
+         "does not use"),
+        ({"t": _Tensor(_LegacyStorage("0", 4), 0, (4,), (1,))}, {"0": bytes(12)}, None, "elements on disk"),
+    ],
+)
+def test_legacy_malformed_records_are_read_errors(tmp_path, obj, records, keys, match):
+    path = _write_legacy(tmp_path / "bad.pth", obj, records, keys=keys)
+    with pytest.raises(CheckpointReadError, match=match) as ei:
+        read_checkpoint(path)
+    assert str(path) in str(ei.value)
+
+
+def test_legacy_big_endian_sys_info_is_refused(tmp_path):
+    obj = {"t": _Tensor(_LegacyStorage("0", 4), 0, (4,), (1,))}
+    sys_info = dict(_SYS_INFO, little_endian=False)
+    path = _write_legacy(tmp_path / "be.pth", obj, {"0": bytes(16)}, sys_info=sys_info)
+    with pytest.raises(LegacyCheckpointError, match="big-endian") as ei:
+        read_checkpoint(path)
+    assert str(path) in str(ei.value)
+    ok = _write_legacy(tmp_path / "le.pth", obj, {"0": np.arange(4, dtype=np.float32).tobytes()})
+    np.testing.assert_array_equal(read_checkpoint(ok)["t"], np.arange(4, dtype=np.float32))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("payload", ["os.system", "exec"])
+def test_legacy_malicious_pickle_is_refused_and_nothing_runs(tmp_path, protocol, payload):
+    marker = tmp_path / "MARKER"
+    evil = _RunsShell(marker) if payload == "os.system" else _RunsExec(marker)
+    path = _save_legacy({"weight": torch.ones(2), "evil": evil}, tmp_path / "evil.pth", pickle_protocol=protocol)
+    assert R.detect_format(path) == "torch_legacy"
+    for fn in (read_torch_pickle, read_checkpoint, open_checkpoint):
+        with pytest.raises(UnsafeCheckpointError, match="refusing to load") as ei:
+            fn(path)
+        assert str(path) in str(ei.value)
+        assert ("system" in str(ei.value)) if payload == "os.system" else ("exec" in str(ei.value))
+    assert not marker.exists()
+    # sanity: the payload is live, an unrestricted load runs it
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_legacy_find_class_refuses_even_without_prescan(tmp_path, monkeypatch):
+    marker = tmp_path / "MARKER"
+    path = _save_legacy({"evil": _RunsShell(marker)}, tmp_path / "evil.pth", pickle_protocol=4)
+    monkeypatch.setattr(R, "_prescan", lambda *args, **kw: None)
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load (posix|nt)\.system"):
+        read_torch_pickle(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("part", [1, 2, 4])  # protocol version, sys_info, storage key list
+def test_legacy_payload_in_a_header_pickle_is_refused(tmp_path, part):
+    marker = tmp_path / "MARKER"
+    good = _save_legacy({"w": torch.ones(3)}, tmp_path / "good.pth")
+    parts, records = _legacy_parts(good.read_bytes())
+    parts[part] = pickle.dumps(_RunsShell(marker), protocol=2)
+    path = tmp_path / "evil.pth"
+    path.write_bytes(b"".join(parts) + records)
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load") as ei:
+        read_checkpoint(path)
+    assert str(path) in str(ei.value)
+    assert not marker.exists()
+
+
+def test_legacy_truncated_and_corrupt_files(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    sd = {"a": torch.randn(64, 64, generator=g), "b": torch.arange(10), "c": torch.randn(5, generator=g).half()}
+    path = _save_legacy(sd, tmp_path / "w.pth")
+    data = path.read_bytes()
+    parts, _ = _legacy_parts(data)
+    ends = list(itertools.accumulate(len(p) for p in parts))
+    cuts = {
+        "magic": (10, "truncated or corrupt"),
+        "version": (ends[0] + 3, "truncated or corrupt"),
+        "sys_info": (ends[1] + 20, "truncated or corrupt"),
+        "object": (ends[2] + 40, "truncated or corrupt"),
+        "keys": (ends[3] + 5, "truncated or corrupt"),
+        "no_records": (ends[4], "truncated"),
+        "count": (ends[4] + 5, "truncated"),
+        "half": (len(data) // 2, "truncated"),
+        "last_byte": (len(data) - 1, "truncated"),
+    }
+    for name, (cut, match) in cuts.items():
+        bad = tmp_path / f"cut_{name}.pth"
+        bad.write_bytes(data[:cut])
+        for fn in (read_checkpoint, read_torch_pickle, open_checkpoint):
+            with pytest.raises(CheckpointReadError, match=match) as ei:
+                fn(bad)
+            assert str(bad) in str(ei.value), (name, ei.value)
+    # a corrupt element count, and a corrupt pickle byte
+    bad = bytearray(data)
+    bad[ends[4] : ends[4] + 8] = struct.pack("<q", 2**40)
+    (tmp_path / "count.pth").write_bytes(bytes(bad))
+    with pytest.raises(CheckpointReadError, match="elements on disk") as ei:
+        read_checkpoint(tmp_path / "count.pth")
+    assert str(tmp_path / "count.pth") in str(ei.value)
+    # a byte string claiming 2**60 bytes: a clear error, nothing of that size is read or allocated
+    huge = b"".join(parts[:3]) + b"\x80\x04\x8e" + struct.pack("<Q", 2**60) + b"." + data[ends[3] :]
+    (tmp_path / "huge.pth").write_bytes(huge)
+    with pytest.raises(CheckpointReadError, match="truncated or corrupt") as ei:
+        read_checkpoint(tmp_path / "huge.pth")
+    assert str(tmp_path / "huge.pth") in str(ei.value)
+    bad = bytearray(data)
+    bad[ends[2] + 2] = ord("\xff")  # an opcode that does not exist
+    (tmp_path / "opcode.pth").write_bytes(bytes(bad))
+    with pytest.raises(CheckpointReadError, match="truncated or corrupt") as ei:
+        read_checkpoint(tmp_path / "opcode.pth")
+    assert str(tmp_path / "opcode.pth") in str(ei.value)

@@ -20,8 +20,15 @@ Formats:
   alter them for later loads. Storages (``<archive>/data/<key>``) are read
   lazily, once per key, and tensor views (offset, shape, stride: transposes, slices, 0-d, empty)
   are rebuilt after a bounds check against the storage record.
-* **legacy torch pickles** (pre-1.6, non-zip, or the old tar format): refused with a message
-  asking to re-save with torch >= 1.6.
+* **legacy torch pickles** (``torch.save`` before 1.6, or with ``_use_new_zipfile_serialization=False``):
+  a run of pickles in one file: magic number, protocol version, ``sys_info``, the object (storages as
+  persistent ids ``('storage', type, key, location, numel[, view])``), the list of storage keys, then
+  each storage as an 8-byte little-endian element count and its little-endian bytes. Every pickle
+  goes through the same prescan and allowlist as ``data.pkl``. Opening the file reads only the
+  pickles and the eight-byte counts (to index where each storage lies); storage bytes are read on
+  demand. ``location`` (``"cuda:0"`` ...) is ignored: everything loads to host numpy. Files written
+  on a big-endian machine and the tar-based format of the earliest torch releases are refused with
+  :class:`LegacyCheckpointError`.
 * **diffusers / transformers folders**: :func:`find_weights_file` picks ``<stem>.safetensors``
   before ``<stem>.bin`` (sharded ``*.index.json`` variants are understood too).
 
@@ -90,7 +97,8 @@ class CheckpointReadError(CheckpointError, ValueError):
 
 
 class LegacyCheckpointError(CheckpointReadError):
-    """A pre-1.6 (non-zip) torch checkpoint: it has to be re-saved with torch >= 1.6."""
+    """An old torch checkpoint variant this module does not read (the tar-based format of the earliest
+    torch releases, or a legacy file written on a big-endian machine)."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -422,18 +430,28 @@ class _DType(_Frozen):
 
 
 class _StorageRef(_Frozen):
-    """A persistent-id reference to ``<archive>/data/<key>``: nothing is read until needed."""
+    """A persistent-id reference to storage record ``key``: nothing is read until needed.
 
-    __slots__ = ("stype", "key", "numel")
+    ``numel`` elements of ``stype`` from element ``start`` (non-zero only for the storage views of
+    old legacy files).
+    """
 
-    def __init__(self, stype: _StorageType, key: str, numel: int):
+    __slots__ = ("stype", "key", "numel", "start")
+
+    def __init__(self, stype: _StorageType, key: str, numel: int, start: int = 0):
         object.__setattr__(self, "stype", stype)
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "start", start)
 
     @property
     def nbytes(self) -> int:
         return self.numel * self.stype.dtype.itemsize
+
+    @property
+    def begin(self) -> int:
+        """Byte offset of this storage inside its record."""
+        return self.start * self.stype.dtype.itemsize
 
 
 class _LazyTensor(_Frozen):
@@ -451,7 +469,7 @@ class _LazyTensor(_Frozen):
 
 def _malformed(msg: str) -> CheckpointReadError:
     # The unpickler wrapper prefixes the file name.
-    return CheckpointReadError(f"malformed tensor record in data.pkl: {msg}")
+    return CheckpointReadError(f"malformed tensor record in the pickled object: {msg}")
 
 
 def _int_tuple(x, what: str) -> tuple[int, ...]:
@@ -547,7 +565,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 _ALLOWED_GLOBALS.update({("torch", n): _StorageType(n, d) for n, d in _TORCH_STORAGE_DTYPES.items()})
 _ALLOWED_GLOBALS.update({("torch", n): _DType(n, d) for n, d in _TORCH_DTYPES.items()})
 
-# Opcodes allowed in data.pkl: plain data, containers, memo, globals (checked against the
+# Opcodes allowed in a weights pickle: plain data, containers, memo, globals (checked against the
 # allowlist), REDUCE/BUILD (their callables/targets can only be the stand-ins above or
 # OrderedDicts), and binary persistent ids (storages). Refused: INST/OBJ/NEWOBJ(_EX)/EXT1-4 (object
 # construction outside find_class's control), text PERSID, sets, PickleBuffer opcodes.
@@ -573,14 +591,14 @@ def _refusal(source, module: str, name: str) -> UnsafeCheckpointError:
     )
 
 
-def _prescan(data: bytes, source) -> None:
+def _prescan(data: bytes, source, what: str = "data.pkl") -> None:
     """Refuses disallowed opcodes and globals by parsing (never executing) the pickle."""
     try:
         for op, arg, pos in pickletools.genops(data):
             if op.name not in _ALLOWED_OPCODES:
                 raise UnsafeCheckpointError(
-                    f"{source}: refusing to load: pickle opcode {op.name} (byte {pos}) is not allowed in a "
-                    "weights file (it constructs arbitrary objects or sets). Nothing from the file was run."
+                    f"{source}: refusing to load: pickle opcode {op.name} (byte {pos} of {what}) is not allowed "
+                    "in a weights file (it constructs arbitrary objects or sets). Nothing from the file was run."
                 )
             if op.name == "GLOBAL":
                 module, _, name = str(arg).partition(" ")
@@ -589,7 +607,7 @@ def _prescan(data: bytes, source) -> None:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - pickletools raises ValueError and friends
-        raise CheckpointReadError(f"{source}: data.pkl is not a valid pickle ({type(e).__name__}: {e})") from None
+        raise CheckpointReadError(f"{source}: {what} is not a valid pickle ({type(e).__name__}: {e})") from None
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -616,18 +634,198 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _StorageRef(stype, key, numel)
 
 
+class _LegacyUnpickler(_RestrictedUnpickler):
+    """The restricted unpickler for the pickles of a legacy file.
+
+    With ``storages`` (the object pickle) it accepts legacy storage ids and records each storage's
+    type and size there; without (the header pickles) any persistent id is malformed.
+    """
+
+    def __init__(self, data: bytes, source, storages: dict | None = None):
+        super().__init__(data, source)
+        self._storages = storages
+
+    def persistent_load(self, pid):
+        if self._storages is None:
+            raise CheckpointReadError(f"unexpected persistent id {pid!r} in a header pickle (corrupt file?)")
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
+            raise _malformed(f"unsupported persistent id {pid!r}")
+        stype, key, location, numel = pid[1:5]
+        view = pid[5] if len(pid) == 6 else None
+        if not isinstance(stype, _StorageType):
+            raise _malformed(f"persistent id names {stype!r}, not a storage type")
+        # The location ("cpu", "cuda:0", ...) only told torch where to put the storage.
+        if not isinstance(key, str) or not isinstance(location, (str, bytes)) or type(numel) is not int or numel < 0:
+            raise _malformed(f"bad storage persistent id {pid!r}")
+        seen = self._storages.setdefault(key, (stype, numel))
+        if seen != (stype, numel):
+            raise _malformed(
+                f"storage {key!r} is declared as {seen[1]} x {seen[0]!r} and as {numel} x {stype!r}"
+            )
+        if view is None:
+            return _StorageRef(stype, key, numel)
+        # Files from torch < 1.0 could reference a sub-range ("view") of a stored storage.
+        if not (
+            isinstance(view, tuple)
+            and len(view) == 3
+            and isinstance(view[0], str)
+            and type(view[1]) is int
+            and type(view[2]) is int
+            and view[1] >= 0
+            and view[2] >= 0
+        ):
+            raise _malformed(f"bad storage view {view!r} in persistent id {pid!r}")
+        _, start, size = view
+        if start + size > numel:
+            raise _malformed(f"storage view {view!r} reaches past the {numel} elements of storage {key!r}")
+        return _StorageRef(stype, key, size, start)
+
+
+def _load_restricted(unpickler: _RestrictedUnpickler, source, what: str):
+    """Runs ``unpickler`` (already prescanned); every failure names ``source``."""
+    try:
+        return unpickler.load()
+    except UnsafeCheckpointError as e:
+        if str(e).startswith(str(source)):
+            raise
+        raise UnsafeCheckpointError(f"{source}: {e}") from None
+    except CheckpointReadError as e:
+        raise CheckpointReadError(f"{source}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any other failure means a malformed pickle
+        raise CheckpointReadError(f"{source}: malformed {what} ({type(e).__name__}: {e})") from None
+
+
 # ------------------------------------------------------------------------------------------------
-# torch zip archives
+# torch checkpoints: storage access shared by the zip and legacy formats
 
 _MAX_DATA_PKL = 1 << 30
-_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_LEGACY_MAGIC = _LEGACY_MAGIC_NUMBER.to_bytes(10, "little")
+_LEGACY_PROTOCOL_VERSION = 1001
 
 
-class _TorchZip:
-    """An open torch zip checkpoint: the unpickled (lazy) object tree plus storage access."""
+class _TorchSource:
+    """An open torch checkpoint: the unpickled (lazy) object tree plus storage access.
+
+    Subclasses say where storage record ``key`` lies (``_record_size``, ``_read_record``); reading,
+    caching, bounds checks and view rebuilding are common.
+    """
+
+    path: pathlib.Path
+    tree: Any
+    big_endian = False
 
     def __init__(self, path: pathlib.Path):
         self.path = path
+        self._cache: weakref.WeakValueDictionary[str, np.ndarray] = weakref.WeakValueDictionary()
+
+    def _record_name(self, key: str) -> str:
+        raise NotImplementedError
+
+    def _record_size(self, key: str) -> int:
+        """Bytes in record ``key``; a missing record is a :class:`CheckpointReadError`."""
+        raise NotImplementedError
+
+    def _read_record(self, key: str, size: int) -> np.ndarray:
+        """The ``size`` bytes of record ``key`` as a fresh uint8 array."""
+        raise NotImplementedError
+
+    def raw_storage(self, key: str, nbytes: int, cache: dict | None = None) -> np.ndarray:
+        """The bytes of storage record ``key`` (uint8, at least ``nbytes`` long), read once."""
+        buf = cache.get(key) if cache is not None else None
+        if buf is None:
+            buf = self._cache.get(key)
+        if buf is None:
+            size = self._record_size(key)
+            if size < nbytes:
+                raise CheckpointReadError(
+                    f"{self.path}: storage record {self._record_name(key)!r} is {size} bytes, "
+                    f"the tensor needs {nbytes}"
+                )
+            buf = self._read_record(key, size)
+            self._cache[key] = buf
+        if cache is not None:
+            cache[key] = buf
+        if buf.size < nbytes:
+            raise CheckpointReadError(
+                f"{self.path}: storage record {self._record_name(key)!r} is {buf.size} bytes, "
+                f"the tensor needs {nbytes}"
+            )
+        return buf
+
+    def storage_array(self, ref: _StorageRef, cache: dict | None = None) -> np.ndarray:
+        raw = self.raw_storage(ref.key, ref.begin + ref.nbytes, cache)
+        typed = raw[ref.begin : ref.begin + ref.nbytes].view(ref.stype.dtype)
+        return _byteswapped(typed) if self.big_endian else typed
+
+    def materialize(self, t: _LazyTensor, cache: dict | None = None) -> np.ndarray:
+        ref = t.storage
+        itemsize = t.dtype.itemsize
+        # Counted in the tensor's dtype, which differs from the storage's for untyped storages
+        # (and would for a crafted typed one): the bounds check below must use the bytes present.
+        if ref.nbytes % itemsize:
+            raise CheckpointReadError(
+                f"{self.path}: storage {ref.key!r} has {ref.nbytes} bytes, not a multiple of {t.dtype} items"
+            )
+        numel = ref.nbytes // itemsize
+        shape, stride, offset = t.shape, t.stride, t.offset
+        if 0 in shape:
+            return np.empty(shape, t.dtype)
+        last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+        if last >= numel:
+            raise CheckpointReadError(
+                f"{self.path}: tensor view (offset {offset}, shape {shape}, stride {stride}) reaches element "
+                f"{last} of storage {ref.key!r}, which has only {numel}"
+            )
+        raw = self.raw_storage(ref.key, ref.begin + ref.nbytes, cache)
+        flat = raw[ref.begin : ref.begin + ref.nbytes].view(t.dtype)
+        if self.big_endian:
+            flat = _byteswapped(flat)
+        count = math.prod(shape)
+        if _is_contiguous(shape, stride):
+            out = flat[offset : offset + count].reshape(shape)
+        else:
+            view = np.lib.stride_tricks.as_strided(
+                flat[offset:], shape=shape, strides=tuple(s * itemsize for s in stride), writeable=False
+            )
+            out = np.array(view, order="C", copy=True)
+        if t.conj:
+            out = np.conj(out)
+        if t.neg:
+            out = np.negative(out)
+        return out
+
+    def materialize_tree(self):
+        """The pickled object with every tensor read (a storage shared by views is read once)."""
+        cache: dict[str, np.ndarray] = {}
+
+        def convert(x):
+            if isinstance(x, _LazyTensor):
+                return self.materialize(x, cache)
+            return self.storage_array(x, cache)  # a bare storage saved on its own: its 1-D data
+
+        try:
+            return _walk(self.tree, convert)
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(f"{self.path}: {e}") from None
+        except RecursionError:
+            raise CheckpointReadError(f"{self.path}: the pickled object nests containers too deeply") from None
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------
+# torch zip archives
+
+
+class _TorchZip(_TorchSource):
+    """An open torch zip checkpoint."""
+
+    format = "torch_zip"
+
+    def __init__(self, path: pathlib.Path):
+        super().__init__(path)
         if not path.exists():
             raise FileNotFoundError(errno.ENOENT, "checkpoint file not found", str(path))
         try:
@@ -638,7 +836,6 @@ class _TorchZip:
             raise CheckpointReadError(
                 f"{path}: not a readable zip archive (truncated or corrupt torch checkpoint?): {e}"
             ) from None
-        self._cache: weakref.WeakValueDictionary[str, np.ndarray] = weakref.WeakValueDictionary()
         try:
             self._open()
         except BaseException:
@@ -672,18 +869,8 @@ class _TorchZip:
         if info.file_size > _MAX_DATA_PKL:
             raise CheckpointReadError(f"{self.path}: data.pkl is {info.file_size} bytes, implausibly large")
         data = self._read_small(pkls[0])
-        source = self.path
-        _prescan(data, source)
-        try:
-            self.tree = _RestrictedUnpickler(data, source).load()
-        except UnsafeCheckpointError as e:
-            if str(e).startswith(str(source)):
-                raise
-            raise UnsafeCheckpointError(f"{source}: {e}") from None
-        except CheckpointReadError as e:
-            raise CheckpointReadError(f"{source}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - any other failure means a malformed pickle
-            raise CheckpointReadError(f"{source}: malformed data.pkl ({type(e).__name__}: {e})") from None
+        _prescan(data, self.path)
+        self.tree = _load_restricted(_RestrictedUnpickler(data, self.path), self.path, "data.pkl")
 
     def _read_small(self, name: str) -> bytes:
         try:
@@ -691,99 +878,192 @@ class _TorchZip:
         except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
             raise CheckpointReadError(f"{self.path}: cannot read record {name!r}: {e}") from None
 
-    def raw_storage(self, key: str, nbytes: int, cache: dict | None = None) -> np.ndarray:
-        """The bytes of storage record ``key`` (uint8, at least ``nbytes`` long), read once."""
-        buf = cache.get(key) if cache is not None else None
-        if buf is None:
-            buf = self._cache.get(key)
-        if buf is None:
-            name = f"{self.prefix}data/{key}"
-            try:
-                info = self._zf.getinfo(name)
-            except KeyError:
-                raise CheckpointReadError(f"{self.path}: storage record {name!r} is missing") from None
-            if info.file_size < nbytes:
-                raise CheckpointReadError(
-                    f"{self.path}: storage record {name!r} is {info.file_size} bytes, the tensor needs {nbytes}"
-                )
-            try:
-                buf = np.empty(info.file_size, np.uint8)
-                with self._zf.open(info) as f:
-                    _readinto_exact(f, buf, info.file_size, f"{self.path}: storage record {name!r}")
-            except CheckpointReadError:
-                raise
-            except (zipfile.BadZipFile, EOFError, OSError, ValueError, MemoryError) as e:
-                raise CheckpointReadError(f"{self.path}: cannot read storage record {name!r}: {e}") from None
-            self._cache[key] = buf
-        if cache is not None:
-            cache[key] = buf
-        if buf.size < nbytes:
-            raise CheckpointReadError(
-                f"{self.path}: storage record {key!r} is {buf.size} bytes, the tensor needs {nbytes}"
-            )
-        return buf
+    def _record_name(self, key: str) -> str:
+        return f"{self.prefix}data/{key}"
 
-    def storage_array(self, ref: _StorageRef, cache: dict | None = None) -> np.ndarray:
-        raw = self.raw_storage(ref.key, ref.nbytes, cache)
-        typed = raw[: ref.nbytes].view(ref.stype.dtype)
-        return _byteswapped(typed) if self.big_endian else typed
-
-    def materialize(self, t: _LazyTensor, cache: dict | None = None) -> np.ndarray:
-        ref = t.storage
-        itemsize = t.dtype.itemsize
-        if ref.stype.untyped:
-            if ref.nbytes % itemsize:
-                raise CheckpointReadError(
-                    f"{self.path}: storage {ref.key!r} has {ref.nbytes} bytes, not a multiple of {t.dtype} items"
-                )
-            numel = ref.nbytes // itemsize
-        else:
-            numel = ref.numel
-        shape, stride, offset = t.shape, t.stride, t.offset
-        if 0 in shape:
-            return np.empty(shape, t.dtype)
-        last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
-        if last >= numel:
-            raise CheckpointReadError(
-                f"{self.path}: tensor view (offset {offset}, shape {shape}, stride {stride}) reaches element "
-                f"{last} of storage {ref.key!r}, which has only {numel}"
-            )
-        raw = self.raw_storage(ref.key, ref.nbytes, cache)
-        flat = raw[: numel * itemsize].view(t.dtype)
-        if self.big_endian:
-            flat = _byteswapped(flat)
-        count = math.prod(shape)
-        if _is_contiguous(shape, stride):
-            out = flat[offset : offset + count].reshape(shape)
-        else:
-            view = np.lib.stride_tricks.as_strided(
-                flat[offset:], shape=shape, strides=tuple(s * itemsize for s in stride), writeable=False
-            )
-            out = np.array(view, order="C", copy=True)
-        if t.conj:
-            out = np.conj(out)
-        if t.neg:
-            out = np.negative(out)
-        return out
-
-    def materialize_tree(self):
-        """The pickled object with every tensor read (a storage shared by views is read once)."""
-        cache: dict[str, np.ndarray] = {}
-
-        def convert(x):
-            if isinstance(x, _LazyTensor):
-                return self.materialize(x, cache)
-            return self.storage_array(x, cache)  # a bare storage saved on its own: its 1-D data
-
+    def _record_size(self, key: str) -> int:
         try:
-            return _walk(self.tree, convert)
-        except UnsafeCheckpointError as e:
-            raise UnsafeCheckpointError(f"{self.path}: {e}") from None
-        except RecursionError:
-            raise CheckpointReadError(f"{self.path}: data.pkl nests containers too deeply") from None
+            return self._zf.getinfo(self._record_name(key)).file_size
+        except KeyError:
+            raise CheckpointReadError(f"{self.path}: storage record {self._record_name(key)!r} is missing") from None
+
+    def _read_record(self, key: str, size: int) -> np.ndarray:
+        name = self._record_name(key)
+        try:
+            buf = np.empty(size, np.uint8)
+            with self._zf.open(name) as f:
+                _readinto_exact(f, buf, size, f"{self.path}: storage record {name!r}")
+        except CheckpointReadError:
+            raise
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, MemoryError) as e:
+            raise CheckpointReadError(f"{self.path}: cannot read storage record {name!r}: {e}") from None
+        return buf
 
     def close(self) -> None:
         self._zf.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# legacy torch files (torch.save before 1.6, or _use_new_zipfile_serialization=False)
+
+
+class _BoundedReader:
+    """What ``pickletools.genops`` needs of a file (read, readline, tell), never past ``limit``:
+    a corrupt length inside a pickle cannot make it read, or allocate, more than is there."""
+
+    def __init__(self, f, limit: int):
+        self._f = f
+        self._limit = limit
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def _left(self) -> int:
+        return max(0, self._limit - self._f.tell())
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._left()
+        return self._f.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self, n: int = -1) -> bytes:
+        left = self._left()
+        return self._f.readline(left if n is None or n < 0 else min(n, left))
+
+
+class _TorchLegacy(_TorchSource):
+    """An open legacy torch file: the pickles are read at once, storage bytes on demand.
+
+    Storage records follow the pickles in the order of the pickled key list, each an int64 element
+    count and the data. The counts are read at open (one seek per storage) to index every record.
+    """
+
+    format = "torch_legacy"
+
+    def __init__(self, path: pathlib.Path):
+        super().__init__(path)
+        self._f = _open_existing(path)
+        try:
+            self._size = os.fstat(self._f.fileno()).st_size
+            self._open()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _next_pickle(self, what: str) -> bytes:
+        """The bytes of the pickle starting at the current position (parsed, not executed)."""
+        start = self._f.tell()
+        try:
+            for _ in pickletools.genops(_BoundedReader(self._f, min(self._size, start + _MAX_DATA_PKL))):
+                pass
+        except Exception as e:  # noqa: BLE001 - pickletools raises ValueError and friends
+            raise CheckpointReadError(
+                f"{self.path}: the {what} pickle (from byte {start}) is truncated or corrupt "
+                f"({type(e).__name__}: {e})"
+            ) from None
+        end = self._f.tell()
+        self._f.seek(start)
+        data = self._f.read(end - start)
+        if len(data) != end - start:
+            raise CheckpointReadError(f"{self.path}: cannot re-read the {what} pickle (file changed?)")
+        return data
+
+    def _load_pickle(self, what: str, storages: dict | None = None):
+        data = self._next_pickle(what)
+        _prescan(data, self.path, f"the {what} pickle")
+        return _load_restricted(_LegacyUnpickler(data, self.path, storages), self.path, f"{what} pickle")
+
+    def _open(self) -> None:
+        magic = self._load_pickle("magic number")
+        if type(magic) is not int or magic != _LEGACY_MAGIC_NUMBER:
+            raise CheckpointReadError(f"{self.path}: not a torch checkpoint: bad magic number {magic!r}")
+        version = self._load_pickle("protocol version")
+        if version != _LEGACY_PROTOCOL_VERSION:
+            raise LegacyCheckpointError(
+                f"{self.path}: legacy torch checkpoint with protocol version {version!r}; only "
+                f"{_LEGACY_PROTOCOL_VERSION} (every torch release that wrote this format) is understood"
+            )
+        sys_info = self._load_pickle("sys_info")
+        if not isinstance(sys_info, dict):
+            raise CheckpointReadError(f"{self.path}: malformed sys_info pickle: {sys_info!r}")
+        # Storage bytes are little-endian whatever the machine, but old torch wrote the element
+        # counts in the machine's order; big-endian files are too rare to be worth guessing.
+        if sys_info.get("little_endian", True) is not True:
+            raise LegacyCheckpointError(
+                f"{self.path}: legacy torch checkpoint written on a big-endian machine (sys_info {sys_info!r}); "
+                "not supported. Re-save it with torch on that machine in the current format "
+                "(torch.save(obj, f_new)) or as safetensors."
+            )
+        storages: dict[str, tuple[_StorageType, int]] = {}
+        self.tree = self._load_pickle("object", storages)
+        keys = self._load_pickle("storage key list")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise CheckpointReadError(f"{self.path}: malformed storage key list pickle (a {type(keys).__name__})")
+        self._records = self._index_records(keys, storages)
+
+    def _index_records(self, keys: list[str], storages: dict) -> dict[str, tuple[int, int]]:
+        """``key -> (byte offset, byte size)`` of each storage record, checked against the pickle."""
+        records: dict[str, tuple[int, int]] = {}
+        pos = self._f.tell()
+        for i, key in enumerate(keys):
+            if key in records:
+                raise CheckpointReadError(f"{self.path}: storage key list names {key!r} twice (corrupt file?)")
+            if key not in storages:
+                raise CheckpointReadError(
+                    f"{self.path}: storage key list names {key!r}, which the pickled object does not use "
+                    "(corrupt file?)"
+                )
+            stype, numel = storages[key]
+            self._f.seek(pos)
+            head = self._f.read(8)
+            if len(head) < 8:
+                raise CheckpointReadError(
+                    f"{self.path}: truncated: the file ends at byte {self._size}, inside the header of storage "
+                    f"{key!r} ({i + 1} of {len(keys)})"
+                )
+            (count,) = struct.unpack("<q", head)
+            if count != numel:
+                raise CheckpointReadError(
+                    f"{self.path}: storage {key!r} holds {count} elements on disk, the pickle says {numel} "
+                    "(corrupt file?)"
+                )
+            begin = pos + 8
+            pos = begin + count * stype.dtype.itemsize
+            if pos > self._size:
+                raise CheckpointReadError(
+                    f"{self.path}: truncated: storage {key!r} ({i + 1} of {len(keys)}) needs bytes {begin}..{pos}, "
+                    f"the file has only {self._size}"
+                )
+            records[key] = (begin, pos - begin)
+        unstored = [k for k in storages if k not in records]
+        if unstored:
+            raise CheckpointReadError(
+                f"{self.path}: storages {unstored[:5]} are used by the pickled object but not stored in the file "
+                "(corrupt file?)"
+            )
+        return records
+
+    def _record_name(self, key: str) -> str:
+        return key
+
+    def _record_size(self, key: str) -> int:
+        if key not in self._records:
+            raise CheckpointReadError(f"{self.path}: storage record {key!r} is missing")
+        return self._records[key][1]
+
+    def _read_record(self, key: str, size: int) -> np.ndarray:
+        begin, _ = self._records[key]
+        buf = np.empty(size, np.uint8)
+        try:
+            self._f.seek(begin)
+            _readinto_exact(self._f, buf, size, f"{self.path}: storage {key!r}")
+        except CheckpointReadError:
+            raise
+        except (OSError, ValueError) as e:
+            raise CheckpointReadError(f"{self.path}: cannot read storage {key!r}: {e}") from None
+        return buf
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def _is_contiguous(shape, stride) -> bool:
@@ -837,27 +1117,31 @@ def _plain_key(k) -> bool:
 
 
 class TorchPickleReader(CheckpointReader):
-    """Lazy reader of a zip-format torch checkpoint (``.pth`` / ``.bin`` / ``.ckpt``).
+    """Lazy reader of a ``torch.save`` checkpoint (``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt``), zip or legacy.
 
     The mapping view is :func:`unwrap_state_dict` of the pickled object (``obj["state_dict"]``
-    when present); ``tree`` is the whole pickled object with lazy tensors in it.
+    when present); ``tree`` is the whole pickled object with lazy tensors in it; ``format`` is
+    ``"torch_zip"`` or ``"torch_legacy"``.
     """
 
     def __init__(self, path: PathLike):
         super().__init__()
         self.path = pathlib.Path(path)
-        _refuse_legacy(self.path)
-        self._zip = _TorchZip(self.path)
+        self._src = _open_torch(self.path)
         try:
-            self._flat = _unwrap(self._zip.tree, (_LazyTensor, np.ndarray), self.path)
+            self._flat = _unwrap(self._src.tree, (_LazyTensor, np.ndarray), self.path)
         except BaseException:
-            self._zip.close()
+            self._src.close()
             raise
         self._keys = list(self._flat)
 
     @property
+    def format(self) -> str:
+        return self._src.format
+
+    @property
     def tree(self):
-        return self._zip.tree
+        return self._src.tree
 
     def _index(self):
         return self._flat
@@ -869,29 +1153,27 @@ class TorchPickleReader(CheckpointReader):
         return self._flat[key].dtype
 
     def _load(self, key: str) -> np.ndarray:
-        return self._zip.materialize(self._flat[key])
+        return self._src.materialize(self._flat[key])
 
     def materialize_tree(self):
         """The whole pickled object with every tensor read (shared storages are read once)."""
-        return self._zip.materialize_tree()
+        return self._src.materialize_tree()
 
     def close(self) -> None:
-        self._zip.close()
+        self._src.close()
 
 
 def read_torch_pickle(path: PathLike) -> Any:
-    """The object a zip-format ``torch.save`` file holds, with tensors as numpy arrays.
+    """The object a ``torch.save`` file (zip or legacy format) holds, with tensors as numpy arrays.
 
     Only tensors/parameters, (Ordered)dicts, lists, tuples and plain scalars/strings are accepted;
     anything else raises :class:`UnsafeCheckpointError` before it is constructed.
     """
-    path = pathlib.Path(path)
-    _refuse_legacy(path)
-    z = _TorchZip(path)
+    src = _open_torch(pathlib.Path(path))
     try:
-        return z.materialize_tree()
+        return src.materialize_tree()
     finally:
-        z.close()
+        src.close()
 
 
 def _unwrap(obj, tensor_types, source) -> dict:
@@ -916,23 +1198,30 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, np.ndarray]:
     return _unwrap(obj, (np.ndarray,), source)
 
 
-def _refuse_legacy(path: pathlib.Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, "checkpoint file not found", str(path)) from None
+def _open_torch(path: pathlib.Path) -> _TorchSource:
+    """The zip or legacy reader for a ``torch.save`` file; other pickles are refused unread."""
+    with _open_existing(path) as f:
+        head = f.read(512)
     kind = _sniff(head)
-    if kind == "legacy":
+    if kind == "torch_legacy":
+        return _TorchLegacy(path)
+    _refuse_unreadable(path, kind)
+    return _TorchZip(path)  # anything else: the zip reader says what is wrong
+
+
+def _refuse_unreadable(path: pathlib.Path, kind: str) -> None:
+    if kind == "legacy_tar":
         raise LegacyCheckpointError(
-            f"{path}: legacy (pre-1.6, non-zip) torch checkpoint. It cannot be read safely without torch; "
-            "re-save it with torch >= 1.6, e.g. torch.save(torch.load(f, weights_only=True), f_new), "
+            f"{path}: torch checkpoint in the tar-based format of the earliest torch releases, which this "
+            "reader does not support. Loading it needs torch with weights_only=False, which runs code from "
+            "the file, so only for a file you trust: "
+            'torch.save(torch.load(f, map_location="cpu", weights_only=False), f_new), '
             "or convert it to safetensors."
         )
     if kind == "pickle":
         raise CheckpointReadError(
-            f"{path}: plain pickle file, not a torch zip checkpoint; refusing to unpickle it "
-            "(re-save it with torch.save >= 1.6 or as safetensors)"
+            f"{path}: plain pickle file, not a torch.save checkpoint; refusing to unpickle it "
+            "(save the tensors with torch.save or as safetensors)"
         )
 
 
@@ -946,9 +1235,12 @@ def _sniff(head: bytes) -> str:
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "torch_zip"
     if len(head) >= 262 and head[257:262] == b"ustar":
-        return "legacy"  # torch < 0.4 tar checkpoints
+        return "legacy_tar"  # the earliest torch releases wrote a tar archive
     if head[:1] == b"\x80" and _LEGACY_MAGIC in head[:32]:
-        return "legacy"
+        return "torch_legacy"
+    long1 = head.find(b"\x8a\x0a", 0, 16)  # LONG1, 10 bytes: the magic number, cut short
+    if head[:1] == b"\x80" and long1 >= 0 and len(head) < long1 + 12 and _LEGACY_MAGIC.startswith(head[long1 + 2 :]):
+        return "torch_legacy"
     # Before the pickle check: a safetensors header length can start with byte 0x80 too.
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
@@ -960,24 +1252,24 @@ def _sniff(head: bytes) -> str:
 
 
 def detect_format(path: PathLike) -> str:
-    """``"safetensors"``, ``"torch_zip"``, ``"index"`` (sharded ``*.index.json``), or raises."""
+    """``"safetensors"``, ``"torch_zip"``, ``"torch_legacy"`` (``torch.save`` before 1.6),
+    ``"index"`` (sharded ``*.index.json``), or raises."""
     path = pathlib.Path(path)
     with _open_existing(path) as f:
         head = f.read(512)
     kind = _sniff(head)
-    if kind in ("safetensors", "torch_zip", "index"):
+    if kind in ("safetensors", "torch_zip", "torch_legacy", "index"):
         if kind == "index" and not path.name.endswith(".json"):
             kind = "unknown"
         else:
             return kind
     if kind == "empty":
         raise CheckpointReadError(f"{path}: empty file (0 bytes), not a checkpoint")
-    if kind in ("legacy", "pickle"):
-        _refuse_legacy(path)
+    _refuse_unreadable(path, kind)
     if len(head) < 9:
         raise CheckpointReadError(f"{path}: only {len(head)} bytes: truncated or not a checkpoint")
     raise CheckpointReadError(
-        f"{path}: unrecognised checkpoint format (neither a zip torch checkpoint nor safetensors); "
+        f"{path}: unrecognised checkpoint format (neither a torch.save checkpoint nor safetensors); "
         f"first bytes {head[:16]!r}"
     )
 
@@ -1068,7 +1360,7 @@ def _open_file(path: pathlib.Path) -> CheckpointReader:
     kind = detect_format(path)
     if kind == "safetensors":
         return SafetensorsReader(path)
-    if kind == "torch_zip":
+    if kind in ("torch_zip", "torch_legacy"):
         return TorchPickleReader(path)
     raise CheckpointReadError(f"{path}: nested index files are not supported")
 
@@ -1097,7 +1389,7 @@ def iter_checkpoint(path: PathLike, **kw) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def read_checkpoint(path: PathLike, *, stem: str | Sequence[str] = DEFAULT_WEIGHT_STEMS) -> dict[str, np.ndarray]:
-    """Every tensor of a checkpoint (safetensors, torch zip pickle, sharded index, or a folder).
+    """Every tensor of a checkpoint (safetensors, torch zip or legacy pickle, sharded index, or a folder).
 
     As in torch, tensors that are contiguous views of one storage (tied weights, slices) come back
     as views of one buffer; other views are copied to C-contiguous arrays.
@@ -1106,7 +1398,7 @@ def read_checkpoint(path: PathLike, *, stem: str | Sequence[str] = DEFAULT_WEIGH
         cache: dict[str, np.ndarray] = {}
         if isinstance(reader, TorchPickleReader):
             # One strong cache so views sharing a storage read it once.
-            return {k: reader._zip.materialize(reader._flat[k], cache) for k in reader}
+            return {k: reader._src.materialize(reader._flat[k], cache) for k in reader}
         return {k: reader[k] for k in reader}
 
 
