@@ -17,6 +17,7 @@ from anim_jax.diffusion import (
     moore_inference_schedule,
     moore_training_schedule,
     offset_noise,
+    predict_eps,
     predict_x0,
     snr,
     training_target,
@@ -37,6 +38,11 @@ CONFIGS = {
     ),
     "leading_v_zero_snr_no_alpha_one": dict(
         SD, beta_schedule="scaled_linear", timestep_spacing="leading", set_alpha_to_one=False, **ZERO_SNR_V
+    ),
+    # x0-prediction (configs/demo.py trains the CPU demo this way).
+    "trailing_sample_zero_snr": dict(
+        SD, beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1, rescale_betas_zero_snr=True,
+        prediction_type="sample",
     ),
     "trailing_eps_clip": dict(
         SD, beta_schedule="linear", timestep_spacing="trailing", steps_offset=1, clip_sample=True,
@@ -116,6 +122,8 @@ def test_ddim_step_matches_diffusers(name, steps, eta, table):
         tol = 1e-6 if table == "ours" else 3e-6
         if ours.prediction_type == "epsilon":
             tol /= float(ours.alphas_cumprod[t]) ** 0.5
+        if ours.prediction_type == "sample":  # ε̂ divides by sqrt(1 - ᾱ_t) instead
+            tol /= float(1 - ours.alphas_cumprod[t]) ** 0.5
         np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=tol, err_msg=f"t={t}")
 
 
@@ -198,6 +206,20 @@ def test_predictions_invert_the_forward_process():
     )
     eps_sched = NoiseSchedule(prediction_type="epsilon")
     np.testing.assert_array_equal(np.asarray(training_target(eps_sched, x0, noise, t)), noise)
+    x0_sched = moore_training_schedule(prediction_type="sample")
+    np.testing.assert_array_equal(np.asarray(training_target(x0_sched, x0, noise, t)), x0)
+    np.testing.assert_allclose(
+        np.asarray(predict_eps(x0_sched, x0, t, add_noise(x0_sched, x0, noise, t))), noise, rtol=0, atol=1e-4
+    )
+
+
+def test_x0_min_snr_weight_is_min_snr_gamma():
+    """Hang et al. 2023 (Min-SNR), eq. 8: an x0 loss is weighted by min(SNR, γ) itself."""
+    sched = moore_training_schedule(prediction_type="sample")
+    t = np.arange(1000)
+    s = np.asarray(snr(sched, t))
+    np.testing.assert_allclose(np.asarray(min_snr_weight(sched, t, gamma=5.0)), np.minimum(s, 5.0), rtol=1e-6)
+    assert float(min_snr_weight(sched, 999)) == 0.0
 
 
 def test_moore_documented_timesteps():
@@ -228,7 +250,7 @@ def test_presets():
 
 
 @pytest.mark.parametrize(
-    "field,value", [("beta_schedule", "cosine"), ("prediction_type", "sample"), ("timestep_spacing", "uniform")]
+    "field,value", [("beta_schedule", "cosine"), ("prediction_type", "flow"), ("timestep_spacing", "uniform")]
 )
 def test_unknown_names_are_errors(field, value):
     with pytest.raises(ValueError, match=field) as err:

@@ -51,9 +51,12 @@ def velocity(schedule: NoiseSchedule, x0, noise, t):
 
 
 def training_target(schedule: NoiseSchedule, x0, noise, t):
-    """What the model learns to predict under ``schedule.prediction_type``: noise or velocity."""
+    """What the model learns to predict under ``schedule.prediction_type``: noise, velocity or the
+    clean sample."""
     if schedule.prediction_type == "epsilon":
         return noise
+    if schedule.prediction_type == "sample":
+        return jnp.asarray(x0)
     return velocity(schedule, x0, noise, t)
 
 
@@ -67,6 +70,9 @@ def predict_x0_eps(schedule: NoiseSchedule, model_output, t, sample):
     if schedule.prediction_type == "epsilon":
         x0 = (sample - b**0.5 * model_output) / a**0.5
         eps = model_output
+    elif schedule.prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - a**0.5 * model_output) / b**0.5
     else:  # v_prediction
         x0 = a**0.5 * sample - b**0.5 * model_output
         eps = a**0.5 * model_output + b**0.5 * sample

@@ -36,7 +36,9 @@ def min_snr_weight(schedule: NoiseSchedule, t, gamma: float = 5.0, prediction_ty
 
     * ``v_prediction`` (Moore's form): ``min(snr + 1, γ) / (snr + 1)``;
     * ``epsilon``: ``min(snr, γ) / snr``, taken as its limit 1 where snr = 0 (zero-terminal-SNR's last
-      timestep), as diffusers' training scripts do.
+      timestep), as diffusers' training scripts do;
+    * ``sample`` (x0-prediction): ``min(snr, γ)``, the Min-SNR paper's weight for an x0 loss (Hang et
+      al. 2023, eq. 8); it is 0 at a zero-SNR timestep, where x0 cannot be inferred from x_t.
 
     ``prediction_type`` defaults to the schedule's.
     """
@@ -46,6 +48,8 @@ def min_snr_weight(schedule: NoiseSchedule, t, gamma: float = 5.0, prediction_ty
     if prediction_type == "v_prediction":
         s = s + 1.0
         return jnp.minimum(s, gamma) / s
+    if prediction_type == "sample":
+        return jnp.minimum(s, gamma)
     safe = jnp.where(s == 0, 1.0, s)
     return jnp.where(s == 0, 1.0, jnp.minimum(safe, gamma) / safe)
 

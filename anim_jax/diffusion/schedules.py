@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
