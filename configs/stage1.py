@@ -51,6 +51,7 @@ def base_config(stage: int, variant: str | None) -> ml_collections.ConfigDict:
         stage1_checkpoint="",  # stage 2: a stage-1 run's <workdir>/checkpoints
         stage1_step=-1,  # -1: the latest
         motion_modules="",  # stage 2: AnimateDiff mm_sd_v15_v2.ckpt
+        reference_net_from_denoiser=True,  # a ReferenceNet without weights starts as a copy of the denoiser
     ))
 
     c.model = ml_collections.ConfigDict(dict(
@@ -68,6 +69,14 @@ def base_config(stage: int, variant: str | None) -> ml_collections.ConfigDict:
 
     # Empty lists: the stage's trainable set (animate_anyone.trainable_filter).
     c.trainable = ml_collections.ConfigDict(dict(include=(), exclude=()))
+
+    # The noise schedules (anim_jax.train.animate_anyone.training_schedule / export_schedule). Moore
+    # trains on zero-SNR scaled_linear betas but ships linear betas for inference (moore.md §2.4).
+    c.diffusion = ml_collections.ConfigDict(dict(
+        prediction_type="v_prediction",  # v_prediction | epsilon | sample (x0)
+        beta_schedule="scaled_linear",  # training
+        export_beta_schedule="linear",  # written into the export's anim_jax.json for inference
+    ))
 
     c.loss = ml_collections.ConfigDict(dict(
         uncond_ratio=0.1, uncond_per_sample=True, noise_offset=0.05, snr_gamma=5.0, timestep_buckets=4,

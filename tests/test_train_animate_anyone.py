@@ -293,6 +293,34 @@ def test_cli_trains_checkpoints_logs_validates_and_exports(stage1_run):
     assert (workdir / "logs" / "videos" / "validation_00000002.gif").is_file()
     for name in aa.COMPONENTS:
         assert (workdir / "export" / f"{name}.safetensors").is_file()
+    # Moore's inference schedule by default (config.diffusion.export_beta_schedule).
+    from anim_jax.convert import store
+    from anim_jax.diffusion import NoiseSchedule, moore_inference_schedule
+
+    assert NoiseSchedule.from_config(store.read_config(workdir / "export")["schedule"]) == moore_inference_schedule()
+
+
+def test_diffusion_config_sets_the_training_and_export_schedules(devices):
+    from anim_jax.diffusion import moore_inference_schedule, moore_training_schedule
+
+    cfg = load(STAGE1)
+    assert aa.training_schedule(cfg) == moore_training_schedule()
+    assert aa.export_schedule(cfg) == moore_inference_schedule()
+    cfg = load(STAGE1, "--config.diffusion.prediction_type=sample", "--config.diffusion.export_beta_schedule=scaled_linear")
+    assert aa.training_schedule(cfg) == moore_training_schedule(prediction_type="sample")
+    assert aa.export_schedule(cfg) == moore_inference_schedule(beta_schedule="scaled_linear", prediction_type="sample")
+    assert aa.validation_schedule("linear", cfg).prediction_type == "sample"
+
+
+def test_random_reference_net_starts_as_a_copy_of_the_denoiser(devices):
+    """Moore initialises both UNets from one SD checkpoint; a run without weights does the same with
+    the denoiser's random draw (config.init.reference_net_from_denoiser), unless switched off."""
+    model = aa.init_model(load(STAGE1), 1)
+    ref, den = flat(model.reference_net), flat(model.denoiser)
+    assert len(ref) > 10 and all(np.array_equal(v, den[k]) for k, v in ref.items())
+    model = aa.init_model(load(STAGE1, "--config.init.reference_net_from_denoiser=False"), 1)
+    ref, den = flat(model.reference_net), flat(model.denoiser)
+    assert not np.array_equal(ref["conv_in.kernel"], den["conv_in.kernel"])
 
 
 def test_cli_resume_is_exact(stage1_run, dataset, tmp_path):

@@ -565,6 +565,8 @@ def init_model(cfg, stage: int | None = None) -> AnimateAnyoneModel:
       ``denoiser`` (Moore initialises both from the same SD UNet); motion modules in the file are
       skipped in stage 1. Components without a source keep their random initialisation (a warning
       says so); with no ``weights_dir`` at all everything is random (tiny runs, benchmarks).
+    * ``init.reference_net_from_denoiser``: a ReferenceNet with no source starts as a copy of the
+      denoiser (random or loaded), as in Moore where both come from one SD UNet.
     * ``init.controlnet`` (stage 1): a ControlNet-openpose checkpoint for the PoseGuider.
     * ``init.stage1_checkpoint`` / ``init.stage1_step`` (stage 2): a stage-1 run's Orbax
       checkpoint directory; its parameters replace those of the same path.
@@ -617,6 +619,13 @@ def init_model(cfg, stage: int | None = None) -> AnimateAnyoneModel:
         for name in COMPONENTS:
             if any(p.startswith(name + ".") for p in done):
                 sources[name] = f"{init.stage1_checkpoint} (stage 1)"
+    if sources["reference_net"] == "random" and init.get("reference_net_from_denoiser", False):
+        # Moore starts both UNets from the same SD weights, so at step 0 the ReferenceNet's keys live
+        # in the denoiser's feature space and reference attention can match like with like. Two
+        # independent random inits lack that, and a from-scratch run learns to copy far more slowly.
+        done = assign(model.reference_net, flat_arrays(model.denoiser), source="denoiser",
+                      select=lambda p: not _is_motion(p), require_all=True)
+        sources["reference_net"] = f"copy of the denoiser's {sources['denoiser']} initialisation ({len(done)} arrays)"
     if stage == 2 and init.get("motion_modules", ""):
         n = load_motion_modules(model.denoiser, init.motion_modules)
         sources["denoiser"] += f" + {n} motion modules from {init.motion_modules}"
@@ -717,10 +726,10 @@ _STEP_CACHE: dict = {}
 
 def _jitted_steps(cfg, state, mask, loss_cfg, tx, shardings, spec, mesh, stage):
     policy = cfg.model.get("remat", "none")
-    key = (stage, state.graphdef, policy, loss_cfg, json.dumps(_plain(cfg.optimizer), sort_keys=True),
+    key = (stage, state.graphdef, policy, loss_cfg, training_schedule(cfg), json.dumps(_plain(cfg.optimizer), sort_keys=True),
            tuple((k, v.shape, str(v.dtype)) for k, v in sorted(spec.items())), mesh, rules_from_config(cfg))
     if key not in _STEP_CACHE:
-        loss_fn = make_loss_fn(loss_cfg)
+        loss_fn = make_loss_fn(loss_cfg, training_schedule(cfg))
         plain = train_state.jit_train_step(train_state.make_train_step(loss_fn, tx), state, shardings)
         step, graphdef = plain, state.graphdef
         if policy != "none":
@@ -856,5 +865,23 @@ def sample_videos(model: AnimateAnyoneModel, reference, clip, poses, key, *, sch
     return model.decode(x)
 
 
-def validation_schedule(beta_schedule: str = "linear") -> NoiseSchedule:
-    return moore_inference_schedule(beta_schedule=beta_schedule)
+def _diffusion_field(cfg, name: str, default: str) -> str:
+    d = cfg.get("diffusion", None) if cfg is not None else None
+    return str(d.get(name, default)) if d is not None else default
+
+
+def training_schedule(cfg=None) -> NoiseSchedule:
+    """Moore's training schedule with ``cfg.diffusion``'s prediction type and betas."""
+    return moore_training_schedule(prediction_type=_diffusion_field(cfg, "prediction_type", "v_prediction"),
+                                   beta_schedule=_diffusion_field(cfg, "beta_schedule", "scaled_linear"))
+
+
+def export_schedule(cfg=None) -> NoiseSchedule:
+    """The inference schedule an export records (``cfg.diffusion.export_beta_schedule``)."""
+    return validation_schedule(_diffusion_field(cfg, "export_beta_schedule", "linear"), cfg)
+
+
+def validation_schedule(beta_schedule: str = "linear", cfg=None) -> NoiseSchedule:
+    """Moore's inference schedule with these betas and ``cfg.diffusion``'s prediction type."""
+    return moore_inference_schedule(beta_schedule=beta_schedule,
+                                    prediction_type=_diffusion_field(cfg, "prediction_type", "v_prediction"))

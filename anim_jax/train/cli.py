@@ -159,7 +159,7 @@ class Validator:
         self.poses = to_float(poses, False)
         self.reference = to_float(stack("reference"), True)
         self.clip = stack("clip")
-        schedule = aa.validation_schedule(str(v.beta_schedule))
+        schedule = aa.validation_schedule(str(v.beta_schedule), cfg)
         steps, scale = int(v.num_inference_steps), float(v.guidance_scale)
         graphdef = trainer.state.graphdef
         self.key = jax.random.key(int(v.seed))
@@ -213,17 +213,18 @@ def _write_config(cfg, workdir: pathlib.Path) -> None:
     atomic_write(workdir / "config.json", lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
-def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | None = None) -> pathlib.Path:
+def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | None = None, cfg=None) -> pathlib.Path:
     """The trained model (trained and frozen parts) as a converted-weights directory
-    (``models.factory.save_components``, float32), written by process 0. Every process must call
-    it: with several processes the parameters are gathered collectively first."""
+    (``models.factory.save_components``, float32) with the inference schedule of ``cfg.diffusion``,
+    written by process 0. Every process must call it: with several processes the parameters are
+    gathered collectively first."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from anim_jax.diffusion import moore_inference_schedule
     from anim_jax.models import factory
+    from anim_jax.train import animate_anyone as aa
 
     out = workdir / name
     model = state.model()
@@ -239,7 +240,7 @@ def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | N
     nnx.replace_by_pure_dict(params, pure)
     nnx.update(model, params)
     if jax.process_index() == 0:
-        factory.save_components(out, model.components(), schedule=moore_inference_schedule(),
+        factory.save_components(out, model.components(), schedule=aa.export_schedule(cfg),
                                 extra={"source": "anim-jax train", "stage": stage, "step": int(jax.device_get(state.step))})
     return out
 
@@ -301,7 +302,7 @@ def train(cfg, workdir) -> "object":
         data.close()
         writer.close()
     if result.status == STATUS_COMPLETED and tc.get("export", True):
-        path = export(result.state, workdir, stage=int(cfg.stage))
+        path = export(result.state, workdir, stage=int(cfg.stage), cfg=cfg)
         log.info("exported the trained model to %s", path)
     return result
 
