@@ -19,6 +19,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("data_pipelines.cli", "add_prepare_parser"),
     ("anim_jax.animate_cli", "add_animate_parser"),
     ("anim_jax.evaluate", "add_evaluate_parser"),
+    ("anim_jax.metrics.cli", "add_convert_metric_parser"),
     ("anim_jax.convert.cli", "add_convert_parser"),
     ("anim_jax.convert.cli", "add_export_parser"),
     ("anim_jax.train.cli", "add_train_parser"),

@@ -6,8 +6,11 @@ uint8 differences overflowed before squaring (peers.md §3), which inflated the 
 most animation papers; our numbers are comparable to the "PSNR*" columns, not to those.
 L1 is the mean absolute error on [0, 1].
 
-LPIPS and FVD need pretrained networks (VGG/AlexNet, I3D) that this package does not ship or
-convert yet; ``anim-jax evaluate`` reports that rather than printing a number it cannot stand behind.
+LPIPS (per frame, averaged like the others) and FVD (over the whole set of videos) run the Flax
+ports in ``anim_jax.metrics`` on weights the user converts once with ``anim-jax convert-metric``
+(the package ships no pretrained networks). ``--lpips-disco`` feeds LPIPS [0, 1] images as DisCo's
+evaluation code did, for comparison with the published tables; ``--fvd-clips`` picks which frames
+make each video's I3D vector (``anim_jax.metrics.fvd``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class VideoMetrics:
     ssim: float
     l1: float
     frames: int
+    lpips: float | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,9 +76,8 @@ def mean_metrics(per_video: Sequence[VideoMetrics]) -> dict:
     """The average over videos (each video weighs the same, whatever its length)."""
     if not per_video:
         raise ValueError("no videos to average")
-    return {k: float(np.mean([getattr(m, k) for m in per_video])) for k in ("psnr", "ssim", "l1")} | {
-        "videos": len(per_video)
-    }
+    keys = ["psnr", "ssim", "l1"] + (["lpips"] if all(m.lpips is not None for m in per_video) else [])
+    return {k: float(np.mean([getattr(m, k) for m in per_video])) for k in keys} | {"videos": len(per_video)}
 
 
 def _read_video(path: pathlib.Path) -> np.ndarray:
@@ -97,8 +100,15 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("pred", help="generated video, or folder of them")
     p.add_argument("true", help="ground-truth video, or folder of them")
     p.add_argument("--json", default=None, help="also write the per-video and mean metrics here")
-    p.add_argument("--lpips-weights", default=None, help="converted LPIPS network weights (not supported yet)")
-    p.add_argument("--fvd-weights", default=None, help="converted I3D weights for FVD (not supported yet)")
+    p.add_argument("--lpips-weights", default=None, metavar="DIR",
+                   help="also LPIPS, with these weights (anim-jax convert-metric lpips)")
+    p.add_argument("--lpips-disco", action="store_true",
+                   help="LPIPS on [0, 1] inputs as DisCo's code did (biased; only to compare with those tables)")
+    p.add_argument("--fvd-weights", default=None, metavar="DIR",
+                   help="also FVD over the set (at least 2 videos), with these I3D weights (anim-jax convert-metric i3d)")
+    p.add_argument("--fvd-clips", choices=("first", "segments", "whole"), default="first",
+                   help="each video's I3D clip: its first 16 frames (default), its 16-frame segments averaged, "
+                        "or all frames as one clip")
     p.set_defaults(func=run_evaluate)
     return p
 
@@ -106,10 +116,6 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 def run_evaluate(args: argparse.Namespace) -> int:
     from anim_jax import media
 
-    if args.lpips_weights or args.fvd_weights:
-        print("error: LPIPS and FVD need network ports that anim_jax does not have yet; "
-              "run without --lpips-weights/--fvd-weights", file=sys.stderr)
-        return 2
     pred, true = pathlib.Path(args.pred), pathlib.Path(args.true)
     try:
         if pred.is_dir() and true.is_dir() and any(p.suffix.lower() in media.VIDEO_SUFFIXES for p in pred.iterdir()):
@@ -120,23 +126,50 @@ def run_evaluate(args: argparse.Namespace) -> int:
             pairs = [(pred / n, true / n) for n in names]
         else:
             pairs = [(pred, true)]
-        results = {}
+        if args.fvd_weights and len(pairs) < 2:
+            raise ValueError("FVD compares two sets of videos: give folders with at least 2 videos each")
+        lpips_model = fvd_model = None
+        if args.lpips_weights:
+            from anim_jax.metrics.lpips import load_lpips
+
+            lpips_model = load_lpips(args.lpips_weights)
+        if args.fvd_weights:
+            from anim_jax.metrics.fvd import load_i3d
+
+            fvd_model = load_i3d(args.fvd_weights)
+        results, videos = {}, []
         for p, t in pairs:
             a, b = _read_video(p), _read_video(t)
             n = min(len(a), len(b))
             if len(a) != len(b):
                 print(f"warning: {p.name}: {len(a)} generated vs {len(b)} true frames; comparing the first {n}",
                       file=sys.stderr)
-            results[p.name] = video_metrics(a[:n], b[:n])
+            m = video_metrics(a[:n], b[:n])
+            if lpips_model is not None:
+                from anim_jax.metrics.lpips import lpips_video
+
+                m.lpips = lpips_video(lpips_model, a[:n], b[:n], disco_compatible=args.lpips_disco)
+            results[p.name] = m
+            if fvd_model is not None:
+                videos.append((a[:n], b[:n]))
+        summary = mean_metrics(list(results.values()))
+        if fvd_model is not None:
+            from anim_jax.metrics.fvd import fvd
+
+            summary["fvd"] = fvd(fvd_model, [v[0] for v in videos], [v[1] for v in videos], clips=args.fvd_clips)
+            summary["fvd_clips"] = args.fvd_clips
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = mean_metrics(list(results.values()))
     width = max(len(k) for k in results)
-    print(f"{'video':<{width}}  {'PSNR':>7}  {'SSIM':>6}  {'L1':>7}")
+    extra = "  LPIPS" if "lpips" in summary else ""
+    print(f"{'video':<{width}}  {'PSNR':>7}  {'SSIM':>6}  {'L1':>7}{extra:>8}")
     for name, m in results.items():
-        print(f"{name:<{width}}  {m.psnr:7.3f}  {m.ssim:6.4f}  {m.l1:7.5f}")
-    print(f"{'mean':<{width}}  {summary['psnr']:7.3f}  {summary['ssim']:6.4f}  {summary['l1']:7.5f}")
+        print(f"{name:<{width}}  {m.psnr:7.3f}  {m.ssim:6.4f}  {m.l1:7.5f}" + (f"  {m.lpips:6.4f}" if extra else ""))
+    print(f"{'mean':<{width}}  {summary['psnr']:7.3f}  {summary['ssim']:6.4f}  {summary['l1']:7.5f}"
+          + (f"  {summary['lpips']:6.4f}" if extra else ""))
+    if "fvd" in summary:
+        print(f"FVD ({len(results)} videos per set, clips: {summary['fvd_clips']}): {summary['fvd']:.3f}")
     if args.json:
         from anim_jax.convert.store import atomic_write
 

@@ -60,3 +60,91 @@ def test_cli_evaluate_folders(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "v0.gif" in out and "mean" in out and (tmp_path / "m.json").exists()
     assert cli.main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "nope")]) == 2
+
+
+# ------------------------------------------------------------------ LPIPS and FVD through the CLI
+
+# torchvision's AlexNet ``features`` convolutions (weight shapes) and lpips' linear-layer widths.
+ALEX_CONVS = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+ALEX_TAPS = (64, 192, 384, 256, 256)
+
+
+def _lpips_files(tmp_path, rng):
+    import torch
+
+    trunk = {}
+    for i, shape in ALEX_CONVS.items():
+        fan_in = int(np.prod(shape[1:]))
+        trunk[f"features.{i}.weight"] = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) / fan_in**0.5)
+        trunk[f"features.{i}.bias"] = torch.from_numpy(rng.standard_normal(shape[0]).astype(np.float32) * 0.1)
+    # lpips ships its v0.1 heads in torch's legacy (pre-1.6) format; write them that way too.
+    lin = {f"lin{k}.model.1.weight": torch.from_numpy(rng.uniform(0, 0.1, (1, c, 1, 1)).astype(np.float32))
+           for k, c in enumerate(ALEX_TAPS)}
+    torch.save(trunk, tmp_path / "alexnet.pth")
+    torch.save(lin, tmp_path / "alex_lin.pth", _use_new_zipfile_serialization=False)
+    return tmp_path / "alexnet.pth", tmp_path / "alex_lin.pth"
+
+
+def _i3d_file(tmp_path, rng):
+    from anim_jax.convert.readers import write_safetensors
+    from anim_jax.metrics.fvd import expected_i3d_keys
+    from anim_jax.metrics.i3d import I3DConfig
+
+    tensors = {}
+    for key, (_, shape) in expected_i3d_keys(I3DConfig().narrow(8)).items():
+        if key.endswith("running_var"):
+            value = rng.uniform(0.5, 1.5, shape)
+        elif len(shape) == 5:
+            value = rng.standard_normal(shape) / np.prod(shape[1:]) ** 0.5
+        else:
+            value = rng.standard_normal(shape) * 0.1
+        tensors[key] = value.astype(np.float32)
+    write_safetensors(tmp_path / "i3d.safetensors", tensors)
+    return tmp_path / "i3d.safetensors"
+
+
+def test_cli_lpips_and_fvd_from_converted_weights(tmp_path, capsys):
+    """convert-metric, then evaluate with both networks: the CLI's numbers are the library's on the
+    same decoded videos, and FVD needs two videos per set."""
+    import json
+
+    from anim_jax.evaluate import _read_video
+    from anim_jax.metrics.fvd import fvd, load_i3d
+    from anim_jax.metrics.lpips import load_lpips, lpips_video
+
+    rng = np.random.default_rng(0)
+    trunk, lin = _lpips_files(tmp_path, rng)
+    assert cli.main(["convert-metric", "lpips", "--net", "alex", "--trunk", str(trunk), "--linear", str(lin),
+                     "--out", str(tmp_path / "lpips")]) == 0
+    assert cli.main(["convert-metric", "i3d", "--weights", str(_i3d_file(tmp_path, rng)), "--out",
+                     str(tmp_path / "i3d")]) == 0
+    for d in ("pred", "true"):
+        (tmp_path / d).mkdir()
+    for i in range(2):
+        pred, true = _videos(i, (9, 32, 32, 3))
+        media.write_gif(tmp_path / "pred" / f"v{i}.gif", pred)
+        media.write_gif(tmp_path / "true" / f"v{i}.gif", true)
+    capsys.readouterr()
+    args = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "true"), "--lpips-weights", str(tmp_path / "lpips"),
+            "--fvd-weights", str(tmp_path / "i3d"), "--fvd-clips", "whole", "--json", str(tmp_path / "m.json")]
+    assert cli.main(args) == 0
+    assert "LPIPS" in capsys.readouterr().out
+    record = json.loads((tmp_path / "m.json").read_text())
+
+    lp, i3d = load_lpips(tmp_path / "lpips"), load_i3d(tmp_path / "i3d")
+    preds = [_read_video(tmp_path / "pred" / f"v{i}.gif") for i in range(2)]
+    trues = [_read_video(tmp_path / "true" / f"v{i}.gif") for i in range(2)]
+    for i in range(2):
+        expected = lpips_video(lp, preds[i], trues[i])
+        assert expected > 0
+        assert record["videos"][f"v{i}.gif"]["lpips"] == pytest.approx(expected, rel=1e-6)
+    assert record["mean"]["fvd"] == pytest.approx(fvd(i3d, preds, trues, clips="whole"), rel=1e-6)
+    assert record["mean"]["lpips"] == pytest.approx(np.mean([record["videos"][f"v{i}.gif"]["lpips"] for i in range(2)]))
+
+    (tmp_path / "pred" / "v1.gif").unlink()
+    (tmp_path / "true" / "v1.gif").unlink()
+    assert cli.main(args) == 2
+    assert "at least 2 videos" in capsys.readouterr().err
+    assert cli.main(["convert-metric", "lpips", "--net", "vgg", "--trunk", str(trunk), "--linear", str(lin),
+                     "--out", str(tmp_path / "bad")]) == 1
+    assert not (tmp_path / "bad").exists()

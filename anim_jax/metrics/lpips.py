@@ -13,9 +13,9 @@ The distance between two images is computed as:
 Weights are not shipped. The user brings torchvision's trunk file (``vgg16-397923af.pth`` or
 ``alexnet-owt-7be5be79.pth``) and the lpips package's linear layers (``weights/v0.1/vgg.pth`` or
 ``alex.pth``); :func:`convert_lpips` checks them strictly and writes a converted-weights directory,
-and :func:`load_lpips` reads it back. The torch-free readers refuse pre-1.6 (non-zip) torch files,
-and the lpips v0.1 ``.pth`` files are in that format (older torchvision downloads may be too), so
-they have to be re-saved once with torch >= 1.6 or as safetensors first; the reader's error says how.
+and :func:`load_lpips` reads it back (``anim-jax convert-metric lpips``). The files are read by the
+torch-free readers, which also take the pre-1.6 (non-zip) format the lpips v0.1 ``.pth`` files use,
+and never execute anything from them.
 
 Which input range: the lpips network expects [-1, 1]. ``normalize=True`` (as in lpips) maps [0, 1]
 inputs there. :func:`lpips_video` takes uint8 or [0, 1] frames and does this mapping itself, unless
