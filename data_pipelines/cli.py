@@ -90,6 +90,9 @@ def add_synthetic_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backgrounds", default=None, metavar="KINDS",
+                   help="comma-separated background kinds to draw from: vgradient, hgradient, floor, checks, plain "
+                        "(default: all but plain)")
     p.add_argument("--lossy", action="store_true", help="ordinary H.264 (yuv420p) instead of lossless video")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dataset")
     p.set_defaults(func=run_synthetic)
@@ -104,7 +107,12 @@ def run_synthetic(args: argparse.Namespace) -> int:
         return 2
     h = args.height or args.size
     w = args.width or args.size
-    common = dict(seed=args.seed, num_frames=args.frames, height=h, width=w, fps=args.fps)
+    try:
+        backgrounds = synthetic.check_backgrounds(args.backgrounds.split(",") if args.backgrounds else None)
+    except ValueError as e:
+        print(f"anim-jax make-synthetic: --backgrounds: {e}", file=sys.stderr)
+        return 2
+    common = dict(seed=args.seed, num_frames=args.frames, height=h, width=w, fps=args.fps, backgrounds=backgrounds)
     if args.videos:
         paths = synthetic.write_synthetic_videos(args.videos, args.num_videos, lossless=not args.lossy, **common)
         print(f"wrote {len(paths)} videos to {args.videos} and {args.videos.rstrip('/')}_dwpose")

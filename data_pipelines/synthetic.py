@@ -43,6 +43,22 @@ COLORS = (
 
 
 
+# Background kinds; the default draw leaves out "plain" (the demo uses it alone: configs/demo.py).
+BACKGROUNDS = ("vgradient", "hgradient", "floor", "checks", "plain")
+DEFAULT_BACKGROUNDS = BACKGROUNDS[:4]
+
+
+def check_backgrounds(backgrounds) -> tuple[str, ...] | None:
+    """``backgrounds`` as a validated tuple of kinds; None stays None (the default draw)."""
+    if backgrounds is None:
+        return None
+    out = tuple(backgrounds)
+    bad = [b for b in out if b not in BACKGROUNDS]
+    if not out or bad:
+        raise ValueError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {list(out)}")
+    return out
+
+
 def _supersample(height: int, width: int) -> int:
     """Render at up to 4x and downsample: smooth edges and sub-pixel motion at 64x64, cheap at 512."""
     return max(1, min(4, 512 // max(height, width)))
@@ -56,8 +72,9 @@ def _color(rng, lo=0, hi=255) -> tuple[int, int, int]:
     return tuple(int(x) for x in rng.integers(lo, hi + 1, 3))
 
 
-def make_character(rng: np.random.Generator) -> dict:
-    """Random proportions, colours, textures and motion parameters (lengths in units of body height)."""
+def make_character(rng: np.random.Generator, backgrounds=None) -> dict:
+    """Random proportions, colours, textures and motion parameters (lengths in units of body height);
+    the background kind is drawn from ``backgrounds`` (None: ``DEFAULT_BACKGROUNDS``)."""
     u = lambda a, b: float(rng.uniform(a, b))  # noqa: E731
     skin_tones = np.array([[255, 224, 196], [241, 194, 125], [224, 172, 105], [198, 134, 66], [141, 85, 36], [92, 56, 30]])
     skin = np.clip(skin_tones[rng.integers(len(skin_tones))] + rng.integers(-15, 16, 3), 0, 255)
@@ -87,7 +104,7 @@ def make_character(rng: np.random.Generator) -> dict:
         "bg2": _color(rng, 60, 255),
         "top_pattern": str(rng.choice(["plain", "hstripes", "vstripes", "checks", "dots"])),
         "bottom_pattern": str(rng.choice(["plain", "plain", "vstripes", "checks"])),
-        "bg_pattern": str(rng.choice(["vgradient", "hgradient", "floor", "checks"])),
+        "bg_pattern": str(rng.choice(list(DEFAULT_BACKGROUNDS))),
         "pattern_period": u(0.04, 0.09),
         "skirt": bool(rng.random() < 0.3),
         "x": u(0.4, 0.6),  # hip-centre position (fraction of width)
@@ -112,6 +129,9 @@ def make_character(rng: np.random.Generator) -> dict:
         "drift": wave(0.0, 0.08),
         "bob": wave(0.0, 0.02),
     }
+    if backgrounds is not None:
+        # drawn last, so everything else about the character is the default draw's
+        char["bg_pattern"] = str(rng.choice(list(check_backgrounds(backgrounds))))
     return char
 
 
@@ -186,6 +206,8 @@ def _pattern(kind: str, h: int, w: int, c1, c2, period: float, origin) -> np.nda
 def _background(char: dict, h: int, w: int) -> np.ndarray:
     c1, c2 = np.array(char["bg"], np.float32), np.array(char["bg2"], np.float32)
     kind = char["bg_pattern"]
+    if kind == "plain":
+        return np.broadcast_to(c1.astype(np.uint8), (h, w, 3)).copy()
     if kind == "checks":
         return _pattern("checks", h, w, char["bg"], char["bg2"], h / 6, (0, 0)).copy()
     if kind == "floor":
@@ -302,20 +324,20 @@ def render_pose(kp: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def render_video(
-    seed: int, index: int = 0, num_frames: int = 48, height: int = 64, width: int = 64
+    seed: int, index: int = 0, num_frames: int = 48, height: int = 64, width: int = 64, backgrounds=None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Synthetic video ``index`` of ``seed``: frames (T,H,W,3) uint8, poses (T,H,W,3) uint8, keypoints (T,18,2)."""
     frames, poses, kps = [], [], []
-    for frame, pose, kp in iter_video(seed, index, num_frames, height, width):
+    for frame, pose, kp in iter_video(seed, index, num_frames, height, width, backgrounds):
         frames.append(frame)
         poses.append(pose)
         kps.append(kp)
     return np.stack(frames), np.stack(poses), np.stack(kps)
 
 
-def iter_video(seed: int, index: int, num_frames: int, height: int, width: int) -> Iterator[tuple]:
+def iter_video(seed: int, index: int, num_frames: int, height: int, width: int, backgrounds=None) -> Iterator[tuple]:
     """Frame by frame: ``(frame, pose, keypoints)``."""
-    char = make_character(_rng(seed, index))
+    char = make_character(_rng(seed, index), backgrounds)
     s = _supersample(height, width)
     bg = _background(char, height * s, width * s)
     for t in range(num_frames):
@@ -337,6 +359,7 @@ def write_synthetic_videos(
     width: int = 64,
     fps: float = 8.0,
     lossless: bool = True,
+    backgrounds=None,
 ) -> list[tuple[str, str]]:
     """Writes ``root/char_XXXXX.mp4`` and ``root_dwpose/char_XXXXX.mp4``; returns the (video, pose) paths.
 
@@ -346,9 +369,10 @@ def write_synthetic_videos(
     pose_root = root + "_dwpose"
     os.makedirs(root, exist_ok=True)
     os.makedirs(pose_root, exist_ok=True)
+    backgrounds = check_backgrounds(backgrounds)
     out = []
     for i in range(num_videos):
-        frames, poses, _ = render_video(seed, i, num_frames, height, width)
+        frames, poses, _ = render_video(seed, i, num_frames, height, width, backgrounds)
         vp = os.path.join(root, video_name(i) + ".mp4")
         pp = os.path.join(pose_root, video_name(i) + ".mp4")
         write_video(vp, frames, fps=fps, lossless=lossless)
@@ -359,17 +383,18 @@ def write_synthetic_videos(
 
 def synthetic_examples(
     num_videos: int, *, seed: int = 0, num_frames: int = 48, height: int = 64, width: int = 64, fps: float = 8.0,
-    jpeg_quality: int = 95, noise: float = 0.0,
+    jpeg_quality: int = 95, noise: float = 0.0, backgrounds=None,
 ) -> Iterator[dict]:  # fmt: skip
     """Dataset records (see ``dataset.py``) of synthetic videos, without writing video files.
 
     ``noise``: sigma of Gaussian noise added to the frames (not the poses), like camera noise; it
     makes the JPEGs about as large as real footage's (sigma 2 at 512x512: ~85 kB per frame).
     """
+    backgrounds = check_backgrounds(backgrounds)
     rng = np.random.default_rng(seed)
     for i in range(num_videos):
         frames, poses = [], []
-        for frame, pose, _ in iter_video(seed, i, num_frames, height, width):
+        for frame, pose, _ in iter_video(seed, i, num_frames, height, width, backgrounds):
             if noise:
                 frame = np.clip(frame + rng.normal(0, noise, frame.shape), 0, 255).astype(np.uint8)
             frames.append(encode_jpeg(frame, jpeg_quality))
@@ -387,9 +412,12 @@ def write_synthetic_dataset(
     width: int = 64,
     fps: float = 8.0,
     overwrite: bool = False,
+    backgrounds=None,
 ) -> str:
     """The prepared dataset of ``num_videos`` synthetic videos at ``path`` (as ``anim-jax prepare`` writes it)."""
-    examples = synthetic_examples(num_videos, seed=seed, num_frames=num_frames, height=height, width=width, fps=fps)
+    backgrounds = check_backgrounds(backgrounds)  # before anything is written
+    examples = synthetic_examples(num_videos, seed=seed, num_frames=num_frames, height=height, width=width, fps=fps,
+                                  backgrounds=backgrounds)
     report = {
         "source": "synthetic",
         "seed": seed,

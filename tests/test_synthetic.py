@@ -116,3 +116,17 @@ def test_cli_make_synthetic_then_prepare(tmp_path):
     assert len(a) == len(b) == 2
     assert cli.main(["prepare", root, "-o", ds, "--workers", "0", "--no-progress"]) == 1  # exists
     assert cli.main(["make-synthetic", "-n", "1"]) == 2  # no output named
+
+
+def test_background_kinds_can_be_restricted():
+    default = [synthetic.make_character(synthetic._rng(0, i))["bg_pattern"] for i in range(24)]
+    assert set(default) <= set(synthetic.DEFAULT_BACKGROUNDS) and len(set(default)) >= 3
+    frames, _, kps = synthetic.render_video(0, 1, num_frames=3, height=32, width=32, backgrounds=("plain",))
+    # a plain background: the corners (away from the character) are one colour in every frame
+    corners = frames[:, [0, 0, -1, -1], [0, -1, 0, -1]].reshape(-1, 3)
+    assert (corners == corners[0]).all()
+    # everything but the background is the default draw's: same motion
+    np.testing.assert_array_equal(kps, synthetic.render_video(0, 1, num_frames=3, height=32, width=32)[2])
+    with pytest.raises(ValueError, match="subset"):
+        synthetic.check_backgrounds(["stripes"])
+    assert cli.main(["make-synthetic", "-n", "1", "--dataset", os.devnull + "x", "--backgrounds", "plain,wavy"]) == 2
