@@ -50,9 +50,7 @@ class DemoSettings:
 
     @classmethod
     def for_run(cls, quick: bool, seed: int) -> "DemoSettings":
-        if quick:
-            return cls(quick=True, seed=seed, train_videos=16)
-        return cls(quick=False, seed=seed)
+        return cls(quick=quick, seed=seed)
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
@@ -109,7 +107,7 @@ def run(out, settings: DemoSettings = DemoSettings(), *, say: Callable[[str], No
     from data_pipelines.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(out / "data", settings.train_videos, seed=settings.seed, num_frames=settings.train_frames,
-                            height=height, width=width)
+                            height=height, width=width, backgrounds=demo_config.BACKGROUNDS)
     heldout = heldout_videos(settings, height, width)
     seconds["data"] = time.perf_counter() - t0
 
@@ -172,12 +170,14 @@ def _train(cfg, workdir: pathlib.Path) -> None:
 
 def heldout_videos(settings: DemoSettings, height: int, width: int) -> list[dict]:
     """Held-out videos: ``reference`` (H, W, 3), ``poses`` and ``frames`` (F, H, W, 3), uint8."""
+    from configs import demo as demo_config
     from data_pipelines.synthetic import render_video
 
     out = []
     for i in range(settings.heldout_videos):
         frames, poses, _ = render_video(settings.seed + settings.heldout_seed_offset, i,
-                                        num_frames=settings.heldout_frames + 1, height=height, width=width)
+                                        num_frames=settings.heldout_frames + 1, height=height, width=width,
+                                        backgrounds=demo_config.BACKGROUNDS)
         out.append(dict(reference=frames[0], poses=poses[1:], frames=frames[1:]))
     return out
 

@@ -30,7 +30,7 @@ def test_quick_demo_learns(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "held-out PSNR" in proc.stdout
+    assert "held-out PSNR" in proc.stdout and "the trained model beats both baselines" in proc.stdout
 
     record = json.loads((out / "metrics.json").read_text())
     n = record["settings"]["heldout_videos"]
@@ -48,7 +48,8 @@ def test_quick_demo_learns(tmp_path):
         assert steps and steps[-1] == max(steps) and all(np.isfinite(v) for _, v in record["losses"][stage])
 
     psnr = {k: record["metrics"][k]["mean"]["psnr"] for k in ("trained", "untrained", "copy_reference")}
-    assert psnr["trained"] > psnr["untrained"], psnr
-    # Issue 7 also asks to beat copying the reference frame (a strong baseline over static textured
-    # backgrounds). A CPU-minutes run does not yet (13.3 vs 21.7 dB here, 15.5 vs 21.7 for the full
-    # demo); the demo reports it in metrics.md rather than this test pretending otherwise.
+    # Held-out characters and motions: learning beats both the untrained model and copying the
+    # reference frame (which gets the static background exactly right for free).
+    assert psnr["trained"] > psnr["untrained"] + 5, psnr
+    assert psnr["trained"] > psnr["copy_reference"], psnr
+    assert record["trained_beats_baselines"] is True
