@@ -766,7 +766,7 @@ def convert(
                 "notes": {p.name: p.notes for p in plans},
             }
             store.write_config(tmp, config)  # last: only a complete directory has anim_jax.json
-            _replace_dir(tmp, out)
+            store.replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -775,17 +775,6 @@ def convert(
         return ConversionReport(str(out), reports, time.perf_counter() - start, written)
     finally:
         rd.close()
-
-
-def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
-    readers._fsync_dir(out.parent)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,6 +31,24 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "anim_jax.json"
 
 
+def replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
+    """Moves the complete directory ``new`` to ``out``, replacing an existing ``out`` (moved aside
+    first, removed after), and syncs the parent so the rename survives a crash."""
+    import secrets
+    import shutil
+
+    from anim_jax.convert.readers import _fsync_dir
+
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+    _fsync_dir(out.parent)
+
+
 def atomic_write(path: pathlib.Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -334,21 +334,11 @@ def convert_lpips(
                 },
             },
         )  # last: only a complete directory has anim_jax.json
-        _replace_dir(tmp, out)
+        store.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
 
 
 def load_lpips(directory: str | os.PathLike, *, dtype=jnp.float32) -> LPIPS:
