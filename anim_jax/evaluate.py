@@ -38,18 +38,10 @@ class VideoMetrics:
 
 
 def _as_unit_float(video: np.ndarray, name: str) -> np.ndarray:
-    video = np.asarray(video)
-    if video.ndim == 3:
-        video = video[None]
-    if video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"{name}: expected (frames, H, W, 3), got {video.shape}")
-    if video.dtype == np.uint8:
-        return video.astype(np.float64) / 255.0
-    if np.issubdtype(video.dtype, np.floating):
-        if video.min() < -1e-6 or video.max() > 1 + 1e-6:
-            raise ValueError(f"{name}: float frames must be in [0, 1], got [{video.min():.3g}, {video.max():.3g}]")
-        return video.astype(np.float64)
-    raise ValueError(f"{name}: dtype {video.dtype} is not uint8 or float")
+    from anim_jax.media import checked_frames
+
+    video = checked_frames(video, name)
+    return video.astype(np.float64) / 255.0 if video.dtype == np.uint8 else video.astype(np.float64)
 
 
 def video_metrics(prediction: np.ndarray, target: np.ndarray) -> VideoMetrics:

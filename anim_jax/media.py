@@ -117,6 +117,24 @@ def load_pose_frames(poses, *, max_frames: int | None = None) -> tuple[list[Imag
     return (frames[:max_frames] if max_frames else frames), None
 
 
+def checked_frames(video, name: str, *, atol: float = 1e-6) -> np.ndarray:
+    """A video (F, H, W, 3) (one frame (H, W, 3) becomes F = 1) as the metrics take it: uint8 as is,
+    floats checked to lie in [0, 1] (within ``atol``) and clipped there, in their own dtype."""
+    video = np.asarray(video)
+    if video.ndim == 3:
+        video = video[None]
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"{name}: expected (frames, H, W, 3), got {video.shape}")
+    if video.dtype == np.uint8:
+        return video
+    if not np.issubdtype(video.dtype, np.floating):
+        raise ValueError(f"{name}: dtype {video.dtype} is not uint8 or float")
+    lo, hi = float(video.min()), float(video.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -atol or hi > 1 + atol:
+        raise ValueError(f"{name}: float frames must be in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+    return np.clip(video, 0.0, 1.0)
+
+
 def resize_lanczos(image: Image.Image, width: int, height: int) -> np.ndarray:
     """(H, W, 3) uint8 after PIL LANCZOS resizing, as the original's VaeImageProcessor does."""
     if image.size != (width, height):

@@ -41,6 +41,7 @@ from flax import nnx
 from anim_jax.convert import store
 from anim_jax.convert.mapping import CheckpointMismatchError, check_keys, flat_params, torch_key
 from anim_jax.convert.readers import open_checkpoint
+from anim_jax.media import checked_frames
 from anim_jax.metrics.i3d import BRANCH_NAMES, MIXED_NAMES, STEM_NAMES, I3D, I3DConfig
 
 MODEL_NAME = "I3D"
@@ -181,17 +182,8 @@ def _embed(graphdef, state, clips, *, method: str, antialias: bool, pooled: bool
 
 
 def _checked_video(video, index: int) -> np.ndarray:
-    video = np.asarray(video)
-    if video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"video {index}: expected (frames, H, W, 3), got shape {video.shape}")
-    if video.dtype == np.uint8:
-        return video
-    if not np.issubdtype(video.dtype, np.floating):
-        raise ValueError(f"video {index}: dtype {video.dtype}; expected uint8 or float in [0, 1]")
-    lo, hi = float(video.min()), float(video.max())
-    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"video {index}: float frames must be in [0, 1], got [{lo:.4g}, {hi:.4g}]")
-    return np.clip(video, 0.0, 1.0).astype(np.float32)
+    video = checked_frames(video, f"video {index}", atol=1e-3)
+    return video if video.dtype == np.uint8 else video.astype(np.float32)
 
 
 def _clips(video: np.ndarray, index: int, mode: str, clip_frames: int) -> list[np.ndarray]:

@@ -48,6 +48,7 @@ from anim_jax.convert.mapping import (
     expected_torch_shapes,
     load_torch_state_dict,
 )
+from anim_jax.media import checked_frames
 from anim_jax.models.layers import Conv2d
 
 __all__ = [
@@ -364,19 +365,8 @@ def load_lpips(directory: str | os.PathLike, *, dtype=jnp.float32) -> LPIPS:
 
 
 def _check_video(video, name: str) -> np.ndarray:
-    video = np.asarray(video)
-    if video.ndim == 3:
-        video = video[None]
-    if video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"{name}: expected (frames, H, W, 3), got {video.shape}")
-    if video.dtype == np.uint8:
-        return video
-    if np.issubdtype(video.dtype, np.floating):
-        lo, hi = float(video.min()), float(video.max())
-        if lo < -1e-6 or hi > 1 + 1e-6:
-            raise ValueError(f"{name}: float frames must be in [0, 1], got [{lo:.3g}, {hi:.3g}]")
-        return video.astype(np.float32, copy=False)
-    raise ValueError(f"{name}: dtype {video.dtype} is not uint8 or float")
+    video = checked_frames(video, name)
+    return video if video.dtype == np.uint8 else video.astype(np.float32, copy=False)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
