@@ -105,6 +105,11 @@ def setup():
     )
 
 
+def by_path(den, bank) -> dict:
+    """Reference tokens in module order keyed by the denoiser's block paths (the order both share)."""
+    return dict(zip(den.named_transformer_blocks(), (jnp.asarray(b) for b in bank)))
+
+
 def torch_denoise(s, *, bank=None, fp16=False):
     if bank is None:
         return torch_forward(s.torch_den, s.x, s.t, s.ctx, FRAMES)
@@ -116,10 +121,10 @@ def test_reference_net_into_denoiser_matches_moore(setup):
     s = setup
     ref_net = jax_unet(CONFIG, state_dict_numpy(s.torch_ref), reference_net=True)
     feats = ref_net(*s.ref_inputs)
-    for ours, ref in zip(feats, s.bank):
+    for ours, ref in zip(feats.values(), s.bank):
         assert_close(ours, ref)
     den = jax_unet(CONFIG, s.den_sd, reference_fp16_rounding=False)
-    out = den(*s.args, num_frames=FRAMES, reference=feats)
+    out = den(*s.args, num_frames=FRAMES, reference=den.reference_kv(feats))
     assert_close(out, torch_denoise(s, bank=s.bank_by_name, fp16=False))
 
 
@@ -127,7 +132,7 @@ def test_reference_net_into_denoiser_matches_moore(setup):
 def test_fp16_rounding_of_the_reference(setup, fp16):
     s = setup
     den = jax_unet(CONFIG, s.den_sd, reference_fp16_rounding=fp16)
-    out = den(*s.args, num_frames=FRAMES, reference=[jnp.asarray(b) for b in s.bank])
+    out = den(*s.args, num_frames=FRAMES, reference=den.reference_kv(by_path(den, s.bank)))
     ref = torch_denoise(s, bank=s.bank_by_name, fp16=fp16)
     other = torch_denoise(s, bank=s.bank_by_name, fp16=not fp16)
     # The rounding is visible at this size, and we match the right side of it tightly.
@@ -141,36 +146,41 @@ def test_no_reference_is_plain_self_attention(setup):
     out = den(*s.args, num_frames=FRAMES)
     assert_close(out, torch_denoise(s))
     # Entries may also be None per block.
-    out_none = den(*s.args, num_frames=FRAMES, reference=[None] * den.num_transformer_blocks)
+    out_none = den(*s.args, num_frames=FRAMES, reference={p: None for p in den.named_transformer_blocks()})
     np.testing.assert_array_equal(np.asarray(out_none), np.asarray(out))
 
 
-def test_precomputed_reference_kv_equals_tokens(setup):
+def test_reference_kv_is_each_blocks_projection_of_the_rounded_tokens(setup):
     s = setup
-    den = jax_unet(CONFIG, s.den_sd)  # with fp16 rounding: reference_kv applies it too
-    tokens = [jnp.asarray(b) for b in s.bank]
+    den = jax_unet(CONFIG, s.den_sd)  # with fp16 rounding: reference_kv applies it
+    tokens = by_path(den, s.bank)
     kv = den.reference_kv(tokens)
-    assert all(e.k.shape == (BATCH, b.shape[1], 2, b.shape[2] // 2) for e, b in zip(kv, s.bank))
-    a = den(*s.args, num_frames=FRAMES, reference=tokens)
-    b = den(*s.args, num_frames=FRAMES, reference=kv)
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6 * np.abs(np.asarray(a)).max())
+    assert list(kv) == list(tokens)
+    assert all(e.k.shape == (BATCH, b.shape[1], 2, b.shape[2] // 2) for e, b in zip(kv.values(), s.bank))
+    for path, block in den.named_transformer_blocks().items():
+        want = block.attn1.project_kv(tokens[path].astype(jnp.float16).astype(jnp.float32))
+        np.testing.assert_array_equal(np.asarray(kv[path].k), np.asarray(want.k))
+        np.testing.assert_array_equal(np.asarray(kv[path].v), np.asarray(want.v))
+    # The denoiser takes only the projected form.
+    with pytest.raises(TypeError, match="projected keys/values"):
+        den(*s.args, num_frames=FRAMES, reference=tokens)
 
 
 def test_one_reference_and_context_shared_by_all_videos(setup):
     s = setup
     den = jax_unet(CONFIG, s.den_sd)
-    one = [jnp.asarray(b[:1]) for b in s.bank]
+    one = by_path(den, [b[:1] for b in s.bank])
     x, t, ctx = s.args
-    a = den(x, t, ctx[:1], num_frames=FRAMES, reference=one)
+    a = den(x, t, ctx[:1], num_frames=FRAMES, reference=den.reference_kv(one))
     b = den(x, t, jnp.repeat(ctx[:1], BATCH, axis=0), num_frames=FRAMES,
-            reference=[jnp.repeat(r, BATCH, axis=0) for r in one])
+            reference=den.reference_kv({p: jnp.repeat(r, BATCH, axis=0) for p, r in one.items()}))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6 * np.abs(np.asarray(b)).max())
 
 
 def test_reference_list_length_is_checked(setup):
     den = jax_unet(CONFIG, setup.den_sd)
     with pytest.raises(ValueError, match="reference has 1 entries"):
-        den(*setup.args, num_frames=FRAMES, reference=[jnp.asarray(setup.bank[0])])
+        den(*setup.args, num_frames=FRAMES, reference=dict(list(den.reference_kv(by_path(den, setup.bank)).items())[:1]))
 
 
 def test_groupnorm_over_frames(setup):

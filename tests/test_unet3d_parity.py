@@ -235,7 +235,8 @@ def test_reference_attention_with_motion_modules():
     x, t, ctx = inputs(c.unet, c.batch, c.frames, c.hw)
     with moore_spatial_reader(tm, dict(zip(names, tokens)), c.frames, fp16=True):
         want = torch_forward(tm, x, t, ctx, c.frames)
-    got = run(model, x, t, ctx, c.frames, reference=[jnp.asarray(r) for r in tokens])
+    kv = model.reference_kv(dict(zip(model.named_transformer_blocks(), map(jnp.asarray, tokens))))
+    got = run(model, x, t, ctx, c.frames, reference=kv)
     assert_close(got, want)
     # The reference changes the output well beyond the tolerance (the test can fail).
     plain = run(model, x, t, ctx, c.frames)

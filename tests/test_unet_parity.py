@@ -239,7 +239,7 @@ def test_reference_net_features(config, hw):
         assert len(names) == 16
     feats = ref_net(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx))
     assert len(feats) == len(ref_feats) == ref_net.num_transformer_blocks
-    for ours, ref in zip(feats, ref_feats):
+    for ours, ref in zip(feats.values(), ref_feats):
         assert_close(ours, ref)
 
 

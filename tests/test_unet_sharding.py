@@ -26,7 +26,7 @@ def test_sharded_jit_matches_unsharded(devices):
     ref_net = jax_unet(TINY_2L, ref_sd, reference_net=True)
     reference = ref_net(jnp.asarray(ref_x), jnp.zeros((BATCH,)), args[2])
     den = jax_unet(TINY_2L, sd)
-    expected = np.asarray(den(*args, num_frames=FRAMES, reference=reference))
+    expected = np.asarray(den(*args, num_frames=FRAMES, reference=den.reference_kv(reference)))
 
     mesh = parallel.make_mesh((2, 4), ("data", "fsdp"))
     parallel.shard_model(den, mesh)
@@ -38,7 +38,7 @@ def test_sharded_jit_matches_unsharded(devices):
     per_video = NamedSharding(mesh, P("data"))
     x_s = jax.device_put(args[0], parallel.batch_sharding(mesh, 4, batch_axes=("data",)))
     t_s, ctx_s = jax.device_put(args[1], per_video), jax.device_put(args[2], per_video)
-    ref_s = [jax.device_put(r, per_video) for r in reference]
+    ref_s = {p: jax.device_put(r, per_video) for p, r in reference.items()}
 
     @jax.jit
     def step(model, x, t, ctx, reference):

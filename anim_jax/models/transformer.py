@@ -15,7 +15,7 @@ timestep.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +138,7 @@ class FeedForward(nnx.Module):
         return self.out(value * jax.nn.gelu(gate, approximate=False))
 
 
-Reference = jax.Array | ReferenceKV | None
+Reference = ReferenceKV | None
 
 
 class BasicTransformerBlock(nnx.Module):
@@ -168,12 +168,15 @@ class BasicTransformerBlock(nnx.Module):
     def __call__(
         self, x: jax.Array, context: jax.Array, *, num_frames: int = 1, reference: Reference = None
     ) -> tuple[jax.Array, jax.Array]:
-        """x (N, L, C). reference: None (plain self-attention), reference tokens (B or 1, Lr, C),
-        or their ``ReferenceKV``. Returns (output, norm1 output) — the latter is what a
-        ReferenceNet hands to the denoiser."""
+        """x (N, L, C). reference: None (plain self-attention) or the reference tokens already
+        projected by this block's ``attn1`` (``ReferenceKV``). Returns (output, norm1 output) — the
+        latter is what a ReferenceNet hands to the denoiser."""
         n = self.norm1(x)
         if reference is not None and not isinstance(reference, ReferenceKV):
-            reference = self.attn1.project_kv(reference)
+            raise TypeError(
+                f"reference attention takes projected keys/values (ReferenceKV, from the denoiser's "
+                f"reference_kv), got {type(reference).__name__}"
+            )
         x = self.attn1(n, num_frames=num_frames, extra_kv=reference) + x
         x = self.attn2(self.norm2(x), context, num_frames=num_frames) + x
         x = self.ff(self.norm3(x)) + x
@@ -224,19 +227,18 @@ class Transformer2DModel(nnx.Module):
         context: jax.Array,
         *,
         num_frames: int = 1,
-        reference: Sequence[Reference] | None = None,
-    ) -> tuple[jax.Array, list[jax.Array]]:
-        """x (N, H, W, C); reference: one entry per transformer block, or None.
-        Returns (output, [norm1 output of each transformer block, (N, H*W, inner)])."""
+        reference: Mapping[str, Reference] | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """x (N, H, W, C); reference: ``{"transformer_blocks.<j>": ReferenceKV or None}`` (a block
+        without an entry does plain self-attention), or None.
+        Returns (output, {"transformer_blocks.<j>": norm1 output of that block, (N, H*W, inner)})."""
         n, h, w, _ = x.shape
         y = self.proj_in(self.norm(x))
         y = y.reshape(n, h * w, y.shape[-1])
-        refs = [None] * len(self.transformer_blocks) if reference is None else reference
-        if len(refs) != len(self.transformer_blocks):
-            raise ValueError(f"{len(refs)} reference entries for {len(self.transformer_blocks)} transformer blocks")
-        feats = []
-        for block, ref in zip(self.transformer_blocks, refs):
-            y, f = block(y, context, num_frames=num_frames, reference=ref)
-            feats.append(f)
+        reference = reference or {}
+        feats = {}
+        for j, block in enumerate(self.transformer_blocks):
+            y, feats[f"transformer_blocks.{j}"] = block(y, context, num_frames=num_frames,
+                                                         reference=reference.get(f"transformer_blocks.{j}"))
         y = self.proj_out(y.reshape(n, h, w, y.shape[-1]))
         return y + x, feats

@@ -16,13 +16,14 @@ Video convention: frames are folded into the batch, ``sample`` is ``(B*F, H, W, 
 video (leading batch B, or 1 for "shared by all") and broadcast to the frames inside.
 
 Reference attention (see ``anim_jax.models.transformer``) is explicit data flow: the ReferenceNet
-returns its transformer blocks' ``norm1`` outputs, the denoiser takes them as ``reference=``.
+returns its transformer blocks' ``norm1`` outputs by block path; the denoiser takes their projections
+(``reference_kv``) as ``reference=``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -251,41 +252,30 @@ def _apply_motion(module: MotionModule, h: jax.Array, num_frames: int) -> jax.Ar
     return module(h.reshape((n // num_frames, num_frames) + h.shape[1:])).reshape(h.shape)
 
 
-def _chunk(seq: Sequence | None, sizes: Sequence[int]) -> list:
-    """Consecutive pieces of ``seq`` with the given sizes; ``seq=None`` gives a None per piece."""
-    if seq is None:
-        return [None] * len(sizes)
-    if len(seq) != sum(sizes):
-        raise ValueError(f"expected {sum(sizes)} reference entries, got {len(seq)}")
-    out, start = [], 0
-    for size in sizes:
-        out.append(list(seq[start:start + size]))
-        start += size
-    return out
+def _sub(refs: Mapping[str, Any] | None, prefix: str) -> dict[str, Any] | None:
+    """The entries of a path-keyed dict under ``prefix.``, keyed by the rest of their path."""
+    if refs is None:
+        return None
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in refs.items() if k.startswith(p)}
+
+
+def _prefixed(prefix: str, feats: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in feats.items()}
 
 
 class _Block(nnx.Module):
     """A UNet level: ``resnets``, ``attentions`` and ``motion_modules`` (nnx.Lists; ``attentions``
     is empty for the non-attention block types, ``motion_modules`` where the level has none)."""
 
-    @property
-    def reference_sizes(self) -> list[int]:
-        """Transformer blocks per layer (reference entries each layer consumes / produces)."""
-        if not self.attentions:
-            return [0] * len(self.resnets)
-        return [len(a.transformer_blocks) for a in self.attentions]
-
-    @property
-    def num_transformer_blocks(self) -> int:
-        return sum(self.reference_sizes)
-
     def _layer(self, i, h, temb, context, num_frames, reference):
         """Layer i of a down/up block, in AnimateDiff's order: resnet, attention (if any), motion
-        module (if any)."""
+        module (if any). Returns (h, {path under this block: reference features})."""
         h = self.resnets[i](h, temb, num_frames)
-        feats = []
+        feats = {}
         if self.attentions:
-            h, feats = self.attentions[i](h, context, num_frames=num_frames, reference=reference)
+            h, f = self.attentions[i](h, context, num_frames=num_frames, reference=_sub(reference, f"attentions.{i}"))
+            feats = _prefixed(f"attentions.{i}", f)
         if self.motion_modules:
             h = _apply_motion(self.motion_modules[i], h, num_frames)
         return h, feats
@@ -302,12 +292,13 @@ class _DownBlock(_Block):
         self.downsamplers = nnx.List([parts.sampler(Downsample2D, out_channels, rngs)] if add_downsample else [])
 
     def __call__(self, h, temb, context, *, num_frames=1, reference=None):
-        """Returns (h, skip connections, reference features)."""
-        skips, feats = [], []
-        for i, ref in enumerate(_chunk(reference, self.reference_sizes)):
-            h, f = self._layer(i, h, temb, context, num_frames, ref)
+        """``reference``: {path under this block: ReferenceKV}. Returns (h, skip connections,
+        {path under this block: reference features})."""
+        skips, feats = [], {}
+        for i in range(len(self.resnets)):
+            h, f = self._layer(i, h, temb, context, num_frames, reference)
             skips.append(h)
-            feats += f
+            feats.update(f)
         for down in self.downsamplers:
             h = down(h)
             skips.append(h)
@@ -342,11 +333,11 @@ class _UpBlock(_Block):
     def __call__(self, h, skips, temb, context, *, num_frames=1, reference=None, upsample_hw=None):
         """``skips``: this block's skip connections (one per resnet), consumed last first;
         ``upsample_hw``: the size to upsample to (the next skip connection's). Returns (h, features)."""
-        feats = []
-        for i, ref in enumerate(_chunk(reference, self.reference_sizes)):
+        feats = {}
+        for i in range(len(self.resnets)):
             h = jnp.concatenate([h, skips[-1 - i].astype(h.dtype)], axis=-1)
-            h, f = self._layer(i, h, temb, context, num_frames, ref)
-            feats += f
+            h, f = self._layer(i, h, temb, context, num_frames, reference)
+            feats.update(f)
         for up in self.upsamplers:
             h = up(h, upsample_hw)
         return h, feats
@@ -377,13 +368,13 @@ class UNetMidBlock2DCrossAttn(_Block):
 
     def __call__(self, h, temb, context, *, num_frames=1, reference=None):
         h = self.resnets[0](h, temb, num_frames)
-        feats = []
-        for i, ref in enumerate(_chunk(reference, self.reference_sizes)):
-            h, f = self.attentions[i](h, context, num_frames=num_frames, reference=ref)
+        feats = {}
+        for i, attention in enumerate(self.attentions):
+            h, f = attention(h, context, num_frames=num_frames, reference=_sub(reference, f"attentions.{i}"))
             if self.motion_modules:
                 h = _apply_motion(self.motion_modules[i], h, num_frames)
             h = self.resnets[i + 1](h, temb, num_frames)
-            feats += f
+            feats.update(_prefixed(f"attentions.{i}", f))
         return h, feats
 
 
@@ -418,31 +409,22 @@ class UNet2DConditionModel(nnx.Module):
     * ``context`` (B, L, D): cross-attention tokens per video (B may be 1: shared by all videos).
     * ``pose_features`` (N, H, W, C0): added right after ``conv_in`` (Animate Anyone's pose
       injection).
-    * ``reference``: None (plain self-attention) or one entry per transformer block, in the order
-      below: reference tokens (B or 1, Lr, C) — e.g. a ReferenceNet's output — or their
-      ``ReferenceKV`` from ``reference_kv`` (identical result, projected once). An entry may be
-      None (that block does plain self-attention). In each block's ``attn1`` the keys/values are
-      ``concat([frame tokens, reference tokens], axis=1)`` through that block's own ``attn1``
-      weights, the reference shared by the F frames of its video. With
-      ``config.reference_fp16_rounding`` the tokens are rounded to float16 first.
+    * ``reference``: None (plain self-attention) or ``{block path: ReferenceKV or None}`` with an
+      entry for every transformer block (None: that block does plain self-attention), as
+      ``reference_kv`` returns it from a ReferenceNet's features. In each block's ``attn1`` the
+      keys/values are ``concat([frame tokens, reference tokens], axis=1)`` through that block's own
+      ``attn1`` weights, the reference shared by the F frames of its video. With
+      ``config.reference_fp16_rounding`` ``reference_kv`` rounds the tokens to float16 first.
 
-    Returns the prediction (N, H, W, C_out); a ReferenceNet returns instead the list of every
-    transformer block's ``norm1`` output (its self-attention input), each (N, H*W, C).
-
-    Order of the reference list (both directions): module order = call order, i.e. for
-    ``down_blocks`` 0.., then ``mid_block``, then ``up_blocks`` 0..: for each of the block's
-    ``attentions`` in order, for each of its ``transformer_blocks`` in order. At SD1.5 size the
-    16 entries are
-      0-1  down_blocks.0.attentions.{0,1}   (320, latent/1)
-      2-3  down_blocks.1.attentions.{0,1}   (640, /2)
-      4-5  down_blocks.2.attentions.{0,1}   (1280, /4)
-      6    mid_block.attentions.0           (1280, /8)
-      7-9  up_blocks.1.attentions.{0,1,2}   (1280, /4)
-      10-12 up_blocks.2.attentions.{0,1,2}  (640, /2)
-      13-15 up_blocks.3.attentions.{0,1,2}  (320, /1)
-    (each ``.transformer_blocks.0``). The PyTorch original pairs denoiser and ReferenceNet blocks
-    by sorting both lists by width (stable) and zipping; since the two nets have the same
-    structure that pairing is location-to-location, i.e. "the same position in this list".
+    Returns the prediction (N, H, W, C_out); a ReferenceNet returns instead every transformer
+    block's ``norm1`` output (its self-attention input), each (N, H*W, C), keyed by the block's
+    path (``named_transformer_blocks``), e.g. at SD1.5 size the 16 paths
+      down_blocks.{0,1,2}.attentions.{0,1}.transformer_blocks.0   (320/640/1280, latent/1, /2, /4)
+      mid_block.attentions.0.transformer_blocks.0                 (1280, /8)
+      up_blocks.{1,2,3}.attentions.{0,1,2}.transformer_blocks.0   (1280/640/320, /4, /2, /1)
+    in module order = call order. The PyTorch original pairs denoiser and ReferenceNet blocks by
+    sorting both lists by width (stable) and zipping; since the two nets have the same structure
+    that pairing is location-to-location, i.e. "the same path".
 
     A ReferenceNet has no ``conv_norm_out``/``conv_out`` (682 tensors at SD1.5 size). Its last
     transformer block's work after ``norm1`` (and the rest of the net after it) does not feed
@@ -516,44 +498,52 @@ class UNet2DConditionModel(nnx.Module):
 
     # -- reference features ----------------------------------------------------------------------
 
-    def _levels(self) -> list[_Block]:
-        return [*self.down_blocks, self.mid_block, *self.up_blocks]
+    def _levels(self) -> list[tuple[str, _Block]]:
+        return [*((f"down_blocks.{i}", b) for i, b in enumerate(self.down_blocks)), ("mid_block", self.mid_block),
+                *((f"up_blocks.{i}", b) for i, b in enumerate(self.up_blocks))]
+
+    def named_transformer_blocks(self) -> dict[str, BasicTransformerBlock]:
+        """Every BasicTransformerBlock by its path (the keys of the reference features), in module
+        order = call order."""
+        return {
+            f"{name}.attentions.{a}.transformer_blocks.{j}": block
+            for name, level in self._levels()
+            for a, attn in enumerate(level.attentions)
+            for j, block in enumerate(attn.transformer_blocks)
+        }
 
     def transformer_blocks(self) -> Iterator[BasicTransformerBlock]:
-        """Every BasicTransformerBlock in the documented reference order."""
-        for level in self._levels():
-            for attn in level.attentions:
-                yield from attn.transformer_blocks
+        """Every BasicTransformerBlock in module order."""
+        yield from self.named_transformer_blocks().values()
 
     @property
     def num_transformer_blocks(self) -> int:
-        return sum(level.num_transformer_blocks for level in self._levels())
+        return len(self.named_transformer_blocks())
 
-    def _prepare_reference(self, reference: Sequence[Reference] | None) -> list[Reference] | None:
-        if reference is None:
-            return None
-        reference = list(reference)
-        if len(reference) != self.num_transformer_blocks:
+    def _check_reference_keys(self, reference: Mapping[str, Any]) -> None:
+        paths = self.named_transformer_blocks()
+        if set(reference) != set(paths):
+            missing = sorted(set(paths) - set(reference))
+            unknown = sorted(set(reference) - set(paths))
             raise ValueError(
-                f"reference has {len(reference)} entries; this UNet has {self.num_transformer_blocks} transformer blocks"
+                f"reference has {len(reference)} entries; this UNet has {len(paths)} transformer blocks "
+                f"(missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, unknown {unknown[:4]}"
+                f"{' ...' if len(unknown) > 4 else ''}); entries are keyed by block path"
             )
-        if not self.config.reference_fp16_rounding:
-            return reference
-        return [
-            r if r is None or isinstance(r, ReferenceKV) else r.astype(jnp.float16).astype(r.dtype)
-            for r in reference
-        ]
 
-    def reference_kv(self, reference: Sequence[Reference]) -> list[ReferenceKV | None]:
-        """Projects reference tokens through each transformer block's ``attn1.to_k``/``to_v`` once
-        (after the fp16 rounding, if configured). Passing the result as ``reference=`` gives the
-        same output as passing the tokens; across timesteps and context windows it saves the
-        projections."""
-        refs = self._prepare_reference(reference)
-        return [
-            r if r is None or isinstance(r, ReferenceKV) else block.attn1.project_kv(r)
-            for block, r in zip(self.transformer_blocks(), refs)
-        ]
+    def reference_kv(self, tokens: Mapping[str, jax.Array | None]) -> dict[str, ReferenceKV | None]:
+        """A ReferenceNet's features (``{block path: tokens (B or 1, Lr, C)}``) -> the denoiser's
+        reference keys/values, projected once through each block's ``attn1.to_k``/``to_v`` (after
+        the fp16 rounding, if configured). This is the only form the denoiser takes: across
+        timesteps and context windows it saves the projections."""
+        self._check_reference_keys(tokens)
+        out = {}
+        for path, block in self.named_transformer_blocks().items():
+            r = tokens[path]
+            if r is not None and self.config.reference_fp16_rounding:
+                r = r.astype(jnp.float16).astype(r.dtype)
+            out[path] = None if r is None else block.attn1.project_kv(r)
+        return out
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -564,7 +554,7 @@ class UNet2DConditionModel(nnx.Module):
         context: jax.Array,
         *,
         num_frames: int = 1,
-        reference: Sequence[Reference] | None = None,
+        reference: Mapping[str, Reference] | None = None,
         pose_features: jax.Array | None = None,
     ):
         c = self.config
@@ -596,22 +586,23 @@ class UNet2DConditionModel(nnx.Module):
         if pose_features is not None:
             h = h + pose_features.astype(h.dtype)
 
-        refs = _chunk(self._prepare_reference(reference), [level.num_transformer_blocks for level in self._levels()])
-        refs_down, ref_mid, refs_up = refs[: len(self.down_blocks)], refs[len(self.down_blocks)], refs[len(self.down_blocks) + 1:]
-        feats = []
+        if reference is not None:
+            self._check_reference_keys(reference)
+        feats = {}
         skips = [h]
-        for block, ref in zip(self.down_blocks, refs_down):
-            h, s, f = block(h, temb, context, num_frames=num_frames, reference=ref)
+        for i, block in enumerate(self.down_blocks):
+            h, s, f = block(h, temb, context, num_frames=num_frames, reference=_sub(reference, f"down_blocks.{i}"))
             skips += s
-            feats += f
-        h, f = self.mid_block(h, temb, context, num_frames=num_frames, reference=ref_mid)
-        feats += f
-        for block, ref in zip(self.up_blocks, refs_up):
+            feats.update(_prefixed(f"down_blocks.{i}", f))
+        h, f = self.mid_block(h, temb, context, num_frames=num_frames, reference=_sub(reference, "mid_block"))
+        feats.update(_prefixed("mid_block", f))
+        for i, block in enumerate(self.up_blocks):
             k = len(block.resnets)
             block_skips, skips = skips[-k:], skips[:-k]
             upsample_hw = skips[-1].shape[1:3] if skips else None
-            h, f = block(h, block_skips, temb, context, num_frames=num_frames, reference=ref, upsample_hw=upsample_hw)
-            feats += f
+            h, f = block(h, block_skips, temb, context, num_frames=num_frames, reference=_sub(reference, f"up_blocks.{i}"),
+                         upsample_hw=upsample_hw)
+            feats.update(_prefixed(f"up_blocks.{i}", f))
 
         if self.reference_net:
             return feats
