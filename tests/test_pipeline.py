@@ -68,7 +68,7 @@ def _moore_style_loop(p: AnimatePipeline, ref, poses, *, steps, guidance, latent
     mean, _ = p.vae.encode(jnp.asarray(ref_px, jnp.float32)[None] / 127.5 - 1)
     ref_latent = mean * p.vae.config.scaling_factor
     cond = p.image_encoder(jnp.asarray(clip_preprocess(ref_img, 16)))[:, None]
-    tokens = p.reference_net(ref_latent, jnp.zeros((1,), jnp.int32), cond)
+    kv = p.denoiser.reference_kv(p.reference_net(ref_latent, jnp.zeros((1,), jnp.int32), cond))
     pose_feat = p.pose_guider(jnp.asarray(pose_px, jnp.float32) / 255)
     den = jax.jit(lambda x, t, c, r, pf: p.denoiser(x, t, c, num_frames=x.shape[0], reference=r, pose_features=pf))
     x = jnp.asarray(latents)
@@ -78,7 +78,7 @@ def _moore_style_loop(p: AnimatePipeline, ref, poses, *, steps, guidance, latent
         for w in context_windows(x.shape[0], window, overlap, closed_loop=True):
             w = np.asarray(w)
             pred["u"] = pred["u"].at[w].add(den(x[w], t, jnp.zeros_like(cond), None, pose_feat[w]))
-            pred["c"] = pred["c"].at[w].add(den(x[w], t, cond, tokens, pose_feat[w]))
+            pred["c"] = pred["c"].at[w].add(den(x[w], t, cond, kv, pose_feat[w]))
             counter[w] += 1
         u, c = pred["u"] / counter, pred["c"] / counter
         x = ddim_step(p.schedule, u + guidance * (c - u), t, x, steps)

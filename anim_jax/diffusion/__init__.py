@@ -16,7 +16,7 @@ from anim_jax.diffusion.schedules import (
     moore_training_schedule,
     rescale_zero_terminal_snr,
 )
-from anim_jax.diffusion.windows import context_windows, window_weights, windows_array
+from anim_jax.diffusion.windows import context_windows, pad_windows, window_weights, windows_array
 
 __all__ = [
     "NoiseSchedule",
@@ -28,6 +28,7 @@ __all__ = [
     "moore_inference_schedule",
     "moore_training_schedule",
     "offset_noise",
+    "pad_windows",
     "predict_eps",
     "predict_x0",
     "predict_x0_eps",

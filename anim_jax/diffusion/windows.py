@@ -65,3 +65,17 @@ def window_weights(windows, num_frames: int) -> np.ndarray:
     if (counts == 0).any():
         raise ValueError(f"frames {np.flatnonzero(counts == 0).tolist()} are covered by no window")
     return counts
+
+
+def pad_windows(windows, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pads a window list for an even split over devices: appends copies of window 0 until the
+    window count is a multiple of ``multiple``. Returns ``(windows int32 (W', L),
+    weights float32 (W',))`` with weight 1 for the real windows and 0 for the copies (they cost
+    compute but change nothing)."""
+    windows = np.asarray(windows, np.int32)
+    weights = np.ones((windows.shape[0],), np.float32)
+    pad = (-windows.shape[0]) % max(int(multiple), 1)
+    if pad:
+        windows = np.concatenate([windows, np.repeat(windows[:1], pad, axis=0)])
+        weights = np.concatenate([weights, np.zeros((pad,), np.float32)])
+    return windows, weights

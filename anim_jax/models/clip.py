@@ -242,20 +242,13 @@ class CLIPVisionModelWithProjection(nnx.Module):
         return self.encode(pixel_values).image_embeds
 
 
-def clip_preprocess(
-    images,
-    image_size: int = 224,
-    *,
-    mean: Sequence[float] = OPENAI_CLIP_MEAN,
-    std: Sequence[float] = OPENAI_CLIP_STD,
-) -> np.ndarray:
-    """Moore-AnimateAnyone's inference preprocessing -> float32 (B, S, S, 3) pixel values.
+def clip_resize(images, image_size: int = 224) -> np.ndarray:
+    """Moore-AnimateAnyone's CLIP input resize, on the host -> uint8 (B, S, S, 3).
 
     ``images``: a PIL image, a sequence of PIL images, or uint8 arrays (H, W, 3) / (B, H, W, 3).
     Each image is converted to RGB and squash-resized (no crop, aspect ratio not kept) to
     ``image_size`` x ``image_size`` with PIL bicubic, as ``ref_image_pil.resize((224, 224))`` does.
-    ``CLIPImageProcessor``'s shortest-edge resize and centre crop are then no-ops; what remains is
-    ``(x / 255 - mean) / std``. Runs on the host (PIL), once per reference image.
+    ``CLIPImageProcessor``'s shortest-edge resize and centre crop are then no-ops.
     """
     if isinstance(images, Image.Image):
         images = [images]
@@ -267,9 +260,25 @@ def clip_preprocess(
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"clip_preprocess expects (H, W, 3) or (B, H, W, 3) images, got {images.shape}")
         images = [Image.fromarray(im) for im in images]
-    out = []
-    for im in images:
-        im = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-        out.append(np.asarray(im, dtype=np.float32))
-    x = np.stack(out) * np.float32(1 / 255)
-    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+    out = [np.asarray(im.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC), np.uint8)
+           for im in images]
+    return np.stack(out)
+
+
+def clip_normalize(pixels, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD):
+    """uint8 (or 0..255 float) pixels -> the encoder's input ``(x / 255 - mean) / std``, float32.
+    Works on numpy and JAX arrays alike (the one place the normalisation is written)."""
+    x = pixels.astype(np.float32) * np.float32(1 / 255)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def clip_preprocess(
+    images,
+    image_size: int = 224,
+    *,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+) -> np.ndarray:
+    """Moore-AnimateAnyone's inference preprocessing -> float32 (B, S, S, 3) pixel values:
+    ``clip_resize`` then ``clip_normalize``, on the host."""
+    return np.asarray(clip_normalize(clip_resize(images, image_size), mean, std), np.float32)

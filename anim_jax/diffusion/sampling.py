@@ -1,0 +1,162 @@
+"""The one sampler: DDIM over overlapping context windows with classifier-free guidance.
+
+``sample(model, noise, reference=, clip=, poses=, ...)`` takes an ``AnimateAnyone`` (or any object
+with its ``image_context``/``encode``/``reference``/``pose_features``/``predict_pair``/``decode``)
+and runs, as one jitted program:
+
+1. the once-per-video conditioning: CLIP token, ReferenceNet -> projected reference keys/values,
+   PoseGuider features;
+2. a ``lax.scan`` over the DDIM timesteps, each step: gather every window of every video (all
+   windows in one batch, the frame rows sharded over the mesh), the unconditional and conditional
+   predictions (``predict_pair``), their per-frame average over the windows covering each frame
+   (weights: ``windows.window_weights``; padded windows weigh 0), guidance, the DDIM update;
+3. optionally the VAE decode (``decode=True``; the pipeline decodes in batches instead, see
+   ``decode_frames``).
+
+This is Moore-AnimateAnyone's ``Pose2VideoPipeline`` loop (tests/test_pipeline.py checks it
+against a per-window loop written its way). The pipeline, training's validation, the demo and the
+benchmarks all call it.
+
+Jitting is correct by construction: the program is ``nnx.jit``-ed with the model as an argument,
+so the model's graph (its configs included) is part of the compilation cache key, and the
+schedule, step count, mesh, guidance mode and progress callback are static arguments. Changing any
+of them compiles a new program; nothing is cached by name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from anim_jax import parallel
+from anim_jax.diffusion.ddim import ddim_step
+from anim_jax.diffusion.schedules import NoiseSchedule
+from anim_jax.diffusion.windows import pad_windows, window_weights
+
+
+class Conditioning(NamedTuple):
+    """What a video is conditioned on, computed once: ``context`` (B, 1, D) CLIP tokens,
+    ``reference`` ``{block path: ReferenceKV}`` (batch B or 1), ``pose_features`` (B, F, h, w, C0)."""
+
+    context: jax.Array
+    reference: dict
+    pose_features: jax.Array
+
+
+def condition(model, reference: jax.Array, clip: jax.Array, poses: jax.Array) -> Conditioning:
+    """``reference`` (B, H, W, 3) in [-1, 1], ``clip`` (B, S, S, 3) uint8 (``clip.clip_resize``),
+    ``poses`` (B, F, H, W, 3) in [0, 1] -> the ``Conditioning`` (Moore: the reference latent is the
+    VAE mean; the ReferenceNet sees the conditional CLIP token)."""
+    context = model.image_context(clip)
+    return Conditioning(context, model.reference(model.encode(reference), context), model.pose_features(poses))
+
+
+def _frame_sharding(mesh, ndim: int):
+    if mesh is None:
+        return None
+    return parallel.batch_sharding(mesh, ndim, batch_axes=tuple(mesh.axis_names))
+
+
+def denoise(model, noise: jax.Array, cond: Conditioning, windows: jax.Array, window_weight: jax.Array,
+            frame_count: jax.Array, guidance_scale, *, schedule: NoiseSchedule, steps: int, mesh=None,
+            batch_guidance: bool = True, callback: Callable[[Any], None] | None = None) -> jax.Array:
+    """The sampling loop, traceable (``sample`` jits it). ``noise`` (B, F, h, w, C); ``windows``
+    (W, L) frame indices, ``window_weight`` (W,) (0 for padding windows), ``frame_count`` (F,) the
+    summed weight covering each frame. Returns the latents (B, F, h, w, C), float32."""
+    b, f = noise.shape[:2]
+    n_win, length = windows.shape
+    flat = windows.reshape(-1)
+    sharding = _frame_sharding(mesh, noise.ndim - 1)
+    per_window = lambda x: jnp.repeat(x, n_win, axis=0) if x.shape[0] > 1 else x
+    context = per_window(cond.context)
+    reference = {p: None if r is None else r._replace(k=per_window(r.k), v=per_window(r.v))
+                 for p, r in cond.reference.items()}
+    weight = jnp.tile(jnp.repeat(window_weight, length), b).reshape((b, n_win * length, 1, 1, 1))
+
+    def gather(x):
+        """(B, F, ...) -> (B*W, L, ...): every window of every video, as the denoiser's videos."""
+        rows = jnp.take(x, flat, axis=1).reshape((b * n_win * length,) + x.shape[2:])
+        if sharding is not None:
+            rows = jax.lax.with_sharding_constraint(rows, sharding)
+        return rows.reshape((b * n_win, length) + x.shape[2:])
+
+    def average(pred):
+        """(B*W, L, ...) window predictions -> (B, F, ...) per-frame averages."""
+        pred = pred.reshape((b, n_win * length) + pred.shape[2:]) * weight
+        summed = jnp.zeros((b, f) + pred.shape[2:], jnp.float32).at[:, flat].add(pred)
+        return summed / frame_count[None, :, None, None, None]
+
+    pose = gather(cond.pose_features)
+
+    def body(x, inputs):
+        i, t = inputs
+        uncond, cond_ = model.predict_pair(gather(x), t, context, reference=reference, pose_features=pose,
+                                           batched=batch_guidance)
+        u, c = average(uncond), average(cond_)
+        x = ddim_step(schedule, u + guidance_scale * (c - u), t, x, steps)
+        if callback is not None:
+            jax.debug.callback(callback, i, ordered=True)
+        return x, None
+
+    timesteps = jnp.asarray(schedule.inference_timesteps(steps), jnp.int32)
+    out, _ = jax.lax.scan(body, noise.astype(jnp.float32), (jnp.arange(timesteps.shape[0]), timesteps))
+    return out
+
+
+def _sample(model, noise, reference, clip, poses, windows, window_weight, frame_count, guidance_scale, *, schedule,
+            steps, mesh, batch_guidance, callback, decode):
+    cond = condition(model, reference, clip, poses)
+    x = denoise(model, noise, cond, windows, window_weight, frame_count, guidance_scale, schedule=schedule, steps=steps,
+                mesh=mesh, batch_guidance=batch_guidance, callback=callback)
+    return model.decode(x) if decode else x
+
+
+_sample_jit = nnx.jit(_sample, static_argnames=("schedule", "steps", "mesh", "batch_guidance", "callback", "decode"))
+
+
+def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, steps: int, guidance_scale: float = 3.5,
+           windows: np.ndarray | None = None, mesh: jax.sharding.Mesh | None = None, batch_guidance: bool = True,
+           callback: Callable[[Any], None] | None = None, decode: bool = False) -> jax.Array:
+    """B videos of F frames, one jitted program (see the module docstring).
+
+    ``noise`` (B, F, h, w, C) float32; ``reference`` (B, H, W, 3) in [-1, 1]; ``clip`` (B, S, S, 3)
+    uint8; ``poses`` (B, F, H, W, 3) in [0, 1]; ``windows`` (W, L) frame indices from
+    ``windows.windows_array`` (None: one window of all F frames). ``mesh``: the windows' frame rows
+    are sharded over all its axes (the window list is padded for an even split).
+    ``batch_guidance``: the conditional and unconditional branch in one denoiser call (else two).
+    ``callback(i)``: called on the host after DDIM step ``i`` (e.g. a progress bar; it is a static
+    argument, so pass the same callable each time to reuse the compilation).
+    Returns the latents (B, F, h, w, C) float32, or with ``decode`` the frames in [0, 1]."""
+    b, f = noise.shape[:2]
+    windows = np.arange(f, dtype=np.int32)[None] if windows is None else np.asarray(windows, np.int32)
+    frame_count = window_weights(windows, f).astype(np.float32)
+    multiple = 1
+    if mesh is not None:  # windows needed for B*W*L frame rows to split evenly
+        multiple = mesh.size // math.gcd(mesh.size, b * windows.shape[1])
+    windows, weight = pad_windows(windows, multiple)
+    return _sample_jit(model, noise, reference, clip, poses, windows, weight, frame_count, jnp.float32(guidance_scale),
+                       schedule=schedule, steps=int(steps), mesh=mesh, batch_guidance=bool(batch_guidance),
+                       callback=callback, decode=bool(decode))
+
+
+@nnx.jit
+def _decode_uint8(model, latents):
+    return jnp.round(model.decode(latents) * 255).astype(jnp.uint8)
+
+
+def decode_frames(model, latents, batch_size: int = 8) -> np.ndarray:
+    """(N, h, w, C) scaled latents -> (N, H, W, 3) uint8 frames, ``batch_size`` at a time (one
+    compiled shape: the last batch is padded), so decoding a long video needs bounded memory."""
+    out = []
+    for start in range(0, latents.shape[0], batch_size):
+        chunk = jnp.asarray(latents[start:start + batch_size])
+        n = chunk.shape[0]
+        if n < batch_size:
+            chunk = jnp.concatenate([chunk, jnp.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(_decode_uint8(model, chunk))[:n])
+    return np.concatenate(out)
