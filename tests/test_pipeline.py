@@ -115,6 +115,30 @@ def test_same_seed_same_video_and_seed_matters(components, inputs):
     assert not np.array_equal(a, pipe(ref, poses, seed=6, **kw).frames)
 
 
+def test_changing_schedule_or_config_between_calls_changes_the_output(components, inputs):
+    """Nothing is cached by name: the schedule and the modules' configs are part of what compiles."""
+    import dataclasses
+
+    ref, poses = inputs
+    pipe = AnimatePipeline(**components)
+    kw = dict(width=WIDTH, height=HEIGHT, num_frames=3, steps=2, seed=1, output_type="latents")
+    base = pipe(ref, poses, **kw).latents
+    schedule = pipe.schedule
+    pipe.schedule = dataclasses.replace(schedule, prediction_type="epsilon", rescale_betas_zero_snr=False)
+    other_schedule = pipe(ref, poses, **kw).latents
+    pipe.schedule = schedule
+    config = pipe.denoiser.config
+    pipe.denoiser.config = dataclasses.replace(config, reference_fp16_rounding=not config.reference_fp16_rounding)
+    try:
+        other_config = pipe(ref, poses, **kw).latents
+    finally:
+        pipe.denoiser.config = config
+    again = pipe(ref, poses, **kw).latents
+    assert np.abs(other_schedule - base).max() > 1e-2 * np.abs(base).max()
+    assert np.abs(other_config - base).max() > 0  # fp16 rounding of the reference: a small change
+    np.testing.assert_array_equal(again, base)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [(dict(width=25, height=HEIGHT), "multiples of 2"), (dict(width=WIDTH, height=HEIGHT, num_frames=11), "only 10 pose"),
