@@ -91,10 +91,10 @@ def count_step_flops(full: bool, dtype, latent_shape, pose_shape, windows) -> fl
     graphdef, state = nnx.split(den)
     flat = jnp.asarray(windows.reshape(-1))
     window = windows.shape[1]
-    tokens = []
+    tokens = {}
     h, w = latent_shape[1], latent_shape[2]
-    for block, res in zip(den.transformer_blocks(), _block_resolutions(den, h, w)):
-        tokens.append(jax.ShapeDtypeStruct((1, res, block.attn1.to_q.kernel.shape[0]), dtype))
+    for (path, block), res in zip(den.named_transformer_blocks().items(), _block_resolutions(den, h, w)):
+        tokens[path] = jax.ShapeDtypeStruct((1, res, block.attn1.to_q.kernel.shape[0]), dtype)
 
     # projected once per video, not per step
     kv = jax.eval_shape(lambda st, t: nnx.merge(graphdef, st).reference_kv(t), state, tokens)
@@ -165,6 +165,8 @@ def main():
     ap.add_argument("--attention", default="auto", choices=("xla", "chunked", "cudnn", "auto"))
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--guidance", default="batched", choices=("batched", "two-calls"),
+                    help="CFG's conditional and unconditional branch in one denoiser call, or two")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     width = args.width or (512 if args.full else 64)
@@ -173,7 +175,7 @@ def main():
     attention = AttentionConfig(args.attention)
 
     t0 = time.perf_counter()
-    pipe = AnimatePipeline(**build(sizes(args.full), dtype, attention))
+    pipe = AnimatePipeline(**build(sizes(args.full), dtype, attention), batch_guidance=args.guidance == "batched")
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     ref = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -188,20 +190,28 @@ def main():
         t0 = time.perf_counter()
         pipe(ref, poses, **kw)
         totals.append(time.perf_counter() - t0)
-    # The loop alone: rerun the denoise stage with the same inputs.
-    from anim_jax import media
+    # The loop alone: rerun the denoising scan with the conditioning computed once.
+    from anim_jax.diffusion import sampling
     from anim_jax.diffusion.windows import windows_array
+    from anim_jax.models.clip import clip_resize
 
+    model = pipe.model
     f = pipe.vae_downscale
-    x = jax.random.normal(jax.random.key(0), (args.frames, height // f, width // f, pipe.vae.config.latent_channels))
-    ctx = pipe.clip_context(media.to_rgb_image(ref))
-    kv = pipe.reference_features(pipe.encode_reference(ref), ctx)
-    pf = pipe.pose_features(poses)
-    windows = windows_array(args.frames)
+    x = jax.random.normal(jax.random.key(0), (1, args.frames, height // f, width // f, model.latent_channels))
+    cond = nnx.jit(sampling.condition)(model, jnp.asarray(ref, jnp.float32)[None] / 127.5 - 1,
+                                       clip_resize(ref, model.clip_size), jnp.asarray(poses, jnp.float32)[None] / 255)
+    pf = cond.pose_features[0]
+    windows, weight, count = sampling.prepare_windows(windows_array(args.frames), args.frames)
+    loop = nnx.jit(sampling.denoise, static_argnames=("schedule", "steps", "batch_guidance"))
+    run_loop = lambda: loop(model, x, cond, windows, weight, count, 3.5, schedule=pipe.schedule, steps=args.steps,
+                            batch_guidance=pipe.batch_guidance).block_until_ready()
+    run_loop()  # compiles
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        pipe.denoise(x, pf, kv, ctx, steps=args.steps, guidance_scale=3.5, windows=windows)
+        run_loop()
         loops.append(time.perf_counter() - t0)
+    windows = windows_array(args.frames)
+    x = x[0]
 
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
@@ -216,6 +226,7 @@ def main():
         device=dev.device_kind, platform=dev.platform, host=platform.processor() or platform.machine(),
         jax=jax.__version__, size="SD1.5" if args.full else "reduced", width=width, height=height,
         frames=args.frames, steps=args.steps, dtype=jnp.dtype(dtype).name, attention=args.attention,
+        guidance=args.guidance,
         build_s=round(build_s, 2), first_call_s=round(first_s, 2), video_s=round(min(totals), 3),
         loop_s=round(loop_s, 3), step_ms=round(1000 * loop_s / args.steps, 2),
         step_gflop=round(step_flops / 1e9, 3), gflop_per_frame_both_branches=round(step_flops / 1e9 / args.frames, 3),

@@ -105,19 +105,20 @@ def test_uncond_samples_get_plain_self_attention_exactly(devices):
     r = np.random.default_rng(0)
     b, lat = 3, (8, 8, 4)
     noisy = jnp.asarray(r.standard_normal((b, 1) + lat), jnp.float32)
-    pose = jnp.asarray(r.standard_normal((b, 8, 8, 32)), jnp.float32)
+    pose = jnp.asarray(r.standard_normal((b, 1, 8, 8, 32)), jnp.float32)
     ctx = jnp.asarray(r.standard_normal((b, 1, 32)), jnp.float32)
     t = jnp.asarray([10, 500, 990])
-    # ReferenceNet-shaped tokens (what AnimateAnyoneModel.reference projects), random values.
+    # ReferenceNet-shaped tokens (what AnimateAnyone.reference projects), random values.
     shapes = jax.eval_shape(lambda x, c: model.reference_net(x, jnp.zeros((b,), jnp.int32), c),
                             jax.ShapeDtypeStruct((b,) + lat, jnp.float32), ctx)
-    tokens = [jnp.asarray(r.standard_normal(x.shape), jnp.float32) for x in shapes]
+    tokens = {p: jnp.asarray(r.standard_normal(x.shape), jnp.float32) for p, x in shapes.items()}
     uncond = jnp.asarray([False, True, False])
 
     @jax.jit
     def run(tokens):
         kv = model.denoiser.reference_kv(tokens)
-        masked = model.predict(noisy, t, ctx, reference=[k._replace(enabled=~uncond) for k in kv], pose_features=pose)
+        masked = model.predict(noisy, t, ctx, reference={p: k._replace(enabled=~uncond) for p, k in kv.items()},
+                               pose_features=pose)
         plain = model.predict(noisy, t, ctx, reference=None, pose_features=pose)
         unmasked = model.predict(noisy, t, ctx, reference=kv, pose_features=pose)
         return masked, plain, unmasked
@@ -163,12 +164,13 @@ def test_remat_blocks_keep_paths_values_and_gradients(devices):
     h = jnp.asarray(r.standard_normal((2 * f, 8, 8, 32)), jnp.float32)
     temb = jnp.asarray(r.standard_normal((2 * f, 128)), jnp.float32)
     ctx = jnp.asarray(r.standard_normal((2, 1, 32)), jnp.float32)
-    ref = [jnp.asarray(r.standard_normal((2, 64, 32)), jnp.float32)]
+    tokens = jnp.asarray(r.standard_normal((2, 64, 32)), jnp.float32)
+    ref = {"attentions.0.transformer_blocks.0": block.attentions[0].transformer_blocks[0].attn1.project_kv(tokens)}
 
     def loss(gd):
         def fn(p):
             out, skips, feats = nnx.merge(gd, p, rest)(h, temb, ctx, num_frames=f, reference=ref)
-            return jnp.sum(out**2) + sum(jnp.sum(s) for s in skips) + sum(jnp.sum(x**2) for x in feats)
+            return jnp.sum(out**2) + sum(jnp.sum(s) for s in skips) + sum(jnp.sum(x**2) for x in feats.values())
         return fn
 
     def remat_eqns(jaxpr) -> int:

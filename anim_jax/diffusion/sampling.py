@@ -119,6 +119,17 @@ def _sample(model, noise, reference, clip, poses, windows, window_weight, frame_
 _sample_jit = nnx.jit(_sample, static_argnames=("schedule", "steps", "mesh", "batch_guidance", "callback", "decode"))
 
 
+def prepare_windows(windows: np.ndarray | None, num_frames: int, batch: int = 1, mesh=None):
+    """Host side of the windows: ``(windows (W', L) int32, window weights (W',), frame counts (F,))``.
+    None: one window of all frames. With a mesh the list is padded (weight-0 copies of window 0)
+    until the ``batch * W' * L`` frame rows split evenly over its devices."""
+    windows = np.arange(num_frames, dtype=np.int32)[None] if windows is None else np.asarray(windows, np.int32)
+    frame_count = window_weights(windows, num_frames).astype(np.float32)
+    multiple = 1 if mesh is None else mesh.size // math.gcd(mesh.size, batch * windows.shape[1])
+    windows, weight = pad_windows(windows, multiple)
+    return windows, weight, frame_count
+
+
 def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, steps: int, guidance_scale: float = 3.5,
            windows: np.ndarray | None = None, mesh: jax.sharding.Mesh | None = None, batch_guidance: bool = True,
            callback: Callable[[Any], None] | None = None, decode: bool = False) -> jax.Array:
@@ -132,13 +143,7 @@ def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, ste
     ``callback(i)``: called on the host after DDIM step ``i`` (e.g. a progress bar; it is a static
     argument, so pass the same callable each time to reuse the compilation).
     Returns the latents (B, F, h, w, C) float32, or with ``decode`` the frames in [0, 1]."""
-    b, f = noise.shape[:2]
-    windows = np.arange(f, dtype=np.int32)[None] if windows is None else np.asarray(windows, np.int32)
-    frame_count = window_weights(windows, f).astype(np.float32)
-    multiple = 1
-    if mesh is not None:  # windows needed for B*W*L frame rows to split evenly
-        multiple = mesh.size // math.gcd(mesh.size, b * windows.shape[1])
-    windows, weight = pad_windows(windows, multiple)
+    windows, weight, frame_count = prepare_windows(windows, noise.shape[1], noise.shape[0], mesh)
     return _sample_jit(model, noise, reference, clip, poses, windows, weight, frame_count, jnp.float32(guidance_scale),
                        schedule=schedule, steps=int(steps), mesh=mesh, batch_guidance=bool(batch_guidance),
                        callback=callback, decode=bool(decode))

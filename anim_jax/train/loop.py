@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -149,6 +149,7 @@ def train_loop(
     log_every: int = 50,
     on_step: Callable[[int, dict], None] | None = None,
     metadata: dict | None = None,
+    hooks: Sequence[Callable[[int, Any, dict], None]] = (),
 ) -> LoopResult:
     """Trains until ``state.step == num_steps`` (an absolute step count).
 
@@ -157,8 +158,9 @@ def train_loop(
     multi-host runs); with ``get_state()/set_state(dict)`` its position is checkpointed and
     restored. ``ckpt_manager``: an ``anim_jax.checkpoint.CheckpointManager`` or None; if it holds
     a checkpoint, the run resumes from the latest one (state and data-iterator position) onto
-    ``state``'s shardings. ``writer``: a ``MetricWriter`` or None. ``on_step(step, metrics)`` runs
-    after every finished step with host-side float metrics.
+    ``state``'s shardings. ``writer``: a ``MetricWriter`` or None. After every finished step each
+    of ``hooks`` runs as ``hook(step, state, metrics)`` (the new state, valid until the next step
+    donates it; host-side float metrics), then ``on_step(step, metrics)``.
 
     ``cfg`` (optional fields): ``global_batch_size`` (examples per train_step call, for
     examples/s), ``flops_per_step`` (model FLOPs of one call, all devices) and
@@ -233,6 +235,8 @@ def train_loop(
                     times.append(dt)  # the first call includes compilation
                 for k, v in host.items():
                     window.setdefault(k, []).append(v)
+                for hook in hooks:
+                    hook(step, state, host)
                 if on_step is not None:
                     on_step(step, host)
                 if bar is not None:

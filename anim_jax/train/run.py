@@ -1,0 +1,162 @@
+"""One training run: data, validation, the loop with its hooks, checkpoints and the final export.
+
+Work directory::
+
+    WORKDIR/config.json           the resolved config (process 0)
+    WORKDIR/checkpoints/<step>/   Orbax: train state, data-iterator state, metadata (resumed from automatically)
+    WORKDIR/logs/                 TensorBoard event file: loss, loss_t/*, grad_norm, lr, step_time,
+                                  examples_per_sec, mfu; validation videos (GIF) under logs/videos/
+    WORKDIR/validation/           the validation samples as mp4
+    WORKDIR/export/               at the end: a converted-weights directory of the trained model (the next
+                                  stage's init.weights_dir, or anim-jax animate --weights)
+
+Order of start-up: config -> mesh -> model and train state -> data -> checkpoint manager (resume)
+-> loop. MFU: the step's model FLOPs come from XLA's cost analysis of the lowered step (without
+remat); see ``train.flops.step_flops``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from anim_jax.checkpoint import CheckpointManager
+from anim_jax.convert.store import atomic_write
+from anim_jax.models import factory
+from anim_jax.train import metrics as metrics_lib
+from anim_jax.train.flops import step_flops
+from anim_jax.train.loop import STATUS_COMPLETED, train_loop
+from anim_jax.train.schedules import export_schedule
+from anim_jax.train.setup import setup
+from anim_jax.train.validation import Validator
+
+log = logging.getLogger("anim_jax.train")
+
+
+def data_config(cfg, global_batch: int, *, seed_offset: int = 0, batch_size: int | None = None):
+    from data_pipelines.grain_pipeline import data_config as make
+
+    d = cfg.data
+    if not d.dataset:
+        raise ValueError("config.data.dataset is not set: pass --config.data.dataset=DIR (a dataset from `anim-jax prepare`)")
+    return make(
+        path=str(d.dataset), stage=int(cfg.stage), resolution=tuple(d.resolution), sample_margin=int(d.sample_margin),
+        n_frames=int(d.n_frames), sample_rate=int(d.sample_rate), clip_size=int(d.clip_size),
+        seed=int(d.seed) + seed_offset, batch_size=int(batch_size or global_batch), num_workers=int(d.num_workers),
+        read_threads=int(d.read_threads), prefetch=int(d.prefetch), uint8_output=bool(d.uint8_output),
+        crop_scale=d.get("crop_scale", None),
+    )
+
+
+class DeviceBatches:
+    """This host's Grain batches as global, sharded ``jax.Array``s (without ``index``);
+    ``get_state``/``set_state`` are Grain's, so the checkpoint holds the position."""
+
+    def __init__(self, cfg, trainer):
+        from data_pipelines.grain_pipeline import make_iter_dataset
+
+        self.trainer = trainer
+        self._it = iter(make_iter_dataset(data_config(cfg, trainer.global_batch_size)))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.trainer.put_batch(next(self._it))
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state):
+        self._it.set_state(state)
+
+    def close(self):
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def _write_config(cfg, workdir: pathlib.Path) -> None:
+    text = cfg.to_json_best_effort(indent=2, sort_keys=True)
+    atomic_write(workdir / "config.json", lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | None = None, cfg=None) -> pathlib.Path:
+    """The trained model (trained and frozen parts) as a converted-weights directory
+    (``models.factory.save_components``, float32) with the inference schedule of ``cfg.diffusion``,
+    written by process 0. Every process must call it: with several processes the parameters are
+    gathered collectively first."""
+    out = workdir / name
+    model = state.model()
+    params = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(params)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        pure = multihost_utils.process_allgather(pure, tiled=True)
+    else:
+        pure = jax.device_get(pure)
+    pure = jax.tree.map(lambda x: np.asarray(x, np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else np.asarray(x), pure)
+    nnx.replace_by_pure_dict(params, pure)
+    nnx.update(model, params)
+    if jax.process_index() == 0:
+        factory.save_components(out, model.components(), schedule=export_schedule(cfg),
+                                extra={"source": "anim-jax train", "stage": stage, "step": int(jax.device_get(state.step))})
+    return out
+
+
+def train(cfg, workdir) -> "object":
+    """One training run (see the module docstring); returns the loop's ``LoopResult``."""
+    workdir = pathlib.Path(workdir).absolute()
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_config(cfg, workdir)
+    t0 = time.perf_counter()
+    trainer = setup(cfg)
+    log.info("stage %d: %d trainable / %d frozen parameters, global batch %d on mesh %s (%.1fs)", int(cfg.stage),
+             _count(trainer.state.params), _count(trainer.state.frozen), trainer.global_batch_size,
+             dict(trainer.mesh.shape), time.perf_counter() - t0)
+    tc = cfg.train
+    flops = None
+    if tc.get("compute_flops", True):
+        t0 = time.perf_counter()
+        flops = step_flops(trainer, cfg)
+        log.info("model FLOPs per step (XLA cost analysis, no remat): %s (%.1fs)",
+                 f"{flops:.4g}" if flops else "unknown", time.perf_counter() - t0)
+    data = DeviceBatches(cfg, trainer)
+    writer = metrics_lib.MetricWriter(workdir / "logs", enabled=is_main)
+    hooks = []
+    if int(cfg.validation.every) > 0:
+        validator = Validator(cfg, trainer, workdir, writer)
+        hooks.append(lambda step, state, metrics: validator(step, state) if step % validator.every == 0 else None)
+
+    loop_cfg = dict(global_batch_size=trainer.global_batch_size, flops_per_step=flops,
+                    peak_flops_per_device=float(tc.get("peak_flops_per_device", 0.0)) or None)
+    ckpt = CheckpointManager(workdir / "checkpoints", max_to_keep=int(tc.max_to_keep), async_save=bool(tc.async_save),
+                             include_frozen=bool(tc.include_frozen))
+    try:
+        result = train_loop(
+            loop_cfg, trainer.state, trainer.train_step, data, ckpt, writer,
+            num_steps=int(tc.num_steps), save_every=int(tc.save_every), log_every=int(tc.log_every),
+            hooks=hooks, metadata={"stage": int(cfg.stage), "config": json.loads(cfg.to_json_best_effort())},
+        )
+    finally:
+        ckpt.close()
+        data.close()
+        writer.close()
+    if result.status == STATUS_COMPLETED and tc.get("export", True):
+        path = export(result.state, workdir, stage=int(cfg.stage), cfg=cfg)
+        log.info("exported the trained model to %s", path)
+    return result
+
+
+def _count(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
