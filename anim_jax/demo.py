@@ -4,7 +4,7 @@ Everything runs offline, from nothing:
 
 1. a synthetic training set (``OUT/data``) and held-out videos whose characters *and* motions come
    from another seed, so neither appearance nor pose sequence was seen in training;
-2. stage 1 then stage 2 with the real trainer (``anim_jax.train.cli.train``, configs/demo.py: the
+2. stage 1 then stage 2 with the real trainer (``anim_jax.train.run.train``, configs/demo.py: the
    tiny architecture with an exact pixel-unshuffle autoencoder instead of the SD VAE), stage 2
    initialised from the stage-1 export;
 3. the held-out characters animated with the held-out poses by the real ``AnimatePipeline`` loaded
@@ -155,7 +155,7 @@ def stage_configs(settings: DemoSettings, dataset, stage1_export):
 
 
 def _train(cfg, workdir: pathlib.Path) -> None:
-    from anim_jax.train.cli import train
+    from anim_jax.train.run import train
     from anim_jax.train.loop import STATUS_COMPLETED
 
     result = train(cfg, workdir)
@@ -188,11 +188,11 @@ def untrained_weights(cfg) -> dict:
     parameter state of each component."""
     from flax import nnx
 
-    from anim_jax.train import animate_anyone as aa
+    from anim_jax.train.architecture import build_model
 
     init = cfg.copy_and_resolve_references()
     init.init.weights_dir = ""
-    model = aa.build_model(init, 2)
+    model = build_model(init)
     return {name: nnx.state(module) for name, module in model.components().items()}
 
 

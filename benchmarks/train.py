@@ -68,16 +68,15 @@ def forward_flops(cfg, trainer) -> dict[str, float]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from anim_jax.train import animate_anyone as aa
+    from anim_jax.train.architecture import build_model
+    from anim_jax.train.flops import flops_config
 
     stage = int(cfg.stage)
-    cfg = aa.flops_config(cfg)  # plain XLA attention: fused/chunked kernels hide their FLOPs from XLA
-    model = aa.build_model(cfg, abstract=True)
+    cfg = flops_config(cfg)  # plain XLA attention: fused/chunked kernels hide their FLOPs from XLA
+    model = build_model(cfg, abstract=True)
     graphdef, state = nnx.split(model)
     spec = trainer.batch_spec
-    key = "target" if stage == 1 else "frames"
-    b = spec["reference"].shape[0]
-    f = 1 if stage == 1 else spec[key].shape[1]
+    b, f = spec["frames"].shape[:2]
     h, w = spec["reference"].shape[1:3]
     sds = jax.ShapeDtypeStruct
 
@@ -110,8 +109,8 @@ def forward_flops(cfg, trainer) -> dict[str, float]:
         from ml_collections import ConfigDict
 
         cfg1 = ConfigDict(cfg.to_dict())
-        cfg1.stage = 1
-        flat = aa.build_model(cfg1, 1, abstract=True)
+        cfg1.model.motion = None  # the same denoiser without motion modules
+        flat = build_model(cfg1, abstract=True)
         g1, s1 = nnx.split(flat)
 
         def denoise_2d(s, x, t, c, toks, pf):
@@ -138,12 +137,13 @@ def convention_flops(stage: int, fwd: dict[str, float]) -> float:
 def count_stage(spec: str, overrides: list[str]) -> dict:
     """FLOP counts only, from an abstract state (nothing allocated or compiled): any size on any host."""
     from anim_jax import configlib
-    from anim_jax.train import animate_anyone as aa
+    from anim_jax.train.flops import flops_config, step_flops
+    from anim_jax.train.setup import setup
 
     cfg = configlib.load_config(spec, overrides)
     t0 = time.perf_counter()
-    trainer = aa.setup(aa.flops_config(cfg), abstract=True)
-    model = aa.step_flops(trainer)
+    trainer = setup(flops_config(cfg), abstract=True)
+    model = step_flops(trainer)
     fwd = forward_flops(cfg, trainer)
     gbs = trainer.global_batch_size
     return dict(stage=int(cfg.stage), config=spec, overrides=overrides, global_batch=gbs, devices=trainer.mesh.devices.size,
@@ -173,9 +173,9 @@ def _stage_flops(stage: int, cfg, trainer, counts: dict | None) -> tuple[float |
 
 
 def aa_step_flops(trainer, cfg):
-    from anim_jax.train import animate_anyone as aa
+    from anim_jax.train.flops import step_flops
 
-    return aa.step_flops(trainer, cfg)
+    return step_flops(trainer, cfg)
 
 
 def bench_stage(spec: str, overrides: list[str], steps: int, counts: dict | None = None) -> dict:
@@ -183,13 +183,14 @@ def bench_stage(spec: str, overrides: list[str], steps: int, counts: dict | None
     import numpy as np
 
     from anim_jax import configlib
-    from anim_jax.train import animate_anyone as aa
     from anim_jax.train import metrics as metrics_lib
+    from anim_jax.train.flops import compiled_flops
+    from anim_jax.train.setup import setup
 
     cfg = configlib.load_config(spec, overrides)
     stage = int(cfg.stage)
     t0 = time.perf_counter()
-    trainer = aa.setup(cfg)
+    trainer = setup(cfg)
     setup_s = time.perf_counter() - t0
     n_dev = trainer.mesh.devices.size
     rng = np.random.default_rng(0)
@@ -198,7 +199,7 @@ def bench_stage(spec: str, overrides: list[str], steps: int, counts: dict | None
     t0 = time.perf_counter()
     compiled = trainer.lower().compile()
     compile_s = time.perf_counter() - t0
-    hw_per_device = aa.compiled_flops(compiled)
+    hw_per_device = compiled_flops(compiled)
 
     state = trainer.state
     for _ in range(2):

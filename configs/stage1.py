@@ -41,10 +41,10 @@ def base_config(stage: int, variant: str | None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown config variant {variant!r}; expected none or 'tiny'")
     is_tiny = variant == "tiny"
     c = ml_collections.ConfigDict()
-    c.stage = stage
+    c.stage = stage  # the data layer's sampling (1: single frames, 2: clips) and run metadata
     c.seed = 12580
 
-    # Where the weights come from (anim_jax.train.animate_anyone.init_model). Empty: random init.
+    # Where the weights come from (anim_jax.train.weights.init_model). Empty: not used.
     c.init = ml_collections.ConfigDict(dict(
         weights_dir="",  # converted-weights directory (anim-jax convert, or a stage-1 export)
         controlnet="",  # stage 1: ControlNet-openpose checkpoint -> PoseGuider
@@ -64,13 +64,19 @@ def base_config(stage: int, variant: str | None) -> ml_collections.ConfigDict:
         components=tiny.components() if is_tiny else dict(
             unet=dict(SD15_UNET), vae=dict(SD15_VAE), image_encoder=dict(CLIP_VIT_L14), pose_guider=dict(POSE_GUIDER),
         ),
-        motion=None,  # stage 2: the motion-module architecture (MotionConfig fields)
+        motion=None,  # the motion-module architecture (MotionConfig fields); None: a 2-D denoiser (stage 1)
     ))
 
-    # Empty lists: the stage's trainable set (animate_anyone.trainable_filter).
-    c.trainable = ml_collections.ConfigDict(dict(include=(), exclude=()))
+    # What trains: parameters whose path matches an include regex and no exclude regex
+    # (anim_jax.train.stages.trainable_filter); everything else is frozen. Stage 1: the denoiser,
+    # the ReferenceNet except its last up block (only its first norm1 output is used) and the
+    # PoseGuider. ``{last_up_block}`` is that block's index.
+    c.trainable = ml_collections.ConfigDict(dict(
+        include=(r"^denoiser\.", r"^reference_net\.", r"^pose_guider\."),
+        exclude=(r"^reference_net\.up_blocks\.{last_up_block}\.",),
+    ))
 
-    # The noise schedules (anim_jax.train.animate_anyone.training_schedule / export_schedule). Moore
+    # The noise schedules (anim_jax.train.schedules.training_schedule / export_schedule). Moore
     # trains on zero-SNR scaled_linear betas but ships linear betas for inference (moore.md §2.4).
     c.diffusion = ml_collections.ConfigDict(dict(
         prediction_type="v_prediction",  # v_prediction | epsilon | sample (x0)

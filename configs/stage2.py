@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = stage1.base_config(2, arg)
     c.model.motion = ml_collections.ConfigDict(dict(tiny.MOTION if is_tiny else MOTION))
     c.model.remat = "none" if is_tiny else "full"
+    c.trainable.update(include=(r"^denoiser\..*\.motion_modules\.",), exclude=())
     c.optimizer.total_steps = 10_000
     c.data.update(
         resolution=tiny.RESOLUTION if is_tiny else (512, 512),

@@ -24,8 +24,13 @@ from flax import nnx
 
 from anim_jax import cli as main_cli
 from anim_jax import configlib
-from anim_jax.train import animate_anyone as aa
-from anim_jax.train import optim
+from anim_jax.models.animate_anyone import COMPONENTS
+from anim_jax.models.remat import apply_remat
+from anim_jax.train import optim, schedules
+from anim_jax.train import weights as train_weights
+from anim_jax.train.architecture import build_model, component_configs
+from anim_jax.train.setup import setup
+from anim_jax.train.stages import trainable_filter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train_infra import read_events  # noqa: E402
@@ -49,7 +54,7 @@ def host(tree):
 def flat(tree) -> dict[str, np.ndarray]:
     """Dotted path -> host array, for a pure dict of arrays or an NNX module."""
     if isinstance(tree, nnx.Module):
-        return {k: np.asarray(jax.device_get(v)) for k, v in aa.flat_arrays(tree).items()}
+        return {k: np.asarray(jax.device_get(v)) for k, v in train_weights.flat_arrays(tree).items()}
     return {optim.path_str([getattr(k, "key", k) for k in p]): np.asarray(jax.device_get(v))
             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -83,7 +88,7 @@ def dataset(tmp_path_factory, devices):
 
 
 def first_batch(cfg, dataset, batch_size):
-    from anim_jax.train.cli import data_config
+    from anim_jax.train.run import data_config
     from data_pipelines.grain_pipeline import make_map_dataset
 
     with cfg.unlocked():
@@ -101,7 +106,7 @@ def first_batch(cfg, dataset, batch_size):
 
 def test_uncond_samples_get_plain_self_attention_exactly(devices):
     cfg = load(STAGE1)
-    model = aa.build_model(cfg)
+    model = build_model(cfg)
     r = np.random.default_rng(0)
     b, lat = 3, (8, 8, 4)
     noisy = jnp.asarray(r.standard_normal((b, 1) + lat), jnp.float32)
@@ -137,7 +142,7 @@ def test_uncond_samples_get_plain_self_attention_exactly(devices):
 
 def test_uncond_clip_input_is_the_encoded_zero_image(devices):
     """Moore's training uncond CLIP input: zeros_like of the normalised pixels, through the encoder."""
-    model = aa.build_model(load(STAGE1))
+    model = build_model(load(STAGE1))
     clip = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
     ctx = np.asarray(jax.jit(model.image_context)(clip, jnp.asarray([False, True])))
     zero = np.asarray(jax.jit(model.image_encoder)(jnp.zeros((1, 32, 32, 3))))[0]
@@ -149,14 +154,14 @@ def test_remat_blocks_keep_paths_values_and_gradients(devices):
     """A UNet level (resnet -> transformer) with and without remat; motion modules are wrapped too."""
     from anim_jax.models import factory
 
-    unet3d = factory.build("denoiser", aa.component_configs(load(STAGE2))["denoiser"])
+    unet3d = factory.build("denoiser", component_configs(load(STAGE2))["denoiser"])
     n_motion = sum(1 for _, m in nnx.iter_graph(unet3d) if type(m).__name__ == "MotionModule")
     n_blocks = sum(1 for _, m in nnx.iter_graph(unet3d) if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel"))
-    assert n_motion and aa.apply_remat(unet3d, "dots") == n_motion + n_blocks
-    block = factory.build("denoiser", aa.component_configs(load(STAGE1))["denoiser"]).down_blocks[0]
+    assert n_motion and apply_remat(unet3d, "dots") == n_motion + n_blocks
+    block = factory.build("denoiser", component_configs(load(STAGE1))["denoiser"]).down_blocks[0]
     graphdef, params, rest = nnx.split(block, nnx.Param, ...)
     remat_block = nnx.merge(graphdef, params, rest)
-    assert aa.apply_remat(remat_block, "full") == 2
+    assert apply_remat(remat_block, "full") == 2
     rgraphdef, rparams, _ = nnx.split(remat_block, nnx.Param, ...)
     assert jax.tree.structure(rparams) == jax.tree.structure(params)  # same parameter paths
     r = np.random.default_rng(3)
@@ -187,7 +192,7 @@ def test_remat_blocks_keep_paths_values_and_gradients(devices):
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # recomputation reorders float32 sums
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(np.abs(b).max()) + 1e-7)
     with pytest.raises(ValueError, match="remat policy"):
-        aa.apply_remat(remat_block, "everything")
+        apply_remat(remat_block, "everything")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,21 +202,22 @@ def test_remat_blocks_keep_paths_values_and_gradients(devices):
 
 def test_stage1_trainable_set(devices):
     cfg = load(STAGE1)
-    model = aa.build_model(cfg)
-    mask = aa.trainable_filter(model, 1)
+    model = build_model(cfg)
+    mask = trainable_filter(model, cfg.trainable.include, cfg.trainable.exclude)
     paths = [optim.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     trained = {p for p in paths if mask.selects(p)}
     last = f"reference_net.up_blocks.{len(model.reference_net.up_blocks) - 1}."
     expected = {p for p in paths if p.split(".")[0] in ("denoiser", "reference_net", "pose_guider")
                 and not p.startswith(last)}
     assert trained == expected and any(p.startswith(last) for p in paths)
-    with pytest.raises(ValueError, match="motion"):
-        aa.trainable_filter(aa.build_model(load(STAGE2)), 1)
+    # Stage 2's trainable set names motion modules, which a stage-1 (2-D) denoiser does not have.
+    with pytest.raises(ValueError, match="matches no parameter"):
+        trainable_filter(model, load(STAGE2).trainable.include)
 
 
 def test_stage1_lowers_the_loss_on_a_fixed_batch(dataset):
     cfg = load(STAGE1)
-    trainer = aa.setup(cfg)
+    trainer = setup(cfg)
     batch = trainer.put_batch(first_batch(cfg, dataset, trainer.global_batch_size))
     state = trainer.state
     before = loss_at_step0_key(trainer, state, batch)
@@ -233,7 +239,7 @@ def test_stage1_lowers_the_loss_on_a_fixed_batch(dataset):
 
 def test_stage2_changes_only_motion_modules_and_lowers_the_loss(devices):
     cfg = load(STAGE2, "--config.data.batch_size=2", "--config.mesh.num_devices=2")
-    trainer = aa.setup(cfg)
+    trainer = setup(cfg)
     state = trainer.state
     trained = set(flat(state.params))
     assert trained and all(".motion_modules." in p and p.startswith("denoiser.") for p in trained)
@@ -293,7 +299,7 @@ def test_cli_trains_checkpoints_logs_validates_and_exports(stage1_run):
     assert any("validation" in e["images"] for e in events)
     assert (workdir / "validation" / "step_00000002.mp4").stat().st_size > 0
     assert (workdir / "logs" / "videos" / "validation_00000002.gif").is_file()
-    for name in aa.COMPONENTS:
+    for name in COMPONENTS:
         assert (workdir / "export" / f"{name}.safetensors").is_file()
     # Moore's inference schedule by default (config.diffusion.export_beta_schedule).
     from anim_jax.convert import store
@@ -306,21 +312,21 @@ def test_diffusion_config_sets_the_training_and_export_schedules(devices):
     from anim_jax.diffusion import moore_inference_schedule, moore_training_schedule
 
     cfg = load(STAGE1)
-    assert aa.training_schedule(cfg) == moore_training_schedule()
-    assert aa.export_schedule(cfg) == moore_inference_schedule()
+    assert schedules.training_schedule(cfg) == moore_training_schedule()
+    assert schedules.export_schedule(cfg) == moore_inference_schedule()
     cfg = load(STAGE1, "--config.diffusion.prediction_type=sample", "--config.diffusion.export_beta_schedule=scaled_linear")
-    assert aa.training_schedule(cfg) == moore_training_schedule(prediction_type="sample")
-    assert aa.export_schedule(cfg) == moore_inference_schedule(beta_schedule="scaled_linear", prediction_type="sample")
-    assert aa.validation_schedule("linear", cfg).prediction_type == "sample"
+    assert schedules.training_schedule(cfg) == moore_training_schedule(prediction_type="sample")
+    assert schedules.export_schedule(cfg) == moore_inference_schedule(beta_schedule="scaled_linear", prediction_type="sample")
+    assert schedules.validation_schedule("linear", cfg).prediction_type == "sample"
 
 
 def test_random_reference_net_starts_as_a_copy_of_the_denoiser(devices):
     """Moore initialises both UNets from one SD checkpoint; a run without weights does the same with
     the denoiser's random draw (config.init.reference_net_from_denoiser), unless switched off."""
-    model = aa.init_model(load(STAGE1), 1)
+    model = train_weights.init_model(load(STAGE1))
     ref, den = flat(model.reference_net), flat(model.denoiser)
     assert len(ref) > 10 and all(np.array_equal(v, den[k]) for k, v in ref.items())
-    model = aa.init_model(load(STAGE1, "--config.init.reference_net_from_denoiser=False"), 1)
+    model = train_weights.init_model(load(STAGE1, "--config.init.reference_net_from_denoiser=False"))
     ref, den = flat(model.reference_net), flat(model.denoiser)
     assert not np.array_equal(ref["conv_in.kernel"], den["conv_in.kernel"])
 
@@ -330,8 +336,8 @@ def test_cli_resume_is_exact(stage1_run, dataset, tmp_path):
     workdir, _ = stage1_run
     assert cli_run(tmp_path / "straight", dataset, "--config.train.num_steps=4", "--config.train.save_every=4",
                    "--config.train.export=False") == 0
-    resumed = aa.read_train_checkpoint(workdir / "checkpoints", 4, items=("params", "opt_state", "rng", "step"))
-    straight = aa.read_train_checkpoint(tmp_path / "straight" / "checkpoints", 4,
+    resumed = train_weights.read_train_checkpoint(workdir / "checkpoints", 4, items=("params", "opt_state", "rng", "step"))
+    straight = train_weights.read_train_checkpoint(tmp_path / "straight" / "checkpoints", 4,
                                         items=("params", "opt_state", "rng", "step"))
     assert resumed.keys() == straight.keys() and len(resumed) > 100
     for k in resumed:
@@ -340,10 +346,10 @@ def test_cli_resume_is_exact(stage1_run, dataset, tmp_path):
 
 def test_stage2_initialises_from_stage1_results(stage1_run, tmp_path):
     workdir, _ = stage1_run
-    ckpt = aa.read_train_checkpoint(workdir / "checkpoints")
+    ckpt = train_weights.read_train_checkpoint(workdir / "checkpoints")
     # From the Orbax checkpoint (its config has random init otherwise).
     cfg = load(STAGE2, f"--config.init.stage1_checkpoint={workdir / 'checkpoints'}")
-    model = aa.init_model(cfg)
+    model = train_weights.init_model(cfg)
     got = flat(model)
     shared = [p for p in ckpt if p in got]
     assert len(shared) == len(ckpt)  # the stage-1 model is the stage-2 model minus the motion modules
@@ -358,7 +364,7 @@ def test_stage2_initialises_from_stage1_results(stage1_run, tmp_path):
     from anim_jax.convert.readers import write_safetensors
     from anim_jax.models.motion import MotionModule
 
-    donor = aa.build_model(load(STAGE2), seed=99).denoiser
+    donor = build_model(load(STAGE2), seed=99).denoiser
     sd = {}
     for p, node in nnx.iter_graph(donor):
         if isinstance(node, MotionModule):
@@ -367,7 +373,7 @@ def test_stage2_initialises_from_stage1_results(stage1_run, tmp_path):
     mm = tmp_path / "mm_sd_v15_v2.safetensors"
     write_safetensors(mm, sd)
     cfg = load(STAGE2, f"--config.init.weights_dir={workdir / 'export'}", f"--config.init.motion_modules={mm}")
-    model = aa.init_model(cfg)
+    model = train_weights.init_model(cfg)
     got = flat(model)
     donor_params = {f"denoiser.{k}": v for k, v in flat(donor).items()}
     for p in got:
@@ -390,14 +396,14 @@ def test_stage1_init_from_sd_unet_and_controlnet(stage1_run, tmp_path):
     shutil.copytree(workdir / "export", weights)
     (weights / "reference_net.safetensors").unlink()
     (weights / "pose_guider.safetensors").unlink()
-    donor = aa.build_model(load(STAGE1), seed=7).pose_guider
+    donor = build_model(load(STAGE1), seed=7).pose_guider
     donor.conv_out.kernel[...] = jnp.ones_like(donor.conv_out.kernel[...])
     controlnet = tmp_path / "control_openpose.safetensors"
     write_safetensors(controlnet, {f"controlnet_cond_embedding.{k}": v
                                    for k, v in export_torch_state_dict(donor, POSE_GUIDER_KEYMAP).items()}
                       | {"controlnet_mid_block.weight": np.zeros((4, 4, 1, 1), np.float32)})
-    model = aa.init_model(load(STAGE1, f"--config.init.weights_dir={weights}", f"--config.init.controlnet={controlnet}"))
-    exported = {k: v for k, v in aa.read_weights_file(workdir / "export" / "denoiser.safetensors").items()}
+    model = train_weights.init_model(load(STAGE1, f"--config.init.weights_dir={weights}", f"--config.init.controlnet={controlnet}"))
+    exported = {k: v for k, v in train_weights.read_weights_file(workdir / "export" / "denoiser.safetensors").items()}
     ref = flat(model.reference_net)
     assert ref and all(np.array_equal(v, exported[k]) for k, v in ref.items())
     pose, want = flat(model.pose_guider), flat(donor)
@@ -407,10 +413,10 @@ def test_stage1_init_from_sd_unet_and_controlnet(stage1_run, tmp_path):
 
 def test_bad_config_is_reported_by_field(devices):
     with pytest.raises(ValueError, match="clip_size"):
-        aa.component_configs(load(STAGE1, "--config.data.clip_size=48"))
+        component_configs(load(STAGE1, "--config.data.clip_size=48"))
     with pytest.raises(ValueError, match="resolution"):
-        aa.component_configs(load(STAGE1, "--config.data.resolution=(60, 64)"))
+        component_configs(load(STAGE1, "--config.data.resolution=(60, 64)"))
     with pytest.raises(ValueError, match="dataset"):
-        from anim_jax.train.cli import data_config
+        from anim_jax.train.run import data_config
 
         data_config(load(STAGE1), 8)

@@ -225,9 +225,9 @@ class Transformer2DModel(nnx.Module):
         self,
         x: jax.Array,
         context: jax.Array,
+        reference: Mapping[str, Reference] | None = None,
         *,
         num_frames: int = 1,
-        reference: Mapping[str, Reference] | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x (N, H, W, C); reference: ``{"transformer_blocks.<j>": ReferenceKV or None}`` (a block
         without an entry does plain self-attention), or None.

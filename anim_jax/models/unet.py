@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from anim_jax.models import layers
+from anim_jax.models import layers, remat
 from anim_jax.models.attention_ops import AttentionConfig
 from anim_jax.models.motion import MotionConfig, MotionModule
 from anim_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, frame_group_norm
@@ -249,7 +249,7 @@ class _Parts:
 def _apply_motion(module: MotionModule, h: jax.Array, num_frames: int) -> jax.Array:
     """A motion module on frames folded into the batch: (B*F, H, W, C) -> (B, F, H, W, C) -> back."""
     n = h.shape[0]
-    return module(h.reshape((n // num_frames, num_frames) + h.shape[1:])).reshape(h.shape)
+    return remat.call(module, h.reshape((n // num_frames, num_frames) + h.shape[1:])).reshape(h.shape)
 
 
 def _sub(refs: Mapping[str, Any] | None, prefix: str) -> dict[str, Any] | None:
@@ -271,10 +271,10 @@ class _Block(nnx.Module):
     def _layer(self, i, h, temb, context, num_frames, reference):
         """Layer i of a down/up block, in AnimateDiff's order: resnet, attention (if any), motion
         module (if any). Returns (h, {path under this block: reference features})."""
-        h = self.resnets[i](h, temb, num_frames)
+        h = remat.call(self.resnets[i], h, temb, num_frames=num_frames)
         feats = {}
         if self.attentions:
-            h, f = self.attentions[i](h, context, num_frames=num_frames, reference=_sub(reference, f"attentions.{i}"))
+            h, f = remat.call(self.attentions[i], h, context, _sub(reference, f"attentions.{i}"), num_frames=num_frames)
             feats = _prefixed(f"attentions.{i}", f)
         if self.motion_modules:
             h = _apply_motion(self.motion_modules[i], h, num_frames)
@@ -367,13 +367,13 @@ class UNetMidBlock2DCrossAttn(_Block):
         self.motion_modules = parts.motion_modules(channels, num_layers, motion, rngs)
 
     def __call__(self, h, temb, context, *, num_frames=1, reference=None):
-        h = self.resnets[0](h, temb, num_frames)
+        h = remat.call(self.resnets[0], h, temb, num_frames=num_frames)
         feats = {}
         for i, attention in enumerate(self.attentions):
-            h, f = attention(h, context, num_frames=num_frames, reference=_sub(reference, f"attentions.{i}"))
+            h, f = remat.call(attention, h, context, _sub(reference, f"attentions.{i}"), num_frames=num_frames)
             if self.motion_modules:
                 h = _apply_motion(self.motion_modules[i], h, num_frames)
-            h = self.resnets[i + 1](h, temb, num_frames)
+            h = remat.call(self.resnets[i + 1], h, temb, num_frames=num_frames)
             feats.update(_prefixed(f"attentions.{i}", f))
         return h, feats
 

@@ -31,15 +31,14 @@ def compute_dtype(cfg):
     return jnp.dtype(cfg.model.compute_dtype)
 
 
-def component_configs(cfg, stage: int | None = None) -> dict[str, dict]:
+def component_configs(cfg) -> dict[str, dict]:
     """Each component's architecture (JSON dicts as ``factory.build`` takes): from the converted
     weights directory ``cfg.init.weights_dir`` where it has the component, else from
     ``cfg.model.components``; the ReferenceNet shares the denoiser's UNet config. The denoiser gets
-    the stage's motion modules (stage 2: ``cfg.model.motion``; stage 1: none) and
+    ``cfg.model.motion`` (motion modules; None, as in stage 1: a 2-D denoiser) and
     ``cfg.model.groupnorm_over_frames``."""
     from anim_jax.convert import store
 
-    stage = int(stage or cfg.stage)
     given = plain(cfg.model.components)
     stored: dict[str, Any] = {}
     weights_dir = cfg.init.get("weights_dir", "")
@@ -62,10 +61,8 @@ def component_configs(cfg, stage: int | None = None) -> dict[str, dict]:
     for name in ("denoiser", "reference_net"):
         out[name]["groupnorm_over_frames"] = bool(cfg.model.get("groupnorm_over_frames", False))
         out[name]["motion"] = None
-    if stage == 2:
-        motion = plain(cfg.model.get("motion"))
-        if not motion:
-            raise ValueError("stage 2 needs config.model.motion (the motion-module architecture)")
+    motion = plain(cfg.model.get("motion"))
+    if motion:
         out["denoiser"]["motion"] = dict(motion)
     _check_geometry(out, cfg)
     return out
@@ -110,10 +107,10 @@ def _check_geometry(configs: Mapping[str, dict], cfg) -> None:
         raise ValueError(f"config.data.clip_size {data.clip_size} != the image encoder's image_size {clip_size}")
 
 
-def build_model(cfg, stage: int | None = None, *, abstract: bool = False, seed: int | None = None) -> AnimateAnyone:
+def build_model(cfg, *, abstract: bool = False, seed: int | None = None) -> AnimateAnyone:
     """The bundle from ``component_configs`` with random (or, ``abstract``, shape-only) parameters.
     Trained components compute in ``cfg.model.compute_dtype``, frozen encoders too."""
-    configs = component_configs(cfg, stage)
+    configs = component_configs(cfg)
     kw = dict(dtype=compute_dtype(cfg), attention=attention_config(cfg), abstract=abstract)
     seed = int(cfg.seed if seed is None else seed)
     mods = {name: factory.build(name, configs[name], seed=seed + i, **kw) for i, name in enumerate(COMPONENTS)}

@@ -16,11 +16,11 @@ from anim_jax.models.animate_anyone import AnimateAnyone
 from anim_jax.train import optim
 from anim_jax.train import state as train_state
 from anim_jax.train.architecture import build_model, plain
-from anim_jax.train.batches import batch_shardings, batch_spec
+from anim_jax.train.batches import as_clips, batch_shardings, batch_spec
 from anim_jax.train.loss import LossConfig, make_loss_fn
-from anim_jax.train.remat import apply_remat
+from anim_jax.models.remat import apply_remat
 from anim_jax.train.schedules import training_schedule
-from anim_jax.train.stages import trainable_filter
+from anim_jax.train.stages import trainable_filter, trained_components
 from anim_jax.train.weights import init_model
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,11 @@ class Trainer:
         """This process's rows of a batch (numpy) -> global, sharded ``jax.Array``s as the step takes
         them (keys of ``batch_spec`` only; ``index`` and other extras are dropped). Always feed the
         step this way: jit compiles again for numpy inputs after sharded ones."""
+        batch = as_clips(batch)
         out = {}
         for k, sharding in self.batch_shardings.items():
             if k not in batch:
-                raise KeyError(f"the batch has no {k!r} (has {sorted(batch)}): wrong config.stage for this data?")
+                raise KeyError(f"the batch has no {k!r} (has {sorted(batch)})")
             out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
         return out
 
@@ -90,9 +91,9 @@ class Trainer:
 _STEP_CACHE: dict = {}
 
 
-def _jitted_steps(cfg, state, mask, loss_cfg, tx, shardings, spec, mesh, stage):
+def _jitted_steps(cfg, state, mask, loss_cfg, tx, shardings, spec, mesh):
     policy = cfg.model.get("remat", "none")
-    key = (stage, state.graphdef, policy, loss_cfg, training_schedule(cfg), json.dumps(plain(cfg.optimizer), sort_keys=True),
+    key = (mask, state.graphdef, policy, loss_cfg, training_schedule(cfg), json.dumps(plain(cfg.optimizer), sort_keys=True),
            tuple((k, v.shape, str(v.dtype)) for k, v in sorted(spec.items())), mesh, rules_from_config(cfg))
     if key not in _STEP_CACHE:
         loss_fn = make_loss_fn(loss_cfg, training_schedule(cfg))
@@ -101,7 +102,7 @@ def _jitted_steps(cfg, state, mask, loss_cfg, tx, shardings, spec, mesh, stage):
         if policy != "none":
             # Same parameters and paths, rematerialising graph: only the graphdef differs.
             remat_model = nnx.merge(state.graphdef, state.params, state.frozen)
-            trained = ("reference_net", "denoiser") if stage == 1 else ("denoiser",)
+            trained = [name for name in trained_components(remat_model, mask) if name in ("reference_net", "denoiser")]
             n = sum(apply_remat(getattr(remat_model, name), policy) for name in trained)
             log.info("remat %r on %d blocks of %s", policy, n, "/".join(trained))
             graphdef = nnx.split(remat_model, mask, ...)[0]
@@ -113,27 +114,26 @@ def _jitted_steps(cfg, state, mask, loss_cfg, tx, shardings, spec, mesh, stage):
 
 def setup(cfg, *, mesh=None, model: AnimateAnyone | None = None, abstract: bool = False) -> Trainer:
     """Model (``init_model`` unless given), trainable mask, optimizer, sharded train state and the
-    jitted, donating train step for ``cfg.stage``. ``abstract``: the state as ``ShapeDtypeStruct``s
+    jitted, donating train step; what trains is ``cfg.trainable``. ``abstract``: the state as ``ShapeDtypeStruct``s
     with their shardings, nothing allocated (``Trainer.lower`` and FLOP counts at any size)."""
-    stage = int(cfg.stage)
     mesh = mesh or mesh_from_config(cfg)
     rules = rules_from_config(cfg)
     if model is None:
-        model = build_model(cfg, stage, abstract=True) if abstract else init_model(cfg, stage)
+        model = build_model(cfg, abstract=True) if abstract else init_model(cfg)
     tr = cfg.get("trainable", {}) or {}
-    mask = trainable_filter(model, stage, tuple(tr.get("include", ())), tuple(tr.get("exclude", ())))
+    mask = trainable_filter(model, tuple(tr.get("include", ())), tuple(tr.get("exclude", ())))
     tx = optim.make_optimizer(cfg.optimizer)
     frozen_dtype = cfg.model.get("frozen_dtype") or None
     if abstract:
-        state = train_state.abstract_train_state(lambda: build_model(cfg, stage), tx, mask, mesh, rules, frozen_dtype)
+        state = train_state.abstract_train_state(lambda: build_model(cfg), tx, mask, mesh, rules, frozen_dtype)
     else:
         state = train_state.create_train_state(model, tx, mask, mesh, rules, frozen_dtype, rng=int(cfg.seed))
     loss_cfg = LossConfig.from_config(cfg.loss)
     gbs = global_batch_size(cfg, mesh)
-    spec = batch_spec(stage, gbs, tuple(cfg.data.resolution), int(cfg.data.clip_size), int(cfg.data.get("n_frames", 1)),
+    spec = batch_spec(gbs, tuple(cfg.data.resolution), int(cfg.data.clip_size), int(cfg.data.get("n_frames", 1)),
                       bool(cfg.data.get("uint8_output", True)))
     shardings = batch_shardings(mesh, spec)
     loss_fn, plain, step, plain_graphdef, graphdef, memo = _jitted_steps(
-        cfg, state, mask, loss_cfg, tx, shardings, spec, mesh, stage)
+        cfg, state, mask, loss_cfg, tx, shardings, spec, mesh)
     state = state.replace(graphdef=graphdef)
     return Trainer(state, step, loss_fn, tx, mask, mesh, spec, shardings, gbs, plain, plain_graphdef, memo)

@@ -135,24 +135,24 @@ def load_motion_modules(denoiser: nnx.Module, path: str | os.PathLike) -> int:
     return len(modules)
 
 
-def init_model(cfg, stage: int | None = None) -> AnimateAnyone:
-    """The bundle initialised for training (see configs/stage1.py ``init`` fields):
+def init_model(cfg) -> AnimateAnyone:
+    """The model initialised for training from the sources ``config.init`` names (configs/stage1.py);
+    an empty field is a source not used:
 
     * ``init.weights_dir``: a converted-weights directory (``anim-jax convert`` or a previous
       stage's export): every component it has. A missing ``reference_net`` is copied from its
-      ``denoiser`` (Moore initialises both from the same SD UNet); motion modules in the file are
-      skipped in stage 1. Components without a source keep their random initialisation (a warning
+      ``denoiser`` (Moore initialises both from the same SD UNet); motion modules in the file load
+      only into a denoiser that has them (``config.model.motion``). Components without a source keep their random initialisation (a warning
       says so); with no ``weights_dir`` at all everything is random (tiny runs, benchmarks).
     * ``init.reference_net_from_denoiser``: a ReferenceNet with no source starts as a copy of the
       denoiser (random or loaded), as in Moore where both come from one SD UNet.
-    * ``init.controlnet`` (stage 1): a ControlNet-openpose checkpoint for the PoseGuider.
-    * ``init.stage1_checkpoint`` / ``init.stage1_step`` (stage 2): a stage-1 run's Orbax
-      checkpoint directory; its parameters replace those of the same path.
-    * ``init.motion_modules`` (stage 2): AnimateDiff motion modules (``mm_sd_v15_v2.ckpt``).
+    * ``init.controlnet`` (stage 1's config): a ControlNet-openpose checkpoint for the PoseGuider.
+    * ``init.stage1_checkpoint`` / ``init.stage1_step`` (stage 2's): a stage-1 run's Orbax
+      checkpoint directory; its parameters (motion modules excepted) replace those of the same path.
+    * ``init.motion_modules`` (stage 2's): AnimateDiff motion modules (``mm_sd_v15_v2.ckpt``).
     """
-    stage = int(stage or cfg.stage)
     init = cfg.init
-    model = build_model(cfg, stage)
+    model = build_model(cfg)
     weights_dir = init.get("weights_dir", "")
     sources = {name: "random" for name in COMPONENTS}
     if weights_dir:
@@ -167,12 +167,8 @@ def init_model(cfg, stage: int | None = None) -> AnimateAnyone:
                 continue
             module = getattr(model, name)
             arrays = read_weights_file(file)
-            if name == "reference_net" and src_name == "denoiser":
-                select = lambda p: not _is_motion(p)
-            elif name == "denoiser":
-                select = (lambda p: not _is_motion(p)) if stage == 1 else (lambda p: True)
-            else:
-                select = lambda p: True
+            # Only the model's parameters are read: a 2-D denoiser ignores motion modules in the file.
+            select = (lambda p: not _is_motion(p)) if src_name != name else (lambda p: True)
             done = assign(module, arrays, source=str(file), select=select)
             expected = {p for p in flat_arrays(module) if select(p)}
             missing = sorted(expected - done)
@@ -184,14 +180,14 @@ def init_model(cfg, stage: int | None = None) -> AnimateAnyone:
                     + (" ..." if len(missing) > 8 else "")
                 )
             sources[name] = str(file)
-    if stage == 1 and init.get("controlnet", ""):
+    if init.get("controlnet", ""):
         from anim_jax.convert import readers
         from anim_jax.convert.pose_guider_keys import load_controlnet_cond_embedding
 
         sd = readers.read_checkpoint(init.controlnet)
         load_controlnet_cond_embedding(model.pose_guider, sd, source=str(init.controlnet))
         sources["pose_guider"] = f"{init.controlnet} (ControlNet cond embedding)"
-    if stage == 2 and init.get("stage1_checkpoint", ""):
+    if init.get("stage1_checkpoint", ""):
         arrays = read_train_checkpoint(init.stage1_checkpoint, int(init.get("stage1_step", -1)))
         done = assign(model, arrays, source=str(init.stage1_checkpoint), select=lambda p: not _is_motion(p))
         for name in COMPONENTS:
@@ -204,7 +200,7 @@ def init_model(cfg, stage: int | None = None) -> AnimateAnyone:
         done = assign(model.reference_net, flat_arrays(model.denoiser), source="denoiser",
                       select=lambda p: not _is_motion(p), require_all=True)
         sources["reference_net"] = f"copy of the denoiser's {sources['denoiser']} initialisation ({len(done)} arrays)"
-    if stage == 2 and init.get("motion_modules", ""):
+    if init.get("motion_modules", ""):
         n = load_motion_modules(model.denoiser, init.motion_modules)
         sources["denoiser"] += f" + {n} motion modules from {init.motion_modules}"
     for name, src in sources.items():
