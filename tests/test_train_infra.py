@@ -369,6 +369,15 @@ def test_resume_is_bitwise_exact(mesh8, tmp_path):
     assert_trees_equal(second.state, straight)
 
 
+def test_hooks_get_each_steps_state_and_metrics(mesh8):
+    state, step, _, _ = setup(mesh8)
+    seen = []
+    res = train_loop(None, state, step, ToyData(), None, None, num_steps=3, log_every=100,
+                     hooks=[lambda s, st, m: seen.append((s, int(jax.device_get(st.step)), m["loss"]))])
+    assert res.step == 3 and [x[:2] for x in seen] == [(1, 1), (2, 2), (3, 3)]
+    assert all(np.isfinite(x[2]) for x in seen) and len({x[2] for x in seen}) == 3
+
+
 def test_sigterm_saves_at_the_current_step_and_returns(mesh8, tmp_path):
     state, step, _, _ = setup(mesh8)
     previous = signal.getsignal(signal.SIGTERM)
