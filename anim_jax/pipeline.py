@@ -27,6 +27,7 @@ from anim_jax import media, parallel
 from anim_jax.diffusion import NoiseSchedule, moore_inference_schedule
 from anim_jax.diffusion import sampling
 from anim_jax.diffusion.windows import windows_array
+from anim_jax.models import factory
 from anim_jax.models.animate_anyone import COMPONENTS, AnimateAnyone
 from anim_jax.models.clip import clip_resize
 
@@ -87,8 +88,6 @@ class AnimatePipeline:
     ) -> "AnimatePipeline":
         """Loads a converted-weights directory (``anim-jax convert``). With a mesh, parameters are
         placed by the rules table (replicated where a dim does not divide)."""
-        from anim_jax.models import factory
-
         components = factory.load_components(directory, dtype=dtype, attention=attention)
         schedule = components.pop("schedule")
         model = AnimateAnyone(**components)

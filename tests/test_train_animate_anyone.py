@@ -88,7 +88,7 @@ def dataset(tmp_path_factory, devices):
 
 
 def first_batch(cfg, dataset, batch_size):
-    from anim_jax.train.run import data_config
+    from anim_jax.train.data import data_config
     from data_pipelines.grain_pipeline import make_map_dataset
 
     with cfg.unlocked():
@@ -417,6 +417,6 @@ def test_bad_config_is_reported_by_field(devices):
     with pytest.raises(ValueError, match="resolution"):
         component_configs(load(STAGE1, "--config.data.resolution=(60, 64)"))
     with pytest.raises(ValueError, match="dataset"):
-        from anim_jax.train.run import data_config
+        from anim_jax.train.data import data_config
 
         data_config(load(STAGE1), 8)

@@ -12,18 +12,17 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from anim_jax.models.motion import MotionModule
+from anim_jax.models.resnet import ResnetBlock2D
+from anim_jax.models.transformer import Transformer2DModel
+
 POLICIES = {
     "full": None,  # save nothing inside a block
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs
 }
 
 
-def block_types() -> tuple[type, ...]:
-    from anim_jax.models.motion import MotionModule
-    from anim_jax.models.resnet import ResnetBlock2D
-    from anim_jax.models.transformer import Transformer2DModel
-
-    return (ResnetBlock2D, Transformer2DModel, MotionModule)
+BLOCK_TYPES = (ResnetBlock2D, Transformer2DModel, MotionModule)
 
 
 def apply_remat(module: nnx.Module, policy: str) -> int:
@@ -33,7 +32,7 @@ def apply_remat(module: nnx.Module, policy: str) -> int:
         raise ValueError(f"remat policy {policy!r} is not one of {['none', *POLICIES]}")
     count = 0
     for _, node in nnx.iter_graph(module):
-        if isinstance(node, block_types()):
+        if isinstance(node, BLOCK_TYPES):
             node.remat_policy = None if policy == "none" else policy
             count += 1
     return 0 if policy == "none" else count

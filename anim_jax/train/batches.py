@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anim_jax import parallel
+from data_pipelines.grain_pipeline import normalize_batch
 
 BATCH_KEYS = ("frames", "poses", "reference", "clip")
 
@@ -31,8 +32,6 @@ def as_clips(batch: Mapping[str, Any]) -> dict:
 def as_video_batch(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """A clip batch, or a batch of single frames (grain_pipeline element formats, float or uint8) ->
     ``(frames (B,F,H,W,3) in [-1,1], poses (B,F,H,W,3) in [0,1], reference (B,H,W,3), clip uint8)``."""
-    from data_pipelines.grain_pipeline import normalize_batch
-
     batch = normalize_batch(batch)
     if "frames" in batch:
         frames, poses = batch["frames"], batch["poses"]

@@ -63,10 +63,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 def __getattr__(name):
     # The run logic lived here before anim_jax.train.run; old imports keep working.
-    if name in ("train", "export", "data_config", "DeviceBatches"):
+    if name in ("train", "export"):
         from anim_jax.train import run
 
         return getattr(run, name)
+    if name in ("data_config", "DeviceBatches"):
+        from anim_jax.train import data
+
+        return getattr(data, name)
     if name == "Validator":
         from anim_jax.train.validation import Validator
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ml_collections import ConfigDict
+
 from anim_jax.train.setup import Trainer, setup
 
 def _lowered_flops(lowered) -> float | None:
@@ -18,8 +20,6 @@ def flops_config(cfg):
     """``cfg`` as the FLOP count sees it: plain XLA attention, no remat. The fused (cuDNN) and
     chunked attentions hide their work from XLA's cost analysis (a custom call counts nothing; a
     loop body counts once), while the math, and so the model FLOPs, is the same."""
-    from ml_collections import ConfigDict
-
     c = ConfigDict(cfg.to_dict())
     c.model.attention = "xla"
     c.model.remat = "none"

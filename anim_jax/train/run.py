@@ -31,6 +31,7 @@ from anim_jax.checkpoint import CheckpointManager
 from anim_jax.convert.store import atomic_write
 from anim_jax.models import factory
 from anim_jax.train import metrics as metrics_lib
+from anim_jax.train.data import DeviceBatches
 from anim_jax.train.flops import step_flops
 from anim_jax.train.loop import STATUS_COMPLETED, train_loop
 from anim_jax.train.schedules import export_schedule
@@ -38,49 +39,6 @@ from anim_jax.train.setup import setup
 from anim_jax.train.validation import Validator
 
 log = logging.getLogger("anim_jax.train")
-
-
-def data_config(cfg, global_batch: int, *, seed_offset: int = 0, batch_size: int | None = None):
-    from data_pipelines.grain_pipeline import data_config as make
-
-    d = cfg.data
-    if not d.dataset:
-        raise ValueError("config.data.dataset is not set: pass --config.data.dataset=DIR (a dataset from `anim-jax prepare`)")
-    return make(
-        path=str(d.dataset), stage=int(cfg.stage), resolution=tuple(d.resolution), sample_margin=int(d.sample_margin),
-        n_frames=int(d.n_frames), sample_rate=int(d.sample_rate), clip_size=int(d.clip_size),
-        seed=int(d.seed) + seed_offset, batch_size=int(batch_size or global_batch), num_workers=int(d.num_workers),
-        read_threads=int(d.read_threads), prefetch=int(d.prefetch), uint8_output=bool(d.uint8_output),
-        crop_scale=d.get("crop_scale", None),
-    )
-
-
-class DeviceBatches:
-    """This host's Grain batches as global, sharded ``jax.Array``s (without ``index``);
-    ``get_state``/``set_state`` are Grain's, so the checkpoint holds the position."""
-
-    def __init__(self, cfg, trainer):
-        from data_pipelines.grain_pipeline import make_iter_dataset
-
-        self.trainer = trainer
-        self._it = iter(make_iter_dataset(data_config(cfg, trainer.global_batch_size)))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.trainer.put_batch(next(self._it))
-
-    def get_state(self):
-        return self._it.get_state()
-
-    def set_state(self, state):
-        self._it.set_state(state)
-
-    def close(self):
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
 
 
 def _write_config(cfg, workdir: pathlib.Path) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from flax import nnx
+
 from anim_jax.models.animate_anyone import AnimateAnyone
 from anim_jax.train import optim
 
@@ -34,6 +36,4 @@ def trained_components(model: AnimateAnyone, mask: optim.TrainableFilter) -> tup
 
 
 def _paths(module) -> list[str]:
-    from flax import nnx
-
     return [optim.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))]

@@ -11,9 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anim_jax import media
 from anim_jax.diffusion import NoiseSchedule, sampling
 from anim_jax.models.animate_anyone import AnimateAnyone
+from anim_jax.train.data import data_config
 from anim_jax.train.schedules import validation_schedule
+from data_pipelines.grain_pipeline import make_map_dataset, normalize_batch
 
 log = logging.getLogger("anim_jax.train")
 
@@ -37,9 +40,6 @@ def sample_videos(model: AnimateAnyone, reference, clip, poses, key, *, schedule
 def validation_inputs(cfg, n: int, num_frames: int) -> dict[str, np.ndarray]:
     """``n`` fixed elements of the dataset (another seed than training) as one video batch:
     ``frames`` (n, F, H, W, 3) and ``reference`` in [-1, 1], ``poses`` in [0, 1], ``clip`` uint8."""
-    from anim_jax.train.run import data_config
-    from data_pipelines.grain_pipeline import make_map_dataset, normalize_batch
-
     dc = data_config(cfg, n, seed_offset=1, batch_size=n)
     # Every process builds the same inputs (the whole dataset is visible to each).
     ds = make_map_dataset(dc, process_index=0, process_count=1, batch=False)
@@ -73,8 +73,6 @@ class Validator:
         self.noise = self._put(latent_noise(trainer.state.model(), jax.random.key(int(v.seed)), b, f, h, w))
 
     def __call__(self, step: int, state) -> str | None:
-        from anim_jax import media
-
         t0 = time.perf_counter()
         out = sampling.sample(state.model(), self.noise, reference=self._put(self.reference), clip=self._put(self.clip),
                               poses=self._put(self.poses), schedule=self.schedule, steps=self.steps,
