@@ -2,9 +2,9 @@
 
 Its parts now live in small modules: the model in ``anim_jax.models.animate_anyone``, sampling in
 ``anim_jax.diffusion.sampling``, and under ``anim_jax.train``: ``batches`` (batch format),
-``loss``, ``remat``, ``architecture`` (config -> architecture), ``weights`` (initialisation from
+``loss``, ``architecture`` (config -> architecture), ``weights`` (initialisation from
 sources), ``stages`` (trainable sets), ``setup`` (mesh, state, jitted step), ``flops``,
-``schedules``, ``validation`` and ``run``.
+``schedules``, ``data``, ``validation`` and ``run``; remat in ``anim_jax.models.remat``.
 """
 
 from anim_jax.models.animate_anyone import COMPONENTS, AnimateAnyone
@@ -13,7 +13,8 @@ from anim_jax.train.architecture import attention_config, build_model, component
 from anim_jax.train.batches import BATCH_KEYS, as_video_batch, batch_shardings, batch_spec
 from anim_jax.train.flops import compiled_flops, flops_config, step_flops
 from anim_jax.train.loss import LossConfig, make_loss_fn
-from anim_jax.train.remat import REMAT_POLICIES, apply_remat
+from anim_jax.models.remat import POLICIES as REMAT_POLICIES
+from anim_jax.models.remat import apply_remat
 from anim_jax.train.schedules import export_schedule, training_schedule, validation_schedule
 from anim_jax.train.setup import Trainer, global_batch_size, mesh_from_config, rules_from_config, setup
 from anim_jax.train.stages import last_up_block, trainable_filter
