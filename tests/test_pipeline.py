@@ -115,6 +115,31 @@ def test_same_seed_same_video_and_seed_matters(components, inputs):
     assert not np.array_equal(a, pipe(ref, poses, seed=6, **kw).frames)
 
 
+def test_sampler_batches_videos_and_both_guidance_modes_agree(components):
+    """Several videos in one sample() call (as validation runs it) equal one call per video, and
+    CFG as one masked batched call equals two calls. The one-video shapes are the pipeline's above
+    (shared compilation)."""
+    from anim_jax.diffusion import moore_inference_schedule, sampling
+    from anim_jax.models.animate_anyone import AnimateAnyone
+
+    model = AnimateAnyone(**components)
+    r = np.random.default_rng(4)
+    noise = jnp.asarray(r.standard_normal((2, 3, HEIGHT // 2, WIDTH // 2, 4)), jnp.float32)
+    ref = jnp.asarray(r.uniform(-1, 1, (2, HEIGHT, WIDTH, 3)), jnp.float32)
+    clip = jnp.asarray(r.integers(0, 256, (2, 16, 16, 3)), jnp.uint8)
+    poses = jnp.asarray(r.uniform(0, 1, (2, 3, HEIGHT, WIDTH, 3)), jnp.float32)
+    kw = dict(schedule=moore_inference_schedule(), steps=2, guidance_scale=3.5)
+    both = np.asarray(sampling.sample(model, noise, reference=ref, clip=clip, poses=poses, **kw))
+    scale = np.abs(both).max()
+    for i in range(2):
+        one = sampling.sample(model, noise[i:i + 1], reference=ref[i:i + 1], clip=clip[i:i + 1],
+                              poses=poses[i:i + 1], **kw)
+        np.testing.assert_allclose(both[i], np.asarray(one)[0], atol=1e-5 * scale)
+    assert np.abs(both[0] - both[1]).max() > 1e-2 * scale
+    two_calls = sampling.sample(model, noise, reference=ref, clip=clip, poses=poses, batch_guidance=False, **kw)
+    np.testing.assert_allclose(np.asarray(two_calls), both, atol=1e-5 * scale)
+
+
 def test_changing_schedule_or_config_between_calls_changes_the_output(components, inputs):
     """Nothing is cached by name: the schedule and the modules' configs are part of what compiles."""
     import dataclasses
