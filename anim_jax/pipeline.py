@@ -87,9 +87,9 @@ class AnimatePipeline:
     ) -> "AnimatePipeline":
         """Loads a converted-weights directory (``anim-jax convert``). With a mesh, parameters are
         placed by the rules table (replicated where a dim does not divide)."""
-        from anim_jax.models import factory
+        from anim_jax.convert.components import load_components
 
-        components = factory.load_components(directory, dtype=dtype, attention=attention)
+        components = load_components(directory, dtype=dtype, attention=attention)
         schedule = components.pop("schedule")
         if mesh is not None:
             for module in components.values():

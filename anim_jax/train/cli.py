@@ -207,15 +207,14 @@ class Validator:
 
 
 def _write_config(cfg, workdir: pathlib.Path) -> None:
-    from anim_jax.convert.store import atomic_write
+    from anim_jax import atomic
 
-    text = cfg.to_json_best_effort(indent=2, sort_keys=True)
-    atomic_write(workdir / "config.json", lambda tmp: pathlib.Path(tmp).write_text(text))
+    atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | None = None, cfg=None) -> pathlib.Path:
     """The trained model (trained and frozen parts) as a converted-weights directory
-    (``models.factory.save_components``, float32) with the inference schedule of ``cfg.diffusion``,
+    (``convert.components.save_components``, float32) with the inference schedule of ``cfg.diffusion``,
     written by process 0. Every process must call it: with several processes the parameters are
     gathered collectively first."""
     import jax
@@ -223,7 +222,7 @@ def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | N
     import numpy as np
     from flax import nnx
 
-    from anim_jax.models import factory
+    from anim_jax.convert.components import save_components
     from anim_jax.train import animate_anyone as aa
 
     out = workdir / name
@@ -240,7 +239,7 @@ def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | N
     nnx.replace_by_pure_dict(params, pure)
     nnx.update(model, params)
     if jax.process_index() == 0:
-        factory.save_components(out, model.components(), schedule=aa.export_schedule(cfg),
+        save_components(out, model.components(), schedule=aa.export_schedule(cfg),
                                 extra={"source": "anim-jax train", "stage": stage, "step": int(jax.device_get(state.step))})
     return out
 
