@@ -4,7 +4,7 @@ Everything runs offline, from nothing:
 
 1. a synthetic training set (``OUT/data``) and held-out videos whose characters *and* motions come
    from another seed, so neither appearance nor pose sequence was seen in training;
-2. stage 1 then stage 2 with the real trainer (``anim_jax.train.cli.train``, configs/demo.py: the
+2. stage 1 then stage 2 with the real trainer (``anim_jax.train.cli.train``, anim_jax/recipes/demo.py: the
    tiny architecture with an exact pixel-unshuffle autoencoder instead of the SD VAE), stage 2
    initialised from the stage-1 export;
 3. the held-out characters animated with the held-out poses by the real ``AnimatePipeline`` loaded
@@ -36,7 +36,7 @@ from anim_jax import atomic
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """What the demo does besides the training configs (configs/demo.py)."""
+    """What the demo does besides the training configs (anim_jax/recipes/demo.py)."""
 
     quick: bool = False
     seed: int = 0
@@ -99,7 +99,7 @@ def run(out, settings: DemoSettings = DemoSettings(), *, say: Callable[[str], No
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
 
-    from configs import demo as demo_config
+    from anim_jax.recipes import demo as demo_config
 
     height, width = demo_config.RESOLUTION
     t0 = time.perf_counter()
@@ -140,8 +140,8 @@ def run(out, settings: DemoSettings = DemoSettings(), *, say: Callable[[str], No
 
 
 def stage_configs(settings: DemoSettings, dataset, stage1_export):
-    """The two training configs (configs/demo.py) for this run."""
-    from configs import demo as demo_config
+    """The two training configs (anim_jax/recipes/demo.py) for this run."""
+    from anim_jax.recipes import demo as demo_config
 
     suffix = ",quick" if settings.quick else ""
     stage1 = demo_config.get_config("stage1" + suffix)
@@ -171,7 +171,7 @@ def _train(cfg, workdir: pathlib.Path) -> None:
 
 def heldout_videos(settings: DemoSettings, height: int, width: int) -> list[dict]:
     """Held-out videos: ``reference`` (H, W, 3), ``poses`` and ``frames`` (F, H, W, 3), uint8."""
-    from configs import demo as demo_config
+    from anim_jax.recipes import demo as demo_config
     from data_pipelines.synthetic import render_video
 
     out = []
@@ -277,7 +277,7 @@ def write_outputs(out: pathlib.Path, results: dict, heldout: list[dict], setting
 
 def metrics_table(metrics: dict, settings: DemoSettings) -> str:
     n = metrics["trained"]["mean"]["videos"]
-    from configs.demo import RESOLUTION
+    from anim_jax.recipes.demo import RESOLUTION
 
     lines = [
         f"# anim-jax demo: {n} held-out synthetic videos x {settings.heldout_frames} frames, "
