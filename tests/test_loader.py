@@ -65,6 +65,7 @@ def test_torch_layout_select_ignore_and_report():
     kept = values(model)["proj.0.kernel"]
     report = load(model, torch_sd, keymap=keymap, select=lambda p: not p.startswith("proj."))
     assert set(report.loaded) == {"conv.kernel", "conv.bias"}  # proj.* not selected: their keys are skipped
+    assert str(report) == "loaded 2 parameters from checkpoint (1 source keys unused)"
     assert report.unused == ("conv.num_batches_tracked",)
     got = values(model)
     np.testing.assert_array_equal(got["conv.kernel"], want["conv.kernel"])
@@ -126,18 +127,29 @@ def test_truncated_weights_file_is_one_line_from_the_cli(tmp_path):
     assert str(weights / "denoiser.safetensors") in lines[0] and "truncated" in lines[0], lines
 
 
-def test_models_import_nothing_from_convert():
-    """Layers point one way: models/ knows no checkpoint format."""
-    offenders = []
-    for path in sorted((ROOT / "anim_jax" / "models").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                package = ["anim_jax", "models"][: 3 - node.level] if node.level else []
-                module = ".".join(package + ([node.module] if node.module else []))
-                names = [module] + [f"{module}.{a.name}" for a in node.names]
-            offenders += [f"{path.name}:{node.lineno} {n}" for n in names
-                          if n == "anim_jax.convert" or n.startswith("anim_jax.convert.")]
+def _imports(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(line, dotted module) of every import in a module of anim_jax (relative imports resolved)."""
+    package = list(path.relative_to(ROOT).parent.parts)
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            out += [(node.lineno, module)] + [(node.lineno, f"{module}.{a.name}") for a in node.names]
+    return out
+
+
+@pytest.mark.parametrize("files, higher", [
+    ("anim_jax/models/*.py", ("anim_jax.convert", "anim_jax.train", "anim_jax.pipeline", "anim_jax.demo")),
+    ("anim_jax/weights_dir.py", ("anim_jax.models", "anim_jax.convert")),
+    ("anim_jax/atomic.py", ("anim_jax.",)),
+])
+def test_layers_point_one_way(files, higher):
+    """models/ knows no checkpoint format; the weights-directory format and the writer sit below both."""
+    paths = sorted(ROOT.glob(files))
+    assert paths
+    offenders = [f"{p.relative_to(ROOT)}:{line} imports {m}" for p in paths for line, m in _imports(p)
+                 if any(m == h.rstrip(".") or m.startswith(h.rstrip(".") + ".") for h in higher)]
     assert not offenders, offenders

@@ -119,8 +119,8 @@ class LoadReport:
     unused: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        extra = [f"{len(self.kept)} kept as they were" for _ in [0] if self.kept]
-        extra += [f"{len(self.unused)} source keys unused" for _ in [0] if self.unused]
+        extra = ([f"{len(self.kept)} kept as they were"] if self.kept else []) + (
+            [f"{len(self.unused)} source keys unused"] if self.unused else [])
         return f"loaded {len(self.loaded)} parameters from {self.source}" + (f" ({', '.join(extra)})" if extra else "")
 
 
