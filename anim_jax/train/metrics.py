@@ -15,10 +15,12 @@ Only process 0 should write (``MetricWriter(logdir, enabled=jax.process_index() 
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import math
 import os
+import secrets
 import time
 from typing import Mapping
 
@@ -73,9 +75,12 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             os.makedirs(self.logdir, exist_ok=True)
-            # The pid keeps two writers started in the same second (tests, restarts) apart.
-            self._tb = SummaryWriter(self.logdir, filename_suffix=f".{os.getpid()}{filename_suffix}", flush_secs=30)
-            self.path = self._tb._get_file_writer().event_writer._ev_writer._file_name
+            # A unique suffix keeps two writers started in the same second (restarts, tests) apart and
+            # finds this writer's file without tensorboardX internals.
+            unique = f".{os.getpid()}.{secrets.token_hex(3)}{filename_suffix}"
+            self._tb = SummaryWriter(self.logdir, filename_suffix=unique, flush_secs=30)
+            self._tb.flush()  # creates the event file
+            (self.path,) = glob.glob(os.path.join(glob.escape(self.logdir), f"events.out.tfevents.*{glob.escape(unique)}"))
             self._jsonl = open(os.path.join(self.logdir, METRICS_FILE), "a", encoding="utf-8", buffering=1)  # line-buffered
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
