@@ -205,8 +205,7 @@ def load(
         kept = sorted((p for p in wanted if key_of[p] not in given and allow_missing is not None and allow_missing(p)),
                       key=_natural_key)
         expected = {key_of[p]: shape_in_source(p) for p in wanted if p not in kept}
-        files = {k: str(reader.file_of(k)) for k in given} if hasattr(reader, "file_of") else None
-        check_keys(expected, given, source=label, ignored=lambda k: ignored(k) or extra(k), files=files,
+        check_keys(expected, given, source=label, ignored=lambda k: ignored(k) or extra(k),
                    dtypes={k: _dtype(reader, k) for k in present})
         loaded = []
         for path in sorted(wanted - set(kept), key=_natural_key):
