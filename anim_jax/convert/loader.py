@@ -213,7 +213,9 @@ def load(
             value = reader[key_of[path]]
             if keymap is not None:
                 value = layout.from_torch(path, value)
-            arr = jnp.asarray(value, dtype=dtype or var.dtype)
+            # A fresh buffer even when the source is a device array of the right dtype (another
+            # module's parameter): sharing it would let a donating train step free both.
+            arr = jnp.array(value, dtype=dtype or var.dtype, copy=True)
             # .value (not [...]) also works on abstract parameters from nnx.eval_shape.
             sharding = getattr(var.value, "sharding", None)
             var.value = jax.device_put(arr, sharding) if sharding is not None else arr
