@@ -4,7 +4,7 @@ Everything runs offline, from nothing:
 
 1. a synthetic training set (``OUT/data``) and held-out videos whose characters *and* motions come
    from another seed, so neither appearance nor pose sequence was seen in training;
-2. stage 1 then stage 2 with the real trainer (``anim_jax.train.run.train``, configs/demo.py: the
+2. stage 1 then stage 2 with the real trainer (``anim_jax.train.run.train``, anim_jax/recipes/demo.py: the
    tiny architecture with an exact pixel-unshuffle autoencoder instead of the SD VAE), stage 2
    initialised from the stage-1 export;
 3. the held-out characters animated with the held-out poses by the real ``AnimatePipeline`` loaded
@@ -12,7 +12,7 @@ Everything runs offline, from nothing:
    the "copy the reference frame" baseline;
 4. ``OUT/videos/heldout_<i>.{mp4,gif}`` (reference | pose | generated | ground truth),
    ``OUT/metrics.{md,json}`` (PSNR / SSIM / L1 from ``anim_jax.evaluate``) and ``OUT/loss.png``
-   (the training losses read back from the runs' TensorBoard event files).
+   (the training losses read back from the runs' ``logs/metrics.jsonl``).
 
 The reference frame is the held-out video's first frame; the poses and the ground truth are the
 frames after it.
@@ -25,17 +25,18 @@ import dataclasses
 import json
 import pathlib
 import shutil
-import struct
 import sys
 import time
 from typing import Callable
 
 import numpy as np
 
+from anim_jax import atomic
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """What the demo does besides the training configs (configs/demo.py)."""
+    """What the demo does besides the training configs (anim_jax/recipes/demo.py)."""
 
     quick: bool = False
     seed: int = 0
@@ -98,7 +99,7 @@ def run(out, settings: DemoSettings = DemoSettings(), *, say: Callable[[str], No
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
 
-    from configs import demo as demo_config
+    from anim_jax.recipes import demo as demo_config
 
     height, width = demo_config.RESOLUTION
     t0 = time.perf_counter()
@@ -139,8 +140,8 @@ def run(out, settings: DemoSettings = DemoSettings(), *, say: Callable[[str], No
 
 
 def stage_configs(settings: DemoSettings, dataset, stage1_export):
-    """The two training configs (configs/demo.py) for this run."""
-    from configs import demo as demo_config
+    """The two training configs (anim_jax/recipes/demo.py) for this run."""
+    from anim_jax.recipes import demo as demo_config
 
     suffix = ",quick" if settings.quick else ""
     stage1 = demo_config.get_config("stage1" + suffix)
@@ -170,7 +171,7 @@ def _train(cfg, workdir: pathlib.Path) -> None:
 
 def heldout_videos(settings: DemoSettings, height: int, width: int) -> list[dict]:
     """Held-out videos: ``reference`` (H, W, 3), ``poses`` and ``frames`` (F, H, W, 3), uint8."""
-    from configs import demo as demo_config
+    from anim_jax.recipes import demo as demo_config
     from data_pipelines.synthetic import render_video
 
     out = []
@@ -239,8 +240,6 @@ METHODS = (("trained", "trained model"), ("untrained", "untrained model (same ar
 def write_outputs(out: pathlib.Path, results: dict, heldout: list[dict], settings: DemoSettings, *, stage1_logs,
                   stage2_logs, seconds: dict) -> dict:
     from anim_jax import media
-    from anim_jax.convert.store import atomic_write
-
     paths: dict[str, list[str] | str] = {"mp4": [], "gif": []}
     for i, (video, gen) in enumerate(zip(heldout, results["generated"]["trained"])):
         grid = media.side_by_side([video["reference"], video["poses"], gen, video["frames"]])
@@ -252,7 +251,9 @@ def write_outputs(out: pathlib.Path, results: dict, heldout: list[dict], setting
         paths["mp4"].append(str(mp4))
         paths["gif"].append(str(gif))
 
-    losses = {"stage 1": read_scalars(stage1_logs, "loss"), "stage 2": read_scalars(stage2_logs, "loss")}
+    from anim_jax.train.metrics import scalar_series
+
+    losses = {"stage 1": scalar_series(stage1_logs, "loss"), "stage 2": scalar_series(stage2_logs, "loss")}
     plot = out / "loss.png"
     plot_losses(plot, losses)
     paths["loss_plot"] = str(plot)
@@ -267,8 +268,8 @@ def write_outputs(out: pathlib.Path, results: dict, heldout: list[dict], setting
         trained_beats_baselines=bool(metrics["trained"]["mean"]["psnr"] > max(
             metrics["untrained"]["mean"]["psnr"], metrics["copy_reference"]["mean"]["psnr"])),
     )
-    atomic_write(out / "metrics.json", lambda tmp: pathlib.Path(tmp).write_text(json.dumps(record, indent=2)))
-    atomic_write(out / "metrics.md", lambda tmp: pathlib.Path(tmp).write_text(metrics_table(metrics, settings)))
+    atomic.write_text(out / "metrics.json", json.dumps(record, indent=2))
+    atomic.write_text(out / "metrics.md", metrics_table(metrics, settings))
     paths["metrics_md"] = str(out / "metrics.md")
     paths["metrics_json"] = str(out / "metrics.json")
     return paths
@@ -276,7 +277,7 @@ def write_outputs(out: pathlib.Path, results: dict, heldout: list[dict], setting
 
 def metrics_table(metrics: dict, settings: DemoSettings) -> str:
     n = metrics["trained"]["mean"]["videos"]
-    from configs.demo import RESOLUTION
+    from anim_jax.recipes.demo import RESOLUTION
 
     lines = [
         f"# anim-jax demo: {n} held-out synthetic videos x {settings.heldout_frames} frames, "
@@ -317,74 +318,13 @@ def summary(result: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# TensorBoard scalars and the loss plot
+# The loss plot (from the runs' metrics.jsonl)
 # --------------------------------------------------------------------------------------------
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: bytes):
-    """(field number, wire type, value) of a protobuf message; lengths-delimited values as bytes."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 2:
-            n, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + n], pos + n
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield field, wire, value
-
-
-def read_scalars(logdir, tag: str) -> list[tuple[int, float]]:
-    """``(step, value)`` of a scalar in the TensorBoard event files of ``logdir`` (the records the
-    trainer's ``MetricWriter`` writes: Event.step = 2, Event.summary = 5, Summary.value = 1,
-    Value.tag = 1, Value.simple_value = 2), sorted by step."""
-    points: dict[int, float] = {}
-    for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        pos = 0
-        while pos + 12 <= len(data):
-            (length,) = struct.unpack_from("<Q", data, pos)
-            record = data[pos + 12:pos + 12 + length]
-            pos += 12 + length + 4
-            if len(record) < length:
-                break  # a record still being written
-            step = 0
-            for field, _, value in _fields(record):
-                if field == 2:
-                    step = value
-                elif field == 5:
-                    for f, _, v in _fields(value):
-                        if f != 1:
-                            continue
-                        entry = dict((ff, vv) for ff, _, vv in _fields(v))
-                        if entry.get(1, b"").decode("utf-8", "replace") == tag and 2 in entry:
-                            points[step] = struct.unpack("<f", entry[2])[0]
-    return sorted(points.items())
 
 
 def plot_losses(path, series: dict[str, list[tuple[int, float]]], width: int = 900, height: int = 360) -> None:
     """One panel per series: the per-step loss (light) and its running mean (dark), drawn with PIL."""
     from PIL import Image, ImageDraw
-
-    from anim_jax.convert.store import atomic_write
 
     names = [k for k, v in series.items() if v]
     if not names:
@@ -417,7 +357,7 @@ def plot_losses(path, series: dict[str, list[tuple[int, float]]], width: int = 9
         window = max(1, len(vals) // 15)
         smooth = np.convolve(vals, np.ones(window) / window, mode="valid")
         d.line([to_xy(s, v) for s, v in zip(steps[window - 1:], smooth)], fill=(20, 60, 170), width=3)
-    atomic_write(pathlib.Path(path), lambda tmp: img.save(tmp, format="PNG"))
+    atomic.write_with(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 if __name__ == "__main__":

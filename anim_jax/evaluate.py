@@ -163,8 +163,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if "fvd" in summary:
         print(f"FVD ({len(results)} videos per set, clips: {summary['fvd_clips']}): {summary['fvd']:.3f}")
     if args.json:
-        from anim_jax.convert.store import atomic_write
+        from anim_jax import atomic
 
         text = json.dumps({"videos": {k: m.as_dict() for k, m in results.items()}, "mean": summary}, indent=2)
-        atomic_write(pathlib.Path(args.json), lambda tmp: pathlib.Path(tmp).write_text(text))
+        atomic.write_text(args.json, text)
     return 0

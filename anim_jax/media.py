@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+
+from anim_jax.atomic import atomic_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".gif")
@@ -142,13 +143,6 @@ def resize_lanczos(image: Image.Image, width: int, height: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def _atomic_path(path: pathlib.Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0, crf: int = 18) -> None:
     """H.264 mp4 of (F, H, W, 3) uint8 frames, written atomically. Odd sizes are padded by one pixel."""
     import av
@@ -160,10 +154,8 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0, crf
     ph, pw = frames.shape[1] % 2, frames.shape[2] % 2
     if ph or pw:
         frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
-    path = pathlib.Path(path)
-    tmp = _atomic_path(path)
-    try:
-        with av.open(tmp, mode="w", format="mp4") as out:
+    with atomic_file(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as out:
             stream = out.add_stream("libx264", rate=max(1, int(round(fps))))
             stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
             stream.options = {"crf": str(crf), "preset": "medium"}
@@ -172,24 +164,14 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0, crf
                     out.mux(packet)
             for packet in stream.encode():
                 out.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) -> None:
     frames = np.asarray(frames)
     images = [Image.fromarray(f) for f in frames]
-    path = pathlib.Path(path)
-    tmp = _atomic_path(path)
-    try:
+    with atomic_file(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
                        duration=max(1, int(round(1000 / fps))), loop=0)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def side_by_side(panels: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:

@@ -27,7 +27,6 @@ from anim_jax import media, parallel
 from anim_jax.diffusion import NoiseSchedule, moore_inference_schedule
 from anim_jax.diffusion import sampling
 from anim_jax.diffusion.windows import windows_array
-from anim_jax.models import factory
 from anim_jax.models.animate_anyone import COMPONENTS, AnimateAnyone
 from anim_jax.models.clip import clip_resize
 
@@ -88,7 +87,9 @@ class AnimatePipeline:
     ) -> "AnimatePipeline":
         """Loads a converted-weights directory (``anim-jax convert``). With a mesh, parameters are
         placed by the rules table (replicated where a dim does not divide)."""
-        components = factory.load_components(directory, dtype=dtype, attention=attention)
+        from anim_jax.convert.components import load_components
+
+        components = load_components(directory, dtype=dtype, attention=attention)
         schedule = components.pop("schedule")
         model = AnimateAnyone(**components)
         if mesh is not None:

@@ -35,6 +35,8 @@ from _hardware import cpu_name  # noqa: E402  (benchmarks run as scripts: their 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from anim_jax import atomic  # noqa: E402
+
 SD15_UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
     "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
@@ -89,9 +91,8 @@ def generate(folder: str, dtype: str) -> None:
                 sd[key] = torch.from_numpy(sinusoidal_position_table(shape[1], shape[2])[None]).to(torch_dtype)
             else:
                 sd[key] = (torch.randn(shape, generator=gen) * 0.02).to(torch_dtype)
-        tmp = os.path.join(folder, f".{name}.tmp")
-        torch.save(sd, tmp)
-        os.replace(tmp, os.path.join(folder, name))
+        with atomic.atomic_file(os.path.join(folder, name)) as tmp:
+            torch.save(sd, tmp)
         print(f"  generated {name}: {len(sd)} tensors, {os.path.getsize(os.path.join(folder, name)) / 1e9:.2f} GB "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
         del sd

@@ -28,12 +28,13 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from typing import Iterable, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from anim_jax import atomic
 
 DATASET_NAME = "anim_video"
 VERSION = "1.0.0"
@@ -174,13 +175,7 @@ def build_dataset(
         built = os.path.join(tmp, DATASET_NAME, VERSION)
         if report is not None:
             write_json(os.path.join(built, REPORT_NAME), report)
-        if os.path.exists(path):  # overwrite: move the old one aside, then swap
-            old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(built, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(built, path)
+        atomic.replace_dir(built, path)  # an existing dataset (overwrite) is swapped out, then removed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -194,15 +189,8 @@ def _json_default(o):
 
 def write_json(path: str | os.PathLike, obj) -> None:
     """JSON file written atomically (temporary file + rename)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=_json_default)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic.atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default)
 
 
 def is_complete(path: str | os.PathLike) -> bool:

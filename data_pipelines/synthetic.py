@@ -43,7 +43,7 @@ COLORS = (
 
 
 
-# Background kinds; the default draw leaves out "plain" (the demo uses it alone: configs/demo.py).
+# Background kinds; the default draw leaves out "plain" (the demo uses it alone: anim_jax/recipes/demo.py).
 BACKGROUNDS = ("vgradient", "hgradient", "floor", "checks", "plain")
 DEFAULT_BACKGROUNDS = BACKGROUNDS[:4]
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import tempfile
 from fractions import Fraction
 from typing import Iterable, Iterator
 
 import av
 import numpy as np
 from PIL import Image
+
+from anim_jax import atomic
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
@@ -92,34 +93,27 @@ def write_video(
         raise ValueError(f"write_video({path!r}): no frames")
     h, w = first.shape[:2]
     ext = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=ext, dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        with av.open(tmp, mode="w") as out:
-            if lossless and ext == ".mkv":
-                st = out.add_stream("ffv1", rate=rate)
-                st.pix_fmt = "bgr0"
-            elif lossless:
-                st = out.add_stream("libx264rgb", rate=rate)
-                st.pix_fmt = "rgb24"
-                st.options = {"qp": "0", "preset": "ultrafast"}
-            else:
-                st = out.add_stream("libx264", rate=rate)
-                st.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
-                st.options = {"crf": str(crf), "preset": "veryfast"}
-            st.width, st.height = w, h
-            for arr in itertools.chain([first], it):
-                arr = np.ascontiguousarray(arr, dtype=np.uint8)
-                if arr.shape != (h, w, 3):
-                    raise ValueError(f"write_video({path!r}): frame of shape {arr.shape}, expected {(h, w, 3)}")
-                for packet in st.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                    out.mux(packet)
-            for packet in st.encode():
+    with atomic.atomic_file(path) as tmp, av.open(str(tmp), mode="w") as out:
+        if lossless and ext == ".mkv":
+            st = out.add_stream("ffv1", rate=rate)
+            st.pix_fmt = "bgr0"
+        elif lossless:
+            st = out.add_stream("libx264rgb", rate=rate)
+            st.pix_fmt = "rgb24"
+            st.options = {"qp": "0", "preset": "ultrafast"}
+        else:
+            st = out.add_stream("libx264", rate=rate)
+            st.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
+            st.options = {"crf": str(crf), "preset": "veryfast"}
+        st.width, st.height = w, h
+        for arr in itertools.chain([first], it):
+            arr = np.ascontiguousarray(arr, dtype=np.uint8)
+            if arr.shape != (h, w, 3):
+                raise ValueError(f"write_video({path!r}): frame of shape {arr.shape}, expected {(h, w, 3)}")
+            for packet in st.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 out.mux(packet)
-        os.replace(tmp, path)  # only a complete file ever appears under `path`
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for packet in st.encode():
+            out.mux(packet)
 
 
 JPEG_SUBSAMPLING = {"444": 0, "422": 1, "420": 2}

@@ -10,12 +10,9 @@ from PIL import Image
 
 import jax.numpy as jnp
 from anim_jax.convert.clip_keys import CLIP_KEYMAP
-from anim_jax.convert.mapping import (
-    CheckpointMismatchError,
-    export_torch_state_dict,
-    flat_params,
-    load_torch_state_dict,
-)
+from anim_jax.convert.loader import load_torch_state_dict
+from anim_jax.convert.mapping import CheckpointMismatchError, export_torch_state_dict, flat_params
+from anim_jax.convert.model_configs import clip_config_from_transformers
 from anim_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection, clip_preprocess
 
 CONFIGS = {
@@ -51,7 +48,7 @@ def state_dict_np(model):
 
 def jax_clip(kw, seed=0) -> CLIPVisionModelWithProjection:
     """Built abstractly then filled from numpy: eager init compiles a kernel per parameter shape."""
-    config = CLIPVisionConfig.from_transformers(kw)
+    config = clip_config_from_transformers(kw)
     model = nnx.eval_shape(lambda: CLIPVisionModelWithProjection(config, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(seed)
     for var in flat_params(model).values():
@@ -94,19 +91,19 @@ def test_parity(name):
 
 def test_config_from_transformers():
     kw = CONFIGS["gelu"]
-    cfg = CLIPVisionConfig.from_transformers(transformers.CLIPVisionConfig(**kw).to_dict())
+    cfg = clip_config_from_transformers(transformers.CLIPVisionConfig(**kw).to_dict())
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.patch_size, cfg.projection_dim) == (48, 3, 4, 24)
     assert cfg.hidden_act == "gelu" and cfg.layer_norm_eps == 1e-6 and cfg.num_positions == 50
     # a full CLIPConfig dict: its vision_config is used
     full = transformers.CLIPConfig(vision_config=kw).to_dict()
-    assert CLIPVisionConfig.from_transformers(full) == cfg
+    assert clip_config_from_transformers(full) == cfg
     # sd-image-variations-diffusers/image_encoder/config.json (ViT-L/14) gives the defaults
     vit_l = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
                  patch_size=14, projection_dim=768, hidden_act="quick_gelu", model_type="clip_vision_model",
                  dropout=0.0, initializer_factor=1.0)  # fmt: skip
-    assert CLIPVisionConfig.from_transformers(vit_l) == CLIPVisionConfig()
+    assert clip_config_from_transformers(vit_l) == CLIPVisionConfig()
     with pytest.raises(ValueError, match="hidden_act = 'relu'"):
-        CLIPVisionConfig.from_transformers(dict(kw, hidden_act="relu"))
+        clip_config_from_transformers(dict(kw, hidden_act="relu"))
 
 
 def test_preprocess_matches_clip_image_processor():
@@ -152,7 +149,7 @@ def test_strict_loading_errors():
 def test_export_round_trip():
     kw = CONFIGS["gelu"]
     # a real (eager) construction here, so the concrete initialisers run too
-    model = CLIPVisionModelWithProjection(CLIPVisionConfig.from_transformers(kw), rngs=nnx.Rngs(3))
+    model = CLIPVisionModelWithProjection(clip_config_from_transformers(kw), rngs=nnx.Rngs(3))
     exported = export_torch_state_dict(model, CLIP_KEYMAP)
     fresh = load_torch_state_dict(jax_clip(kw, seed=5), exported, CLIP_KEYMAP)
     fa, fb = flat_params(model), flat_params(fresh)

@@ -71,7 +71,8 @@ def test_store_round_trip_is_exact_and_strict(tmp_path):
         def __init__(self, rngs):
             self.conv = layers.Conv2d(3, 6, rngs=rngs)
 
-    with pytest.raises(CheckpointMismatchError, match=r"(?s)unexpected: proj\.0\.bias.*misshaped: conv\.bias"):
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)m\.safetensors.*unexpected keys:\n    proj\.0\.bias"
+                       r".*misshaped keys:\n    conv\.bias: checkpoint \(4,\), model expects \(6,\)"):
         store.load_params(Other(nnx.Rngs(0)), tmp_path / "m.safetensors")
 
 

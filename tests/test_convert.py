@@ -33,8 +33,9 @@ from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMo
 from flax import nnx
 
 from anim_jax import cli
-from anim_jax.convert import moore, store
-from anim_jax.convert.mapping import from_torch_layout, to_torch_layout
+from anim_jax.convert import layout, moore, store
+from anim_jax.convert.components import load_components
+from anim_jax.convert.layout import from_torch, to_torch
 from anim_jax.convert.readers import read_checkpoint, read_safetensors
 from anim_jax.diffusion import NoiseSchedule, moore_inference_schedule
 from anim_jax.models import factory
@@ -166,7 +167,7 @@ def converted(moore_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted") / "weights"
     rc, stdout, stderr = run_cli(*moore_argv(moore_set, out))
     assert rc == 0, stderr
-    return out, stdout, factory.load_components(out)
+    return out, stdout, load_components(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def _converted_motion_params(out: pathlib.Path) -> dict[str, np.ndarray]:
     from anim_jax.convert.unet_keys import DENOISER_KEYMAP
 
     stored = read_safetensors(out / "denoiser.safetensors")
-    return {torch_key(p, DENOISER_KEYMAP.renames): to_torch_layout(p, v) for p, v in stored.items()
+    return {torch_key(p, DENOISER_KEYMAP.renames): to_torch(p, v) for p, v in stored.items()
             if ".motion_modules." in p}
 
 
@@ -318,9 +319,9 @@ def test_animatediff_motion_modules(moore_set, tmp_path, kind):
     # The 2-D part comes from the SD folder's weights (the reference torch UNet), output head included.
     stored = read_safetensors(out / "denoiser.safetensors")
     np.testing.assert_array_equal(stored["conv_out.kernel"],
-                                  from_torch_layout("conv_out.kernel", moore_set.reference.conv_out.weight.detach().numpy()))
+                                  from_torch("conv_out.kernel", moore_set.reference.conv_out.weight.detach().numpy()))
     # Any of these loads as a denoiser.
-    model = factory.load_components(out, components=("denoiser",))["denoiser"]
+    model = load_components(out, components=("denoiser",))["denoiser"]
     assert len(model.mid_block.motion_modules) == (0 if v1 else 1)
 
 
@@ -353,7 +354,7 @@ def test_legacy_vae_names_and_bfloat16(moore_set, tmp_path):
                                   ref["encoder.mid_block.attentions.0.to_out.0.weight"].T.astype(ml_dtypes.bfloat16)
                                   .astype(np.float32))
     np.testing.assert_array_equal(got["decoder.conv_in.kernel"].astype(np.float32),
-                                  from_torch_layout("k.kernel", ref["decoder.conv_in.weight"]).astype(ml_dtypes.bfloat16)
+                                  from_torch("k.kernel", ref["decoder.conv_in.weight"]).astype(ml_dtypes.bfloat16)
                                   .astype(np.float32))
 
 
@@ -464,7 +465,7 @@ def test_bad_denoiser_names_file_and_key(moore_set, tmp_path):
                          tmp_path / "out", "--no-progress")
     assert rc == 1
     assert f"missing keys (in none of the files):\n    {gone}" in err, err
-    assert "mid_block.motion_modules.0.temporal_transformer.proj_in.weight: (64, 32) in" in err
+    assert "mid_block.motion_modules.0.temporal_transformer.proj_in.weight: checkpoint (64, 32) in" in err
     assert str(tmp_path / "motion_module.pth") in err
 
 
@@ -496,7 +497,7 @@ def test_interrupted_conversion_leaves_nothing_complete(moore_set, tmp_path, mon
             assert not out.exists() and len(hidden) == 1
             seen.append(sorted(q.name for q in hidden[0].iterdir()))
             with pytest.raises(FileNotFoundError, match=store.CONFIG_NAME):  # what a killed run leaves: not loadable
-                factory.load_components(hidden[0])
+                load_components(hidden[0])
             raise KeyboardInterrupt
 
     monkeypatch.setattr(moore, "_write_component", write_then_die)
@@ -607,16 +608,18 @@ def test_export_refuses_to_overwrite_and_casts(converted, tmp_path):
 # Re-layout
 
 
-@pytest.mark.parametrize("shape", [(5, 7, 3, 3), (37, 3, 1, 1), (1030, 17, 3, 3), (3, 5), (2100, 33), (1, 1)])
+@pytest.mark.parametrize("shape", [(5, 7, 3, 3), (37, 3, 1, 1), (1030, 17, 3, 3), (3, 5), (2100, 33), (1, 1), (4, 3, 2, 5, 7)])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_relayout_matches_mapping_rule(shape, dtype):
+def test_layout_rule(shape, dtype):
+    """PyTorch (out, in) <-> (in, out); (O, I, *spatial) <-> (*spatial, I, O), in a fresh C-contiguous copy."""
     rng = np.random.default_rng(0)
     value = rng.standard_normal(shape).astype(np.float32)
-    nnx = moore.relayout("a.kernel", value, to_nnx=True, dtype=dtype)
-    want = from_torch_layout("a.kernel", value).astype(dtype)
-    assert nnx.flags.c_contiguous and nnx.dtype == dtype
-    np.testing.assert_array_equal(nnx, want)
-    back = moore.relayout("a.kernel", want, to_nnx=False)
-    np.testing.assert_array_equal(back, to_torch_layout("a.kernel", want))
-    bias = moore.relayout("a.bias", value, to_nnx=True, dtype=dtype)
+    axes = (1, 0) if len(shape) == 2 else (*range(2, len(shape)), 1, 0)
+    ours = from_torch("a.kernel", value, dtype=dtype)
+    assert ours.flags.c_contiguous and ours.dtype == dtype
+    np.testing.assert_array_equal(ours, np.transpose(value, axes).astype(dtype))
+    assert layout.nnx_shape("a.kernel", shape) == ours.shape and layout.torch_shape("a.kernel", ours.shape) == shape
+    np.testing.assert_array_equal(to_torch("a.kernel", ours), value.astype(dtype))
+    bias = from_torch("a.bias", value, dtype=dtype)
     np.testing.assert_array_equal(bias, value.astype(dtype))
+    assert layout.nnx_shape("a.scale", shape) == shape

@@ -16,7 +16,9 @@ import torch
 from diffusers import MotionAdapter
 from flax import nnx
 
-from anim_jax.convert.mapping import export_torch_state_dict, load_torch_state_dict, prefixed
+from anim_jax.convert.loader import load_torch_state_dict
+from anim_jax.convert.mapping import export_torch_state_dict, prefixed
+from anim_jax.convert.model_configs import motion_config_from_moore_yaml, motion_config_from_state_dict_shapes
 from anim_jax.convert.motion_keys import (
     MOTION_KEYMAP_DIFFUSERS,
     MOTION_KEYMAP_ORIGINAL,
@@ -200,13 +202,13 @@ def test_whole_adapter_keys_and_inferred_config():
         shapes = {k: v.shape for k, v in d.items()}
         assert motion_module_prefixes(shapes) == PREFIXES
         assert motion_module_channels(shapes) == {p: 32 for p in PREFIXES}
-        inferred = MotionConfig.from_state_dict_shapes(shapes, num_attention_heads=2, norm_num_groups=8)
+        inferred = motion_config_from_state_dict_shapes(shapes, num_attention_heads=2, norm_num_groups=8)
         assert inferred == dataclasses.replace(cfg, levels=(0,))
 
     # The v1 layout: no mid block, max_len 24, inferred from a checkpoint without a mid block.
     shapes = {k: v.shape for k, v in orig.items() if not k.startswith("mid_block.")}
     shapes = {k: (1, 24, 32) if k.endswith(".pe") else s for k, s in shapes.items()}
-    v1 = MotionConfig.from_state_dict_shapes(shapes)
+    v1 = motion_config_from_state_dict_shapes(shapes)
     assert (v1.use_mid_block, v1.temporal_position_encoding_max_len, v1.num_transformer_block, v1.num_attention_blocks) == (False, 24, 1, 2)
 
 
@@ -221,9 +223,9 @@ def test_config_from_moore_yaml():
             "temporal_position_encoding_max_len": 32, "temporal_attention_dim_div": 1,
         },
     }  # fmt: skip
-    assert MotionConfig.from_moore_yaml_kwargs(moore_v2) == MotionConfig()
-    assert MotionConfig.from_moore_yaml_kwargs(moore_v2["motion_module_kwargs"]) == MotionConfig()
-    v1 = MotionConfig.from_moore_yaml_kwargs(
+    assert motion_config_from_moore_yaml(moore_v2) == MotionConfig()
+    assert motion_config_from_moore_yaml(moore_v2["motion_module_kwargs"]) == MotionConfig()
+    v1 = motion_config_from_moore_yaml(
         {**moore_v2, "motion_module_mid_block": False,
          "motion_module_kwargs": {**moore_v2["motion_module_kwargs"], "temporal_position_encoding_max_len": 24}}
     )  # fmt: skip
@@ -237,8 +239,8 @@ def test_config_from_moore_yaml():
         ({"some_new_option": 1}, "some_new_option"),
     ):
         with pytest.raises(ValueError, match=match):
-            MotionConfig.from_moore_yaml_kwargs({**inner, **bad})
+            motion_config_from_moore_yaml({**inner, **bad})
     with pytest.raises(ValueError, match="decoder_only"):
-        MotionConfig.from_moore_yaml_kwargs({**moore_v2, "motion_module_decoder_only": True})
+        motion_config_from_moore_yaml({**moore_v2, "motion_module_decoder_only": True})
     with pytest.raises(ValueError, match="motion_module_type"):
-        MotionConfig.from_moore_yaml_kwargs({**moore_v2, "motion_module_type": "Conv"})
+        motion_config_from_moore_yaml({**moore_v2, "motion_module_type": "Conv"})

@@ -13,7 +13,7 @@ from PIL import Image
 from anim_jax import cli, media, parallel
 from anim_jax.diffusion import ddim_step
 from anim_jax.diffusion.windows import context_windows
-from anim_jax.models import factory
+from anim_jax.convert.components import save_components
 from anim_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection, clip_preprocess
 from anim_jax.models.pose_guider import PoseGuider
 from anim_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -181,7 +181,7 @@ def _write_pose_video(path, poses, fps=10):
 def test_cli_animate_writes_mp4_gif_and_grid(components, inputs, tmp_path):
     ref, poses = inputs
     weights = tmp_path / "weights"
-    factory.save_components(weights, components, schedule=AnimatePipeline(**components).schedule)
+    save_components(weights, components, schedule=AnimatePipeline(**components).schedule)
     Image.fromarray(ref).save(tmp_path / "ref.png")
     _write_pose_video(tmp_path / "pose.mp4", poses)
     out = tmp_path / "out" / "video.mp4"
@@ -202,7 +202,7 @@ def test_cli_animate_writes_mp4_gif_and_grid(components, inputs, tmp_path):
 
 def test_cli_animate_reports_bad_inputs(components, inputs, tmp_path, capsys):
     weights = tmp_path / "weights"
-    factory.save_components(weights, components, schedule=AnimatePipeline(**components).schedule)
+    save_components(weights, components, schedule=AnimatePipeline(**components).schedule)
     Image.fromarray(inputs[0]).save(tmp_path / "ref.png")
     _write_pose_video(tmp_path / "pose.mp4", inputs[1][:3])
     base = ["animate", "--weights", str(weights), "--out", str(tmp_path / "o.mp4"), "--no-progress", "--devices", "1"]

@@ -9,12 +9,8 @@ from flax import nnx
 from torch import nn
 
 import jax.numpy as jnp
-from anim_jax.convert.mapping import (
-    CheckpointMismatchError,
-    export_torch_state_dict,
-    flat_params,
-    load_torch_state_dict,
-)
+from anim_jax.convert.loader import load_torch_state_dict
+from anim_jax.convert.mapping import CheckpointMismatchError, export_torch_state_dict, flat_params
 from anim_jax.convert.pose_guider_keys import (
     POSE_GUIDER_KEYMAP,
     load_controlnet_cond_embedding,

@@ -4,10 +4,10 @@ Orbax checkpoints, the loop (resume, SIGTERM, NaN), TensorBoard event files, dis
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
-import struct
 
 import jax
 import jax.numpy as jnp
@@ -414,9 +414,7 @@ def test_loop_writes_tensorboard_metrics(mesh8, tmp_path):
     cfg = {"global_batch_size": 8, "flops_per_step": 1e6, "peak_flops_per_device": 1e9}
     with metrics.MetricWriter(tmp_path / "tb") as w:
         train_loop(cfg, state, step, ToyData(), None, w, num_steps=4, log_every=2)
-        path = w.path
-    events = read_events(path)
-    scalars = {(e["step"], tag): v for e in events for tag, v in e["scalars"].items()}
+    scalars = {(r["step"], tag): v for r in metrics.read_metrics(tmp_path / "tb") for tag, v in r.items()}
     for tag in ("loss", "grad_norm", "lr", "pred_abs", "step_time", "examples_per_sec", "mfu"):
         assert (4, tag) in scalars, tag
     assert (2, "loss") in scalars and (2, "step_time") in scalars
@@ -428,72 +426,23 @@ def test_loop_writes_tensorboard_metrics(mesh8, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _varint(buf, i):
-    shift = n = 0
-    while True:
-        b = buf[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, i
-
-
-def _fields(buf):
-    """Decodes one protobuf message into {field: [values]} (bytes for length-delimited)."""
-    out, i = {}, 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            v, i = _varint(buf, i)
-        elif wire == 1:
-            v, i = buf[i:i + 8], i + 8
-        elif wire == 5:
-            v, i = buf[i:i + 4], i + 4
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            v, i = buf[i:i + n], i + n
-        else:
-            raise ValueError(f"wire type {wire}")
-        out.setdefault(field, []).append(v)
-    return out
-
-
 def read_events(path):
-    """An independent TFRecord + Event reader that checks both CRCs of every record."""
-    data = open(path, "rb").read()
-    events, i = [], 0
-    while i < len(data):
-        header = data[i:i + 8]
-        (length,) = struct.unpack("<Q", header)
-        (hcrc,) = struct.unpack("<I", data[i + 8:i + 12])
-        assert hcrc == metrics.masked_crc32c(header)
-        payload = data[i + 12:i + 12 + length]
-        (dcrc,) = struct.unpack("<I", data[i + 12 + length:i + 16 + length])
-        assert dcrc == metrics.masked_crc32c(payload)
-        i += 16 + length
-        f = _fields(payload)
-        ev = {"wall_time": struct.unpack("<d", f[1][0])[0], "step": f.get(2, [0])[0], "scalars": {}, "images": {}}
-        if 3 in f:
-            ev["file_version"] = f[3][0].decode()
-        for summary in f.get(5, []):
-            for value in _fields(summary).get(1, []):
-                v = _fields(value)
-                tag = v[1][0].decode()
-                if 2 in v:
-                    ev["scalars"][tag] = struct.unpack("<f", v[2][0])[0]
-                if 4 in v:
-                    im = _fields(v[4][0])
-                    ev["images"][tag] = (im[1][0], im[2][0], im[3][0], im[4][0])
+    """The events of one file, read by TensorBoard's own loader (which checks every record's CRCs)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    events = []
+    for event in LegacyEventFileLoader(str(path)).Load():
+        ev = {"wall_time": event.wall_time, "step": event.step, "scalars": {}, "images": {}}
+        if event.file_version:
+            ev["file_version"] = event.file_version
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                ev["scalars"][value.tag] = value.simple_value
+            if value.HasField("image"):
+                im = value.image
+                ev["images"][value.tag] = (im.height, im.width, im.colorspace, im.encoded_image_string)
         events.append(ev)
-    assert i == len(data)
     return events
-
-
-def test_crc32c_known_answer():
-    assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    assert metrics.crc32c(b"") == 0
 
 
 def test_tensorboard_event_file_parses_back(tmp_path):
@@ -509,18 +458,24 @@ def test_tensorboard_event_file_parses_back(tmp_path):
         w.write_images(2, {"samples/ref": img})
         gif_path = w.write_video(2, "val/video", frames, fps=4)
         path = w.path
-    assert os.path.basename(path).startswith("events.out.tfevents.")
+    assert os.path.basename(path).startswith("events.out.tfevents.") and os.path.dirname(path) == str(tmp_path)
     events = read_events(path)
     assert events[0]["file_version"] == "brain.Event:2"
-    assert events[1]["step"] == 1 and events[1]["scalars"] == {"loss": 0.5, "lr": pytest.approx(1e-5)}
-    assert events[2]["step"] == 2 and events[2]["scalars"] == {"loss": 0.25, "loss_t/000-249": 0.75}
-    h, wd, c, png = events[3]["images"]["samples/ref"]
+    scalars = {(e["step"], t): v for e in events for t, v in e["scalars"].items()}
+    assert scalars == {(1, "loss"): 0.5, (1, "lr"): pytest.approx(1e-5), (2, "loss"): 0.25, (2, "loss_t/000-249"): 0.75}
+    images = {t: im for e in events for t, im in e["images"].items() if e["step"] == 2}
+    h, wd, c, png = images["samples/ref"]
     assert (h, wd, c) == (5, 7, 3)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), img)
-    h, wd, c, gif = events[4]["images"]["val/video"]
+    h, wd, c, gif = images["val/video"]
     assert (h, wd, c) == (6, 8, 3) and gif[:6] in (b"GIF87a", b"GIF89a")
     g = Image.open(io.BytesIO(gif))
     assert g.n_frames == 4 and open(gif_path, "rb").read() == gif
+    # metrics.jsonl: one JSON object per write_scalars call, non-finite values left out
+    records = [json.loads(line) for line in (tmp_path / metrics.METRICS_FILE).read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "wall_time"} for r in records] == [
+        {"step": 1, "loss": 0.5, "lr": 1e-5}, {"step": 2, "loss": 0.25, "loss_t/000-249": 0.75}]
+    assert metrics.read_metrics(tmp_path) == records and metrics.scalar_series(tmp_path, "loss") == [(1, 0.5), (2, 0.25)]
 
 
 def test_mfu_and_timestep_buckets():

@@ -23,7 +23,9 @@ import torch
 from diffusers import UNetMotionModel
 from flax import nnx
 
-from anim_jax.convert.mapping import expected_torch_shapes, export_torch_state_dict, load_torch_state_dict
+from anim_jax.convert.loader import expected_torch_shapes, load_torch_state_dict
+from anim_jax.convert.mapping import export_torch_state_dict
+from anim_jax.convert.model_configs import unet_config_from_diffusers
 from anim_jax.convert.motion_keys import diffusers_to_original_keys
 from anim_jax.convert.unet_keys import DENOISER_KEYMAP, DENOISER_KEYMAP_DIFFUSERS
 from anim_jax.models.motion import MotionConfig, check_pe_buffers
@@ -51,7 +53,7 @@ class Case:
         )
 
     def config(self) -> UNetConfig:
-        return UNetConfig.from_diffusers(self.unet, motion=self.motion())
+        return unet_config_from_diffusers(self.unet, motion=self.motion())
 
 
 CASES = {
@@ -189,7 +191,7 @@ def test_motion_modules_follow_the_naming_contract(case):
     assert f"up_blocks.0.motion_modules.{lp}.{leaf}" in paths
     assert (f"mid_block.motion_modules.0.{leaf}" in paths) == c.mid_block
     # Motion modules at a subset of levels: down block i and up block n-1-i carry them.
-    sub = UNetConfig.from_diffusers(c.unet, motion=dataclasses.replace(c.motion(), levels=(1,)))
+    sub = unet_config_from_diffusers(c.unet, motion=dataclasses.replace(c.motion(), levels=(1,)))
     sub_model = nnx.merge(*_abstract(sub))
     assert [len(b.motion_modules) for b in sub_model.down_blocks] == [lp if i == 1 else 0 for i in range(n)]
     assert [len(b.motion_modules) for b in sub_model.up_blocks] == [lp + 1 if i == n - 2 else 0 for i in range(n)]
@@ -255,7 +257,7 @@ def test_window_longer_than_position_encoding_is_a_clear_error():
 def test_bad_motion_configs_are_clear_errors():
     c = CASES["v2-2level"]
     with pytest.raises(ValueError, match=r"motion\.levels=\(0, 2\): this UNet has only levels 0\.\.1"):
-        UNetConfig.from_diffusers(c.unet, motion=dataclasses.replace(c.motion(), levels=(0, 2)))
+        unet_config_from_diffusers(c.unet, motion=dataclasses.replace(c.motion(), levels=(0, 2)))
     with pytest.raises(ValueError, match="ReferenceNet.*motion=None"):
         UNet2DConditionModel(c.config(), reference_net=True, rngs=nnx.Rngs(0))
 
@@ -264,7 +266,7 @@ def test_full_size_keys_match_moore_and_diffusers():
     """SD1.5 + AnimateDiff v2 motion modules (max_len 32), shapes only: 1232 parameters + 42 pe
     buffers = moore.md's 1274 denoiser tensors, 546 + 42 = 588 of them in motion modules; same keys
     and shapes as diffusers' UNetMotionModel (renamed to the original format)."""
-    cfg = UNetConfig.from_diffusers(dict(cross_attention_dim=768), motion=MotionConfig())
+    cfg = unet_config_from_diffusers(dict(cross_attention_dim=768), motion=MotionConfig())
     model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
     ours = {k: s for k, (_, s) in expected_torch_shapes(model, DENOISER_KEYMAP).items()}
     assert len(ours) == 1232

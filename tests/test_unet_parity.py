@@ -1,6 +1,6 @@
 """UNet2DConditionModel parity with diffusers (CPU, fp32, every parameter randomised).
 
-Both sides are built from the same diffusers config dict (ours through UNetConfig.from_diffusers);
+Both sides are built from the same diffusers config dict (ours through convert.model_configs.unet_config_from_diffusers);
 diffusers' state dict is loaded into ours strictly through UNET_KEYMAP. The helpers here are also
 used by test_reference_attention.py and test_unet_sharding.py.
 """
@@ -17,12 +17,9 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
-from anim_jax.convert.mapping import (
-    CheckpointMismatchError,
-    compose,
-    expected_torch_shapes,
-    load_torch_state_dict,
-)
+from anim_jax.convert.loader import expected_torch_shapes, load_torch_state_dict
+from anim_jax.convert.mapping import CheckpointMismatchError, compose
+from anim_jax.convert.model_configs import unet_config_from_diffusers
 from anim_jax.convert.unet_keys import UNET_KEYMAP
 from anim_jax.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -99,7 +96,7 @@ def _abstract_unet(cfg: UNetConfig, reference_net: bool):
 def jax_unet(config: dict | UNetConfig, state_dict, *, reference_net=False, **overrides) -> UNet2DConditionModel:
     """Our UNet holding ``state_dict`` (strict load). Built abstractly (and cached): random init
     would trace or compile one kernel per parameter shape, which would dominate the test time."""
-    cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_diffusers(config, **overrides)
+    cfg = config if isinstance(config, UNetConfig) else unet_config_from_diffusers(config, **overrides)
     graphdef, state = _abstract_unet(cfg, reference_net)
     model = nnx.merge(graphdef, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state))
     if reference_net:
@@ -249,7 +246,7 @@ def test_full_size_key_sets_match_diffusers():
     sd15 = dict(cross_attention_dim=768)
     with torch.device("meta"):
         torch_shapes = {k: tuple(v.shape) for k, v in TorchUNet(**sd15).state_dict().items()}
-    cfg = UNetConfig.from_diffusers(sd15)
+    cfg = unet_config_from_diffusers(sd15)
     for reference_net, count in ((False, 686), (True, 682)):
         model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, reference_net=reference_net, rngs=nnx.Rngs(0)))
         ours = {k: shape for k, (_, shape) in expected_torch_shapes(model, UNET_KEYMAP).items()}
@@ -259,7 +256,7 @@ def test_full_size_key_sets_match_diffusers():
 
 
 def test_keymap_renames_are_idempotent():
-    model = nnx.merge(*_abstract_unet(UNetConfig.from_diffusers(TINY_2L), False))
+    model = nnx.merge(*_abstract_unet(unet_config_from_diffusers(TINY_2L), False))
     once = expected_torch_shapes(model, UNET_KEYMAP)
     assert expected_torch_shapes(model, compose(UNET_KEYMAP, UNET_KEYMAP)) == once
     assert "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight" in once
@@ -276,10 +273,10 @@ def test_strict_loading_reports_mismatches():
 
 def test_config_from_diffusers_full_config_and_heads():
     tm = TorchUNet(**TINY_3L)
-    cfg = UNetConfig.from_diffusers(dict(tm.config), groupnorm_over_frames=True)  # every field diffusers writes
+    cfg = unet_config_from_diffusers(dict(tm.config), groupnorm_over_frames=True)  # every field diffusers writes
     assert cfg.num_attention_heads == (1, 2, 4)
     assert cfg.groupnorm_over_frames and cfg.use_linear_projection and cfg.transformer_layers_per_block == 2
-    assert UNetConfig.from_diffusers({**TINY_2L, "_class_name": "UNet2DConditionModel"}).num_attention_heads == (2, 2)
+    assert unet_config_from_diffusers({**TINY_2L, "_class_name": "UNet2DConditionModel"}).num_attention_heads == (2, 2)
 
 
 @pytest.mark.parametrize(
@@ -300,10 +297,10 @@ def test_config_from_diffusers_full_config_and_heads():
 )
 def test_unsupported_config_is_a_clear_error(field, value):
     with pytest.raises(ValueError, match=field):
-        UNetConfig.from_diffusers({**TINY_2L, field: value})
+        unet_config_from_diffusers({**TINY_2L, field: value})
 
 
 def test_unsupported_block_type_is_a_clear_error():
     bad = {**TINY_2L, "down_block_types": ["CrossAttnDownBlock2D", "AttnDownBlock2D"]}
     with pytest.raises(ValueError, match="down_block_types.*AttnDownBlock2D"):
-        UNetConfig.from_diffusers(bad)
+        unet_config_from_diffusers(bad)

@@ -9,6 +9,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 from anim_jax.convert.mapping import CheckpointMismatchError, export_torch_state_dict, flat_params
+from anim_jax.convert.model_configs import vae_config_from_diffusers
 from anim_jax.convert.vae_keys import VAE_KEYMAP, load_vae_state_dict, rename_legacy_vae_keys
 from anim_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -74,7 +75,7 @@ def random_model(build, seed=0):
 
 
 def jax_vae(tmodel, seed=1) -> AutoencoderKL:
-    config = VAEConfig.from_diffusers(dict(tmodel.config))
+    config = vae_config_from_diffusers(dict(tmodel.config))
     return random_model(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)), seed)
 
 
@@ -179,7 +180,7 @@ def test_legacy_attention_names():
 
 def test_config_from_diffusers():
     kw, _ = CONFIGS["b"]
-    cfg = VAEConfig.from_diffusers(dict(torch_vae(kw).config))
+    cfg = vae_config_from_diffusers(dict(torch_vae(kw).config))
     assert cfg.block_out_channels == (16, 32, 32) and cfg.layers_per_block == 2 and cfg.latent_channels == 3
     assert cfg.scaling_factor == 0.18215 and cfg.use_quant_conv and cfg.mid_block_add_attention
     assert cfg.downscale == 4
@@ -191,13 +192,13 @@ def test_config_from_diffusers():
         "layers_per_block": 2,
         "sample_size": 256,
     }
-    assert VAEConfig.from_diffusers(sd_vae) == VAEConfig()
+    assert vae_config_from_diffusers(sd_vae) == VAEConfig()
     with pytest.raises(ValueError, match=r"down_block_types\[1\] = 'AttnDownEncoderBlock2D'"):
-        VAEConfig.from_diffusers(dict(sd_vae, down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"] * 2))
+        vae_config_from_diffusers(dict(sd_vae, down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"] * 2))
     with pytest.raises(ValueError, match="up_block_types"):
-        VAEConfig.from_diffusers(dict(sd_vae, up_block_types=["UpDecoderBlock2D"] * 3))
+        vae_config_from_diffusers(dict(sd_vae, up_block_types=["UpDecoderBlock2D"] * 3))
     with pytest.raises(ValueError, match="act_fn"):
-        VAEConfig.from_diffusers(dict(sd_vae, act_fn="gelu"))
+        vae_config_from_diffusers(dict(sd_vae, act_fn="gelu"))
 
 
 def test_strict_loading_errors():

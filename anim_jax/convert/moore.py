@@ -48,8 +48,6 @@ import math
 import os
 import pathlib
 import re
-import secrets
-import shutil
 import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -57,7 +55,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from anim_jax.convert import readers
+from anim_jax.atomic import atomic_dir
+from anim_jax.convert import layout, model_configs, readers
+from anim_jax.convert.loader import check_keys, expected_torch_shapes
 from anim_jax.convert.mapping import CheckpointMismatchError
 from anim_jax.convert.readers import CheckpointReader, open_checkpoint
 
@@ -71,7 +71,6 @@ __all__ = [
     "export_moore",
     "format_report",
     "moore_inputs",
-    "relayout",
 ]
 
 # Moore-AnimateAnyone / MusePose file names, by component.
@@ -129,64 +128,6 @@ def moore_inputs(moore_dir: str | os.PathLike | None = None, **paths) -> Convers
     return ConversionInputs(**found)
 
 
-# ------------------------------------------------------------------------------------------------
-# Fast re-layout (PyTorch <-> NNX)
-
-
-def _reverse3(src: np.ndarray, out: np.ndarray) -> None:
-    """``out[c, b, a] = src[a, b, c]``, cache-blocked.
-
-    numpy's strided copy of a transposed view walks one side with a large stride and runs at a few
-    hundred MB/s on these shapes; copying tiles that fit in cache is several times faster.
-    """
-    A, B, C = src.shape
-    tc = min(C, 1024)
-    tb = max(1, 4096 // tc)
-    ta = 16
-    for a in range(0, A, ta):
-        for b in range(0, B, tb):
-            for c in range(0, C, tc):
-                np.copyto(out[c : c + tc, b : b + tb, a : a + ta], src[a : a + ta, b : b + tb, c : c + tc].transpose(2, 1, 0),
-                          casting="unsafe")
-
-
-def relayout(nnx_path: str, value: np.ndarray, *, to_nnx: bool, dtype=None) -> np.ndarray:
-    """A C-contiguous copy of ``value`` in the other layout, cast to ``dtype`` (default: unchanged).
-
-    The rule is ``mapping.from_torch_layout`` / ``to_torch_layout``: ``*.kernel`` of rank 4 is a conv
-    (PyTorch OIHW <-> HWIO), of rank 2 a Linear ((out, in) <-> (in, out)); anything else is copied.
-    """
-    value = np.asarray(value)
-    dtype = np.dtype(dtype) if dtype is not None else value.dtype
-    kernel = nnx_path == "kernel" or nnx_path.endswith(".kernel")
-    if not kernel or value.ndim not in (2, 4):
-        return np.array(value, dtype=dtype, order="C", copy=True)
-    if value.ndim == 2:
-        n, m = value.shape
-        out = np.empty((m, n), dtype)
-        _reverse3(value.reshape(n, 1, m), out.reshape(m, 1, n))
-        return out
-    if to_nnx:  # (O, I, h, w) -> (h, w, I, O)
-        O, I, h, w = value.shape
-        out = np.empty((h, w, I, O), dtype)
-        _reverse3(value.reshape(O, I, h * w), out.reshape(h * w, I, O))
-    else:  # (h, w, I, O) -> (O, I, h, w)
-        h, w, I, O = value.shape
-        out = np.empty((O, I, h, w), dtype)
-        _reverse3(value.reshape(h * w, I, O), out.reshape(O, I, h * w))
-    return out
-
-
-def _nnx_shape(nnx_path: str, torch_shape: tuple[int, ...]) -> tuple[int, ...]:
-    kernel = nnx_path == "kernel" or nnx_path.endswith(".kernel")
-    if kernel and len(torch_shape) == 4:
-        o, i, h, w = torch_shape
-        return (h, w, i, o)
-    if kernel and len(torch_shape) == 2:
-        return tuple(torch_shape[::-1])
-    return tuple(torch_shape)
-
-
 def _natural_key(s: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
 
@@ -221,33 +162,6 @@ def _sources(reader: CheckpointReader, renames: Mapping[str, str] | None = None)
     if renames is None:
         return {k: _Source(reader, k) for k in reader}
     return {ours: _Source(reader, theirs) for ours, theirs in renames.items()}
-
-
-def _check_strict(title: str, expected: Mapping[str, tuple[str, tuple[int, ...]]], given: Mapping[str, _Source],
-                  ignored: Sequence[str], files: Sequence[str]) -> None:
-    """Every expected key present with its shape, nothing else (``ignored`` regexes aside); one error
-    listing every problem, each with the file it comes from."""
-    ignore = [re.compile(p) for p in ignored]
-    keys = {k for k in given if not any(p.search(k) for p in ignore)}
-    missing = sorted(set(expected) - keys, key=_natural_key)
-    unexpected = sorted(keys - set(expected), key=_natural_key)
-    misshaped = sorted((k for k in set(expected) & keys if given[k].shape != tuple(expected[k][1])), key=_natural_key)
-    if not (missing or unexpected or misshaped):
-        return
-    lines = [f"{title}: the checkpoint does not match the model (read from {', '.join(files)}):"]
-
-    def section(label, items, fmt):
-        if items:
-            lines.append(f"  {len(items)} {label}:")
-            lines.extend(f"    {fmt(k)}" for k in items[:20])
-            if len(items) > 20:
-                lines.append(f"    ... and {len(items) - 20} more")
-
-    section("missing keys (in none of the files)", missing, lambda k: f"{k} {tuple(expected[k][1])}")
-    section("unexpected keys", unexpected, lambda k: f"{k} {given[k].shape} in {given[k].file}")
-    section("misshaped keys", misshaped,
-            lambda k: f"{k}: {given[k].shape} in {given[k].file}, the model expects {tuple(expected[k][1])}")
-    raise CheckpointMismatchError("\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,13 +215,14 @@ class _Plan:
 
 def _plan(name: str, config: dict, keymap, given: dict[str, _Source], files: Sequence[str],
           notes: list[str]) -> _Plan:
-    from anim_jax.convert.mapping import expected_torch_shapes
     from anim_jax.models import factory
 
     model = factory.build(name, config, abstract=True)
     expected = expected_torch_shapes(model, keymap)
-    _check_strict(name, expected, given, keymap.ignored, files)
-    tensors = [_Tensor(path, _nnx_shape(path, tuple(shape)), given[key]) for key, (path, shape) in expected.items()]
+    check_keys({k: shape for k, (_, shape) in expected.items()}, {k: s.shape for k, s in given.items()},
+               source=f"{name} (read from {', '.join(files)})", ignored=keymap.ignored,
+               files={k: s.file for k, s in given.items()})
+    tensors = [_Tensor(path, layout.nnx_shape(path, shape), given[key]) for key, (path, shape) in expected.items()]
     return _Plan(name, config, tensors, list(files), notes, len(given))
 
 
@@ -351,8 +266,6 @@ class _Readers:
 
 
 def _unet_config(inputs: ConversionInputs):
-    from anim_jax.models.unet import UNetConfig
-
     path = inputs.unet_config or _folder_config(inputs.denoiser) or _folder_config(inputs.reference_net)
     if path is None:
         raise ValueError(
@@ -362,7 +275,7 @@ def _unet_config(inputs: ConversionInputs):
         )
     data = _read_json(pathlib.Path(path), "UNet config")
     try:
-        return UNetConfig.from_diffusers(data), str(path)
+        return model_configs.unet_config_from_diffusers(data), str(path)
     except (TypeError, ValueError) as e:
         raise ValueError(f"UNet config {path}: {e}") from None
 
@@ -399,7 +312,7 @@ def _motion_sources(reader: CheckpointReader) -> tuple[dict[str, _Source], str, 
 
 def _motion_config(sources: dict[str, _Source], fmt: str, adapter_config: dict, *, heads, max_len, norm_groups,
                    path: pathlib.Path):
-    from anim_jax.models.motion import MotionConfig, check_pe_buffers
+    from anim_jax.models.motion import check_pe_buffers
 
     overrides: dict[str, Any] = {}
     if adapter_config:  # a diffusers MotionAdapter's config.json
@@ -423,7 +336,7 @@ def _motion_config(sources: dict[str, _Source], fmt: str, adapter_config: dict, 
     elif pe_keys:  # the file's buffers decide, not an adapter config that may disagree
         overrides.pop("temporal_position_encoding_max_len", None)
     try:
-        config = MotionConfig.from_state_dict_shapes(shapes, **overrides)
+        config = model_configs.motion_config_from_state_dict_shapes(shapes, **overrides)
         checked = 0
         for key in pe_keys:  # a half-precision checkpoint holds the table rounded: allow that rounding
             try:
@@ -468,9 +381,7 @@ def _plan_all(inputs: ConversionInputs, rd: _Readers, *, motion_heads, motion_ma
     from anim_jax.convert.pose_guider_keys import POSE_GUIDER_KEYMAP, pose_guider_config_from_state_dict
     from anim_jax.convert.unet_keys import DENOISER_KEYMAP, UNET_KEYMAP
     from anim_jax.convert.vae_keys import VAE_KEYMAP, rename_legacy_vae_keys
-    from anim_jax.models.clip import CLIPVisionConfig
     from anim_jax.models.factory import PoseGuiderConfig, to_json
-    from anim_jax.models.vae import VAEConfig
 
     plans: list[_Plan] = []
     if inputs.motion_module is not None and inputs.denoiser is None:
@@ -542,7 +453,7 @@ def _plan_all(inputs: ConversionInputs, rd: _Readers, *, motion_heads, motion_ma
         if cfg_path is None or not cfg_path.is_file():
             raise FileNotFoundError(f"--vae {inputs.vae}: expected a diffusers AutoencoderKL folder with config.json")
         try:
-            vae_config = VAEConfig.from_diffusers(_read_json(cfg_path, "VAE config"))
+            vae_config = model_configs.vae_config_from_diffusers(_read_json(cfg_path, "VAE config"))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{cfg_path}: {e}") from None
         reader = rd.open(inputs.vae, "VAE")
@@ -564,7 +475,7 @@ def _plan_all(inputs: ConversionInputs, rd: _Readers, *, motion_heads, motion_ma
                 "folder with config.json"
             )
         try:
-            clip_config = CLIPVisionConfig.from_transformers(_read_json(cfg_path, "image encoder config"))
+            clip_config = model_configs.clip_config_from_transformers(_read_json(cfg_path, "image encoder config"))
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"{cfg_path}: {e}") from None
         reader = rd.open(inputs.image_encoder, "image encoder")
@@ -680,7 +591,7 @@ def _write_component(plan: _Plan, path: pathlib.Path, dtype: str, progress: _Pro
         raw = t.source.read()
         if tuple(raw.shape) != t.source.shape:
             raise readers.CheckpointReadError(f"{t.source.file}: {t.source.key} changed shape while reading")
-        out = relayout(nnx_path, raw, to_nnx=True, dtype=targets[nnx_path])
+        out = layout.from_torch(nnx_path, raw, dtype=targets[nnx_path])
         progress.update(raw.nbytes)
         return out
 
@@ -747,29 +658,23 @@ def convert(
         reports = [p.report() for p in plans]
         if dry_run:
             return ConversionReport(str(out), reports, time.perf_counter() - start, 0, dry_run=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-        tmp.mkdir()
         written = 0
         bar = _Progress(sum(t.source.reader.nbytes(t.source.key) for p in plans for t in p.tensors), progress)
         try:
-            for plan in plans:
-                bar.component(plan.name)
-                _write_component(plan, tmp / f"{plan.name}.safetensors", dtype, bar)
-                written += (tmp / f"{plan.name}.safetensors").stat().st_size
-            config: dict[str, Any] = {p.name: p.config for p in plans}
-            config["schedule"] = to_json(moore_inference_schedule())
-            config["conversion"] = {
-                "tool": f"anim-jax {__version__} convert",
-                "dtype": dtype,
-                "sources": {p.name: p.sources for p in plans},
-                "notes": {p.name: p.notes for p in plans},
-            }
-            store.write_config(tmp, config)  # last: only a complete directory has anim_jax.json
-            store.replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with atomic_dir(out) as tmp:
+                for plan in plans:
+                    bar.component(plan.name)
+                    _write_component(plan, tmp / f"{plan.name}.safetensors", dtype, bar)
+                    written += (tmp / f"{plan.name}.safetensors").stat().st_size
+                config: dict[str, Any] = {p.name: p.config for p in plans}
+                config["schedule"] = to_json(moore_inference_schedule())
+                config["conversion"] = {
+                    "tool": f"anim-jax {__version__} convert",
+                    "dtype": dtype,
+                    "sources": {p.name: p.sources for p in plans},
+                    "notes": {p.name: p.notes for p in plans},
+                }
+                store.write_config(tmp, config)  # last: only a complete directory has anim_jax.json
         finally:
             bar.close()
         return ConversionReport(str(out), reports, time.perf_counter() - start, written)
@@ -815,7 +720,6 @@ def export_moore(
     zip pickles (no torch needed). Components the directory lacks are skipped (noted); each file is
     written atomically. ``dtype="keep"`` keeps the stored dtype."""
     from anim_jax.convert import store, torch_writer
-    from anim_jax.convert.mapping import expected_torch_shapes
     from anim_jax.convert.pose_guider_keys import POSE_GUIDER_KEYMAP
     from anim_jax.convert.unet_keys import DENOISER_KEYMAP, UNET_KEYMAP
     from anim_jax.models import factory
@@ -840,17 +744,9 @@ def export_moore(
             path = weights / f"{name}.safetensors"
             reader = readers.SafetensorsReader(path)
             opened.append(reader)
-            want = {p: _nnx_shape(p, tuple(s)) for p, s in expected.values()}
-            have = {k: tuple(reader.shape(k)) for k in reader}
-            missing = sorted(set(want) - set(have))
-            unexpected = sorted(set(have) - set(want))
-            misshaped = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-            if missing or unexpected or misshaped:
-                raise CheckpointMismatchError(
-                    f"{path} does not match {name} in {weights / store.CONFIG_NAME}: "
-                    f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
-                    f"{len(misshaped)} misshaped {misshaped[:5]}"
-                )
+            check_keys({p: layout.nnx_shape(p, s) for p, s in expected.values()},
+                       {k: tuple(reader.shape(k)) for k in reader},
+                       source=f"{path} ({name} in {weights / store.CONFIG_NAME})")
             jobs.append((name, expected, reader))
 
         outputs: list[tuple[str, dict[str, Any]]] = []
@@ -910,7 +806,7 @@ class _ExportTensor:
         self.reader, self.nnx_path, self.shape, self.dtype = reader, nnx_path, torch_shape, dtype
 
     def produce(self) -> np.ndarray:
-        return relayout(self.nnx_path, self.reader[self.nnx_path], to_nnx=False, dtype=self.dtype)
+        return layout.to_torch(self.nnx_path, self.reader[self.nnx_path], dtype=self.dtype)
 
 
 def _nbytes(t) -> int:

@@ -8,13 +8,8 @@ from typing import Mapping
 
 import numpy as np
 
-from anim_jax.convert.mapping import (
-    CheckpointMismatchError,
-    KeyMap,
-    expected_torch_shapes,
-    load_torch_state_dict,
-    prefixed,
-)
+from anim_jax.convert.loader import expected_torch_shapes, load_torch_state_dict
+from anim_jax.convert.mapping import CheckpointMismatchError, KeyMap, prefixed
 
 POSE_GUIDER_KEYMAP = KeyMap()
 

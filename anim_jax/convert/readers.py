@@ -35,8 +35,8 @@ Formats:
 Memory: :func:`open_checkpoint` returns a lazy, read-only ``Mapping[str, np.ndarray]`` that loads
 one tensor per ``__getitem__`` (a torch storage stays cached only while an array returned from it
 is alive), so a converter streaming a checkpoint holds one storage at a time plus what it keeps;
-:func:`read_checkpoint` holds the whole file once. :func:`write_safetensors` streams tensors to a temporary file in the target
-directory, fsyncs it and ``os.replace``\\ s it into place, so a crash never leaves a partial file.
+:func:`read_checkpoint` holds the whole file once. :func:`write_safetensors` streams tensors through
+:mod:`anim_jax.atomic` (temporary file, fsync, rename), so a crash never leaves a partial file.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ import os
 import pathlib
 import pickle
 import pickletools
-import secrets
 import struct
 import weakref
 import zipfile
@@ -59,6 +58,8 @@ from typing import Any, Sequence
 
 import ml_dtypes
 import numpy as np
+
+from anim_jax.atomic import atomic_open
 
 __all__ = [
     "CheckpointError",
@@ -1454,42 +1455,15 @@ def write_safetensors(
     hb = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     hb += b" " * (-len(hb) % 8)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(hb)))
-            f.write(hb)
-            for key, value, dtype, shape in entries:
-                arr = np.asarray(value)
-                if arr.shape != shape or arr.dtype.newbyteorder("<") != dtype:
-                    raise ValueError(f"tensor {key!r} changed shape/dtype while being written")
-                if arr.dtype != dtype:  # big-endian input: store little-endian
-                    arr = arr.astype(dtype)
-                _write_array(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for key, value, dtype, shape in entries:
+            arr = np.asarray(value)
+            if arr.shape != shape or arr.dtype.newbyteorder("<") != dtype:
+                raise ValueError(f"tensor {key!r} changed shape/dtype while being written")
+            if arr.dtype != dtype:  # big-endian input: store little-endian
+                arr = arr.astype(dtype)
+            _write_array(f, arr)
 
 
-def _fsync_dir(folder: pathlib.Path) -> None:
-    if os.name != "posix":
-        return
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)

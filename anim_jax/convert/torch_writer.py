@@ -22,8 +22,8 @@ module to check it. :class:`_TorchPickler` therefore writes those GLOBAL opcodes
 
 Values may be numpy arrays or anything with ``shape``, ``dtype`` and ``__array__`` (e.g. a lazy
 array that is read or computed only when its bytes are written): one tensor's data is in memory at a
-time. The file is written next to ``path`` under a temporary name, fsynced and renamed: a crash leaves
-either no file or the complete one.
+time. The file is written through :mod:`anim_jax.atomic` (temporary name, fsync, rename): a crash
+leaves either no file or the complete one.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import math
 import os
 import pathlib
 import pickle
-import secrets
 import struct
 import zipfile
 from typing import Any, Callable, Mapping
@@ -42,7 +41,7 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from anim_jax.convert.readers import _fsync_dir
+from anim_jax.atomic import atomic_open
 
 __all__ = ["save_torch_state_dict", "STORAGE_TYPES"]
 
@@ -197,37 +196,23 @@ def save_torch_state_dict(
         raise ValueError(f"bad archive name {archive_name!r}")
     entries = _check_entries(tensors)
     pkl = _pickle_state_dict(entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "w+b") as raw:
-            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-                prefix = f"{archive_name}/"
-                _write_record(zf, prefix + "data.pkl", pkl)
-                _write_record(zf, prefix + ".format_version", b"1")
-                _write_record(zf, prefix + ".storage_alignment", str(ALIGNMENT).encode())
-                _write_record(zf, prefix + "byteorder", b"little")
-                for n, (key, value, dtype, shape) in enumerate(entries):
-                    arr = np.asarray(value)
-                    if tuple(arr.shape) != shape or arr.dtype.newbyteorder("=") != dtype:
-                        raise ValueError(
-                            f"tensor {key!r} changed while being written: {arr.shape} {arr.dtype}, "
-                            f"announced {shape} {dtype}"
-                        )
-                    arr = np.ascontiguousarray(arr, dtype=dtype.newbyteorder("<"))
-                    _write_record(zf, f"{prefix}data/{n}", memoryview(arr.reshape(-1).view(np.uint8)), align=True)
-                    if on_tensor is not None:
-                        on_tensor(key, arr.nbytes)
-                    del arr
-                _write_record(zf, prefix + "version", b"3\n")
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "w+b") as raw:
+        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            prefix = f"{archive_name}/"
+            _write_record(zf, prefix + "data.pkl", pkl)
+            _write_record(zf, prefix + ".format_version", b"1")
+            _write_record(zf, prefix + ".storage_alignment", str(ALIGNMENT).encode())
+            _write_record(zf, prefix + "byteorder", b"little")
+            for n, (key, value, dtype, shape) in enumerate(entries):
+                arr = np.asarray(value)
+                if tuple(arr.shape) != shape or arr.dtype.newbyteorder("=") != dtype:
+                    raise ValueError(
+                        f"tensor {key!r} changed while being written: {arr.shape} {arr.dtype}, "
+                        f"announced {shape} {dtype}"
+                    )
+                arr = np.ascontiguousarray(arr, dtype=dtype.newbyteorder("<"))
+                _write_record(zf, f"{prefix}data/{n}", memoryview(arr.reshape(-1).view(np.uint8)), align=True)
+                if on_tensor is not None:
+                    on_tensor(key, arr.nbytes)
+                del arr
+            _write_record(zf, prefix + "version", b"3\n")

@@ -15,7 +15,8 @@ from typing import Mapping
 
 import numpy as np
 
-from anim_jax.convert.mapping import KeyMap, load_torch_state_dict
+from anim_jax.convert.loader import load_torch_state_dict
+from anim_jax.convert.mapping import KeyMap
 
 VAE_KEYMAP = KeyMap(renames=((r"\.attentions\.(\d+)\.to_out\.", r".attentions.\1.to_out.0."),))
 

@@ -39,7 +39,8 @@ import scipy.linalg
 from flax import nnx
 
 from anim_jax.convert import store
-from anim_jax.convert.mapping import CheckpointMismatchError, check_keys, flat_params, torch_key
+from anim_jax.convert.loader import expected_torch_shapes, load
+from anim_jax.convert.mapping import KeyMap
 from anim_jax.convert.readers import open_checkpoint
 from anim_jax.media import checked_frames
 from anim_jax.metrics.i3d import BRANCH_NAMES, MIXED_NAMES, STEM_NAMES, I3D, I3DConfig
@@ -50,6 +51,8 @@ CLIP_FRAMES = 16
 FRAME_SIZE = 224
 CLIP_MODES = ("first", "segments", "whole")
 IGNORED_KEYS = (r"(^|\.)num_batches_tracked$",)
+# Our parameter paths are the PyTorch keys (kernel/scale -> weight); kernels change layout by the one rule.
+KEYMAP = KeyMap(ignored=IGNORED_KEYS)
 
 __all__ = [
     "CLIP_FRAMES",
@@ -69,28 +72,13 @@ __all__ = [
 # Conversion
 
 
-def _torch_shape(nnx_path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if nnx_path.endswith(".kernel"):  # (kt, kh, kw, in, out) -> (out, in, kt, kh, kw)
-        return (shape[4], shape[3], *shape[:3])
-    return shape
-
-
-def _to_nnx_layout(nnx_path: str, value: np.ndarray) -> np.ndarray:
-    if nnx_path.endswith(".kernel"):
-        return np.ascontiguousarray(np.transpose(value, (2, 3, 4, 1, 0)))
-    return value
-
-
 def _abstract_i3d(config: I3DConfig, dtype=None) -> I3D:
     return nnx.eval_shape(lambda: I3D(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 def expected_i3d_keys(config: I3DConfig = I3DConfig()) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{torch_key: (nnx_path, torch_shape)}`` of the PyTorch ``InceptionI3d`` state dict."""
-    out = {}
-    for path, var in flat_params(_abstract_i3d(config)).items():
-        out[torch_key(path, ())] = (path, _torch_shape(path, tuple(var.shape)))
-    return out
+    return expected_torch_shapes(_abstract_i3d(config), KEYMAP)
 
 
 def i3d_config_from_shapes(shapes: Mapping[str, Sequence[int]], **options) -> I3DConfig:
@@ -137,15 +125,9 @@ def convert_i3d(pt_path: str | os.PathLike, out_dir: str | os.PathLike, *, bn_ep
     with open_checkpoint(pt_path) as reader:
         shapes = {k: tuple(reader.shape(k)) for k in reader}
         config = i3d_config_from_shapes(shapes, bn_eps=bn_eps, logits_pool_frames=logits_pool_frames)
-        expected = expected_i3d_keys(config)
-        check_keys(expected, shapes, source=str(pt_path), ignored=IGNORED_KEYS)
-        arrays = {}
-        for key, (path, _) in expected.items():
-            value = np.asarray(reader[key])
-            if not np.issubdtype(value.dtype, np.floating) and value.dtype.kind != "V":
-                raise CheckpointMismatchError(f"{pt_path}: {key} has dtype {value.dtype}, expected floating point")
-            arrays[path] = _to_nnx_layout(path, value.astype(np.float32))
-    store.save_params(arrays, out_dir / WEIGHTS_NAME)
+        model = _abstract_i3d(config)
+        load(model, reader, keymap=KEYMAP, dtype=jnp.float32, name=str(pt_path))
+    store.save_params(model, out_dir / WEIGHTS_NAME)
     # The config goes last: a directory without it is never taken for converted weights.
     store.write_config(out_dir, {"model": MODEL_NAME, "i3d": config.to_dict(), "source": pt_path.name})
     return config
@@ -161,7 +143,8 @@ def load_i3d(directory: str | os.PathLike, *, dtype=None) -> I3D:
             "create an I3D directory with anim_jax.metrics.fvd.convert_i3d"
         )
     model = _abstract_i3d(I3DConfig.from_dict(config["i3d"]), dtype)
-    return store.load_params(model, directory / WEIGHTS_NAME)
+    load(model, directory / WEIGHTS_NAME)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,8 +31,6 @@ import dataclasses
 import functools
 import os
 import pathlib
-import secrets
-import shutil
 from typing import Mapping, Sequence
 
 import jax
@@ -40,14 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from anim_jax.convert import readers, store
-from anim_jax.convert.mapping import (
-    CheckpointMismatchError,
-    KeyMap,
-    check_keys,
-    expected_torch_shapes,
-    load_torch_state_dict,
-)
+from anim_jax.atomic import atomic_dir
+from anim_jax.convert import store
+from anim_jax.convert.loader import load
+from anim_jax.convert.mapping import KeyMap
 from anim_jax.media import checked_frames
 from anim_jax.models.layers import Conv2d
 
@@ -279,15 +273,7 @@ def _abstract_model(net: str) -> LPIPS:
 
 def _load_part(module: nnx.Module, path: pathlib.Path, mapping: KeyMap, what: str) -> None:
     """Strictly fills ``module`` from one checkpoint file, reading only the tensors it needs."""
-    source = f"{what} file {str(path)!r}"
-    expected = expected_torch_shapes(module, mapping)
-    with readers.open_checkpoint(path) as reader:
-        check_keys(expected, {k: reader.shape(k) for k in reader}, source=source, ignored=mapping.ignored)
-        values = {k: reader[k] for k in expected}
-    for key, value in values.items():
-        if value.dtype.kind in "biuc":  # ml_dtypes' bfloat16/float8 are kind "V" and fine
-            raise CheckpointMismatchError(f"{source}: {key} has dtype {value.dtype}, expected floating point")
-    load_torch_state_dict(module, values, mapping, source=source, dtype=jnp.float32)
+    load(module, path, keymap=mapping, dtype=jnp.float32, name=f"{what} file {str(path)!r}")
 
 
 def convert_lpips(
@@ -320,10 +306,7 @@ def convert_lpips(
 
     from anim_jax import __version__
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         store.save_params(model, tmp / WEIGHTS_FILE)
         store.write_config(
             tmp,
@@ -335,10 +318,6 @@ def convert_lpips(
                 },
             },
         )  # last: only a complete directory has anim_jax.json
-        store.replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -357,7 +336,8 @@ def load_lpips(directory: str | os.PathLike, *, dtype=jnp.float32) -> LPIPS:
             f"{directory / store.CONFIG_NAME}: LPIPS version {entry.get('version')!r}, expected {VERSION!r}"
         )
     model = nnx.eval_shape(lambda: LPIPS(entry["net"], dtype=dtype, rngs=nnx.Rngs(0)))
-    return store.load_params(model, directory / WEIGHTS_FILE)
+    load(model, directory / WEIGHTS_FILE)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------

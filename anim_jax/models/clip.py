@@ -11,7 +11,7 @@ preprocessing of Moore-AnimateAnyone (squash-resize to 224x224, then ``CLIPImage
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,21 +29,6 @@ _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
-
-# transformers CLIPVisionConfig defaults (ViT-B/32): what from_pretrained uses for an absent key.
-_TRANSFORMERS_DEFAULTS: dict[str, Any] = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_attention_heads=12,
-    num_hidden_layers=12,
-    num_channels=3,
-    image_size=224,
-    patch_size=32,
-    projection_dim=512,
-    layer_norm_eps=1e-5,
-    hidden_act="quick_gelu",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
@@ -79,15 +64,6 @@ class CLIPVisionConfig:
     def num_positions(self) -> int:
         return (self.image_size // self.patch_size) ** 2 + 1
 
-    @classmethod
-    def from_transformers(cls, config: Mapping[str, Any]) -> "CLIPVisionConfig":
-        """From a transformers ``CLIPVisionConfig`` dict (``config.json`` of an image encoder), or a full
-        ``CLIPConfig`` dict (its ``vision_config`` is used). Absent keys take transformers' defaults;
-        unrelated keys (dropout, initializer, ``architectures``, ...) are ignored."""
-        if "vision_config" in config:
-            config = config["vision_config"] or {}
-        c = {**_TRANSFORMERS_DEFAULTS, **config}
-        return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
 
 
 class Embedding(nnx.Module):

@@ -1,23 +1,20 @@
-"""Building the five Animate Anyone components from a converted-weights directory.
+"""Building the five Animate Anyone components from their architectures as plain JSON.
 
-``anim_jax.json`` holds each component's architecture as plain JSON (dataclass fields); the
-modules are created abstractly (``nnx.eval_shape``: no random initialisation of ~2 GB of weights)
-and then filled strictly from the safetensors files.
+Each component's configuration is its dataclass's fields as JSON (what a converted-weights
+directory's ``anim_jax.json`` holds, :mod:`anim_jax.weights_dir`). ``build(..., abstract=True)``
+creates a module's shapes only (``nnx.eval_shape``: no random initialisation of ~2 GB of weights),
+for :mod:`anim_jax.convert.components` to fill from the safetensors files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from anim_jax.convert import store
-from anim_jax.diffusion import NoiseSchedule
 from anim_jax.models.attention_ops import AttentionConfig
 from anim_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
 from anim_jax.models.motion import MotionConfig
@@ -104,35 +101,6 @@ def build(component: str, config: dict, *, dtype=jnp.float32, attention: Attenti
         raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
 
     return nnx.eval_shape(make) if abstract else make()
-
-
-def load_components(directory: str | os.PathLike, *, dtype=jnp.float32, attention: AttentionConfig | None = None,
-                    components: tuple[str, ...] = COMPONENTS) -> dict[str, Any]:
-    """``{component: module, ..., "schedule": NoiseSchedule}`` from a converted-weights directory."""
-    directory = pathlib.Path(directory)
-    config = store.read_config(directory)
-    out: dict[str, Any] = {}
-    for name in components:
-        if name not in config:
-            raise ValueError(f"{directory / store.CONFIG_NAME} has no {name!r} entry")
-        module = build(name, config[name], dtype=dtype, attention=attention, abstract=True)
-        out[name] = store.load_params(module, directory / f"{name}.safetensors")
-    out["schedule"] = NoiseSchedule.from_config(config.get("schedule", {}))
-    return out
-
-
-def save_components(directory: str | os.PathLike, components: dict[str, Any], *, schedule: NoiseSchedule,
-                    extra: dict | None = None) -> None:
-    """Writes modules + ``anim_jax.json`` (weights first, the config last: a directory without its
-    config is never mistaken for a complete one)."""
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config: dict[str, Any] = dict(extra or {})
-    for name, module in components.items():
-        store.save_params(module, directory / f"{name}.safetensors")
-        config[name] = component_config(name, module)
-    config["schedule"] = to_json(schedule)
-    store.write_config(directory, config)
 
 
 def component_config(name: str, module) -> dict:

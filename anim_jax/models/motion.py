@@ -22,7 +22,8 @@ diffusers' ``AnimateDiffTransformer3D`` differs in one place: its GroupNorm runs
 Moore), which normalises each frame on its own; for F = 1 the two agree.
 
 Parameter names follow the original checkpoint format (``temporal_transformer.transformer_blocks.0.
-attention_blocks.0.to_q`` ...); ``anim_jax.convert.motion_keys`` maps them to both formats.
+attention_blocks.0.to_q`` ...); ``anim_jax.convert.motion_keys`` maps them to both checkpoint formats and
+``anim_jax.convert.model_configs`` reads a ``MotionConfig`` from a checkpoint or Moore's yaml.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from anim_jax.convert import motion_keys
 from anim_jax.models.attention_ops import AttentionConfig, dot_product_attention
 from anim_jax.models.layers import Dtype, GroupNorm, LayerNorm, Linear
 from anim_jax.models.transformer import FeedForward
@@ -94,108 +94,6 @@ class MotionConfig:
     def num_attention_blocks(self) -> int:
         return len(self.attention_block_types)
 
-    @classmethod
-    def from_moore_yaml_kwargs(cls, kwargs: Mapping[str, Any]) -> "MotionConfig":
-        """From Moore/AnimateDiff yaml: either ``unet_additional_kwargs`` (placement + the nested
-        ``motion_module_kwargs``) or the ``motion_module_kwargs`` dict alone (default placement).
-
-        Unknown motion-module keys and unsupported values are a ValueError naming the key.
-        """
-        kwargs = dict(kwargs)
-        placement: dict[str, Any] = {}
-        if "motion_module_kwargs" in kwargs:
-            if not kwargs.get("use_motion_module", True):
-                raise ValueError("unet_additional_kwargs.use_motion_module is false: there is no motion module")
-            mtype = kwargs.get("motion_module_type", "Vanilla")
-            if mtype != "Vanilla":
-                raise ValueError(f"unet_additional_kwargs.motion_module_type={mtype!r}: only 'Vanilla' is supported")
-            if "motion_module_resolutions" in kwargs:
-                levels = []
-                for r in kwargs["motion_module_resolutions"]:
-                    lvl = int(round(math.log2(r))) if r > 0 else -1
-                    if r <= 0 or 2**lvl != r:
-                        raise ValueError(
-                            f"unet_additional_kwargs.motion_module_resolutions: {r} is not a power of two"
-                        )
-                    levels.append(lvl)
-                placement["levels"] = tuple(sorted(levels))
-            if "motion_module_mid_block" in kwargs:
-                placement["use_mid_block"] = bool(kwargs["motion_module_mid_block"])
-            if "motion_module_decoder_only" in kwargs:
-                placement["decoder_only"] = bool(kwargs["motion_module_decoder_only"])
-            kwargs = dict(kwargs["motion_module_kwargs"] or {})
-        known = {
-            "num_attention_heads", "num_transformer_block", "attention_block_types",
-            "temporal_position_encoding", "temporal_position_encoding_max_len",
-            "temporal_attention_dim_div", "zero_initialize", "norm_num_groups",
-        }  # fmt: skip
-        if kwargs.get("cross_frame_attention_mode") is not None:
-            raise ValueError(
-                f"motion_module_kwargs.cross_frame_attention_mode={kwargs['cross_frame_attention_mode']!r}: "
-                "cross-frame attention is not supported (only None)"
-            )
-        kwargs.pop("cross_frame_attention_mode", None)
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(f"motion_module_kwargs: unsupported keys {unknown}")
-        return cls(**kwargs, **placement)
-
-    @classmethod
-    def from_state_dict_shapes(cls, shapes: Mapping[str, tuple[int, ...]], **overrides) -> "MotionConfig":
-        """Infers the layout from a checkpoint's ``{key: shape}`` (original or diffusers keys; a
-        motion-module file, a diffusers adapter or a whole UNet).
-
-        Inferred: ``temporal_position_encoding_max_len`` (from the ``pe`` buffers; if the checkpoint
-        has none, the default is kept), ``num_transformer_block``, the number of attention blocks,
-        ``use_mid_block`` and ``levels``. Not inferable (every shape is the same for any value):
-        ``num_attention_heads`` (default 8, AnimateDiff's) and ``norm_num_groups`` (default 32) —
-        pass them in ``overrides`` when they differ.
-        """
-        prefixes = motion_keys.motion_module_prefixes(shapes)
-        if not prefixes:
-            raise ValueError("state dict has no motion-module keys (no '...motion_modules.<j>.' prefix)")
-        blocks: dict[str, set[int]] = {p: set() for p in prefixes}
-        attn: dict[str, set[int]] = {p: set() for p in prefixes}
-        max_lens: dict[str, int] = {}
-        for key, shape in shapes.items():
-            prefix = next((p for p in prefixes if key.startswith(p + ".")), None)
-            if prefix is None:
-                continue
-            rest = key[len(prefix) + 1 :].removeprefix("temporal_transformer.")
-            parts = rest.split(".")
-            if parts[0] == "transformer_blocks":
-                blocks[prefix].add(int(parts[1]))
-                if parts[2] == "attention_blocks":
-                    attn[prefix].add(int(parts[3]))
-                elif parts[2].startswith("attn"):
-                    attn[prefix].add(int(parts[2][4:]) - 1)
-            if key.endswith(("pos_encoder.pe", "pos_embed.pe")):
-                max_lens[key] = int(tuple(shape)[1])
-
-        def one(name, per_prefix):
-            values = set(per_prefix.values())
-            if len(values) != 1:
-                raise ValueError(f"motion modules disagree on {name}: {per_prefix}")
-            return values.pop()
-
-        n_blocks = one("the number of transformer blocks", {p: len(v) for p, v in blocks.items()})
-        n_attn = one("the number of attention blocks", {p: len(v) for p, v in attn.items()})
-        inferred: dict[str, Any] = {
-            "num_transformer_block": n_blocks,
-            "attention_block_types": ("Temporal_Self",) * n_attn,
-            "use_mid_block": any(p.startswith("mid_block.") for p in prefixes),
-        }
-        if max_lens:
-            inferred["temporal_position_encoding_max_len"] = one("the positional-encoding length", max_lens)
-        down = sorted({int(p.split(".")[1]) for p in prefixes if p.startswith("down_blocks.")})
-        up = sorted({int(p.split(".")[1]) for p in prefixes if p.startswith("up_blocks.")})
-        if down:
-            n_levels = max(down + up) + 1
-            if up and sorted(n_levels - 1 - j for j in up) != down:
-                raise ValueError(f"motion modules in down levels {down} but up blocks {up}: not a mirrored layout")
-            inferred["levels"] = tuple(down)
-        inferred.update(overrides)
-        return cls(**inferred)
 
 
 def sinusoidal_position_table(length: int, channels: int) -> np.ndarray:

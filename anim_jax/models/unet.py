@@ -23,7 +23,7 @@ returns its transformer blocks' ``norm1`` outputs by block path; the denoiser ta
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -103,100 +103,8 @@ class UNetConfig:
             if beyond:
                 raise ValueError(f"UNetConfig.motion.levels={self.motion.levels}: this UNet has only levels 0..{n - 1}")
 
-    @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "UNetConfig":
-        """Reads a diffusers ``UNet2DConditionModel`` config (the parsed ``unet/config.json``, or
-        ``model.config``). ``overrides`` set fields (e.g. ``groupnorm_over_frames=True``).
-
-        Every option this port does not implement must hold its diffusers default, otherwise a
-        ValueError names the field. Keys starting with ``_`` and ``sample_size`` /
-        ``upcast_attention`` (our softmax is always float32) are ignored; keys we do not know are
-        ignored when None or False (options that are off) and refused otherwise. The motion modules
-        are not part of a diffusers 2-D config: pass ``motion=MotionConfig(...)`` for a UNet3D.
-        """
-        config = dict(config)
-        bad = []
-        for key, default in _DIFFUSERS_FIXED.items():
-            if key in config:
-                value = config.pop(key)
-                if key in _NONE_IS_FALSE:  # None / False / a per-block list of False all mean "off"
-                    value = any(value) if isinstance(value, (list, tuple)) else bool(value)
-                if value != default:
-                    bad.append(f"{key}={value!r} (only {default!r} is supported)")
-        for key in _DIFFUSERS_IGNORED:
-            config.pop(key, None)
-        kwargs = {}
-        for key, field in _DIFFUSERS_FIELDS.items():
-            if key not in config:
-                continue
-            value = config.pop(key)
-            if key in _INT_ONLY and not isinstance(value, int):
-                bad.append(f"{key}={value!r} (only a single int is supported)")
-                continue
-            kwargs[field] = tuple(value) if isinstance(value, list) else value
-        for key, value in config.items():
-            if not key.startswith("_") and value not in (None, False):
-                bad.append(f"{key}={value!r} (unknown option)")
-        if bad:
-            raise ValueError("unsupported UNet config: " + "; ".join(bad))
-        kwargs.update(overrides)
-        return cls(**kwargs)
 
 
-# diffusers config key -> UNetConfig field
-_DIFFUSERS_FIELDS = {
-    "in_channels": "in_channels",
-    "out_channels": "out_channels",
-    "block_out_channels": "block_out_channels",
-    "down_block_types": "down_block_types",
-    "up_block_types": "up_block_types",
-    "layers_per_block": "layers_per_block",
-    "attention_head_dim": "num_attention_heads",  # legacy meaning: the number of heads
-    "cross_attention_dim": "cross_attention_dim",
-    "norm_num_groups": "norm_num_groups",
-    "norm_eps": "norm_eps",
-    "use_linear_projection": "use_linear_projection",
-    "flip_sin_to_cos": "flip_sin_to_cos",
-    "freq_shift": "freq_shift",
-    "transformer_layers_per_block": "transformer_layers_per_block",
-}
-_INT_ONLY = ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "norm_num_groups")
-_NONE_IS_FALSE = ("only_cross_attention", "mid_block_only_cross_attention")
-_DIFFUSERS_IGNORED = ("sample_size", "upcast_attention", "addition_embed_type_num_heads")
-# Options that must keep their diffusers default (the only behaviour implemented here).
-_DIFFUSERS_FIXED = {
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "center_input_sample": False,
-    "only_cross_attention": False,
-    "mid_block_only_cross_attention": False,
-    "dual_cross_attention": False,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "dropout": 0.0,
-    "act_fn": "silu",
-    "num_attention_heads": None,
-    "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "class_embed_type": None,
-    "num_class_embeds": None,
-    "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "attention_type": "default",
-    "cross_attention_norm": None,
-}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ decoded independently with per-image GroupNorm statistics, as the PyTorch origin
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -24,22 +23,6 @@ from anim_jax.models.layers import Conv2d, Dtype, GroupNorm, Linear, upsample_ne
 
 _EPS = 1e-6  # every VAE norm (resnets, mid-block attention, conv_norm_out) uses eps 1e-6
 
-# diffusers AutoencoderKL.__init__ defaults: what from_pretrained uses for a key absent from config.json.
-_DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",),
-    up_block_types=("UpDecoderBlock2D",),
-    block_out_channels=(64,),
-    layers_per_block=1,
-    act_fn="silu",
-    latent_channels=4,
-    norm_num_groups=32,
-    scaling_factor=0.18215,
-    use_quant_conv=True,
-    use_post_quant_conv=True,
-    mid_block_add_attention=True,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,35 +45,6 @@ class VAEConfig:
         """Image size / latent size."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any]) -> "VAEConfig":
-        """From a diffusers ``config.json`` dict; absent keys take diffusers' defaults, unknown keys
-        (``_class_name``, ``sample_size``, ``force_upcast``, ...) are ignored."""
-        c = {**_DIFFUSERS_DEFAULTS, **config}
-        n = len(c["block_out_channels"])
-        for field, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            types = list(c[field])
-            if len(types) != n:
-                raise ValueError(
-                    f"VAE config: {field} has {len(types)} entries but block_out_channels has {n}"
-                )
-            for i, t in enumerate(types):
-                if t != allowed:
-                    raise ValueError(f"VAE config: {field}[{i}] = {t!r} is not supported (only {allowed!r})")
-        if c["act_fn"] != "silu":
-            raise ValueError(f"VAE config: act_fn = {c['act_fn']!r} is not supported (only 'silu')")
-        return cls(
-            in_channels=int(c["in_channels"]),
-            out_channels=int(c["out_channels"]),
-            latent_channels=int(c["latent_channels"]),
-            block_out_channels=tuple(int(b) for b in c["block_out_channels"]),
-            layers_per_block=int(c["layers_per_block"]),
-            norm_num_groups=int(c["norm_num_groups"]),
-            scaling_factor=float(c["scaling_factor"]),
-            use_quant_conv=bool(c["use_quant_conv"]),
-            use_post_quant_conv=bool(c["use_post_quant_conv"]),
-            mid_block_add_attention=bool(c["mid_block_add_attention"]),
-        )
 
 
 class _Common:

@@ -1,128 +1,34 @@
-"""TensorBoard event files without TensorFlow, tensorboard or tensorboardX; MFU.
+"""Training logs: TensorBoard event files (through tensorboardX, no TensorFlow) and ``metrics.jsonl``; MFU.
 
-An event file is a sequence of TFRecords (``uint64 length, uint32 masked_crc32c(length), data,
-uint32 masked_crc32c(data)``, little-endian), each an ``Event`` protobuf. We hand-encode the few
-messages needed (field numbers from tensorboard's ``event.proto`` / ``summary.proto``)::
+``MetricWriter(logdir)`` writes, in ``logdir``:
 
-    Event    { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
-    Summary  { repeated Value value = 1; }
-    Value    { string tag = 1; float simple_value = 2; Image image = 4; }
-    Image    { int32 height = 1; int32 width = 2; int32 colorspace = 3; bytes encoded_image_string = 4; }
+* ``events.out.tfevents.*``: scalars, images (PNG) and sample videos (animated GIF image summaries:
+  TensorBoard's Images dashboard plays them), for TensorBoard;
+* ``metrics.jsonl``: one JSON object per ``write_scalars`` call, ``{"step": ..., "wall_time": ...,
+  <tag>: <value>, ...}``, for programs (the demo's loss plot, tests) that should not parse event
+  files. Lines are appended and flushed with the events; a line cut short by a crash is skipped by
+  :func:`read_metrics`;
+* ``videos/<tag>_<step>.gif``: each sample video, for viewing without TensorBoard.
 
-TensorBoard shows ``simple_value`` under Scalars and ``Image`` under Images (PNG for images, GIF
-for videos: the Images dashboard plays animated GIFs). ``write_video`` also writes the GIF beside
-the event file (``<logdir>/videos/<tag>_<step>.gif``) for viewing without TensorBoard.
-
-Only process 0 should write (``MetricWriter(logdir, enabled=jax.process_index() == 0)``). The
-event file is an append-only log, as TensorBoard expects, one per writer (time, host and pid in
-its name); a record cut short by a crash is incomplete and readers stop before it.
+Only process 0 should write (``MetricWriter(logdir, enabled=jax.process_index() == 0)``).
 """
 
 from __future__ import annotations
 
+import glob
 import io
+import json
+import math
 import os
-import socket
-import struct
+import secrets
 import time
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
-# --------------------------------------------------------------------------------------------
-# CRC32C (Castagnoli), masked as TFRecord wants it
-# --------------------------------------------------------------------------------------------
+from anim_jax import atomic
 
-
-def _crc_table() -> list[int]:
-    poly = 0x82F63B78
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ poly if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    table = _CRC_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
-
-
-# --------------------------------------------------------------------------------------------
-# A minimal protobuf encoder
-# --------------------------------------------------------------------------------------------
-
-
-def _varint(n: int) -> bytes:
-    if n < 0:
-        n &= (1 << 64) - 1  # int64 two's complement, as protobuf encodes negative int64
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _key(field: int, wire: int) -> bytes:
-    return _varint((field << 3) | wire)
-
-
-def _f_varint(field: int, n: int) -> bytes:
-    return _key(field, 0) + _varint(int(n))
-
-
-def _f_double(field: int, x: float) -> bytes:
-    return _key(field, 1) + struct.pack("<d", float(x))
-
-
-def _f_float(field: int, x: float) -> bytes:
-    return _key(field, 5) + struct.pack("<f", float(x))
-
-
-def _f_bytes(field: int, b: bytes | str) -> bytes:
-    if isinstance(b, str):
-        b = b.encode("utf-8")
-    return _key(field, 2) + _varint(len(b)) + b
-
-
-def _event(step: int, wall_time: float, *, summary_values: Sequence[bytes] = (), file_version: str | None = None):
-    msg = _f_double(1, wall_time) + _f_varint(2, step)
-    if file_version is not None:
-        msg += _f_bytes(3, file_version)
-    if summary_values:
-        msg += _f_bytes(5, b"".join(_f_bytes(1, v) for v in summary_values))
-    return msg
-
-
-def scalar_value(tag: str, value: float) -> bytes:
-    return _f_bytes(1, tag) + _f_float(2, value)
-
-
-def image_value(tag: str, encoded: bytes, height: int, width: int, channels: int) -> bytes:
-    image = _f_varint(1, height) + _f_varint(2, width) + _f_varint(3, channels) + _f_bytes(4, encoded)
-    return _f_bytes(1, tag) + _f_bytes(4, image)
+METRICS_FILE = "metrics.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,15 +46,6 @@ def to_uint8(image) -> np.ndarray:
     return a
 
 
-def encode_png(image) -> bytes:
-    from PIL import Image
-
-    a = to_uint8(image)
-    buf = io.BytesIO()
-    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def encode_gif(frames, fps: float = 8.0) -> bytes:
     from PIL import Image
 
@@ -164,7 +61,7 @@ def encode_gif(frames, fps: float = 8.0) -> bytes:
 
 
 class MetricWriter:
-    """Appends TensorBoard events to ``<logdir>/events.out.tfevents.<time>.<host>``.
+    """TensorBoard events and ``metrics.jsonl`` in ``logdir`` (see the module docstring).
 
     ``enabled=False`` makes every call a no-op (the non-zero processes of a multi-host run).
     """
@@ -172,66 +69,69 @@ class MetricWriter:
     def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True, filename_suffix: str = ""):
         self.logdir = os.fspath(logdir)
         self.enabled = enabled
-        self._file = None
+        self._tb = self._jsonl = None
         self.path = None
         if enabled:
-            os.makedirs(self.logdir, exist_ok=True)
-            name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}{filename_suffix}"
-            self.path = os.path.join(self.logdir, name)
-            self._file = open(self.path, "ab")
-            self._write(_event(0, time.time(), file_version="brain.Event:2"))
-            self.flush()
+            from tensorboardX import SummaryWriter
 
-    def _write(self, event: bytes) -> None:
-        self._file.write(tfrecord(event))
+            os.makedirs(self.logdir, exist_ok=True)
+            # A unique suffix keeps two writers started in the same second (restarts, tests) apart and
+            # finds this writer's file without tensorboardX internals.
+            unique = f".{os.getpid()}.{secrets.token_hex(3)}{filename_suffix}"
+            self._tb = SummaryWriter(self.logdir, filename_suffix=unique, flush_secs=30)
+            self._tb.flush()  # creates the event file
+            (self.path,) = glob.glob(os.path.join(glob.escape(self.logdir), f"events.out.tfevents.*{glob.escape(unique)}"))
+            self._jsonl = open(os.path.join(self.logdir, METRICS_FILE), "a", encoding="utf-8", buffering=1)  # line-buffered
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        """Non-finite values are skipped (TensorBoard cannot plot them)."""
+        """Non-finite values are skipped (TensorBoard cannot plot them, JSON cannot hold them)."""
         if not self.enabled:
             return
-        values = []
+        now = time.time()
+        record: dict[str, float] = {}
         for tag, v in scalars.items():
             v = float(np.asarray(v))
-            if np.isfinite(v):
-                values.append(scalar_value(tag, v))
-        if values:
-            self._write(_event(int(step), time.time(), summary_values=values))
+            if math.isfinite(v):
+                self._tb.add_scalar(tag, v, int(step), walltime=now)
+                record[tag] = v
+        if record:
+            self._jsonl.write(json.dumps({"step": int(step), "wall_time": now, **record}) + "\n")
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """(H, W[, C]) images, uint8 or float in [0, 1], stored as PNG."""
         if not self.enabled:
             return
-        values = []
         for tag, im in images.items():
-            a = to_uint8(im)
-            values.append(image_value(tag, encode_png(a), a.shape[0], a.shape[1], a.shape[2]))
-        self._write(_event(int(step), time.time(), summary_values=values))
+            self._tb.add_image(tag, to_uint8(im), int(step), dataformats="HWC")
 
     def write_video(self, step: int, tag: str, frames, fps: float = 8.0) -> str | None:
-        """(F, H, W[, C]) frames as an animated GIF: an image event and ``videos/<tag>_<step>.gif``.
+        """(F, H, W[, C]) frames as an animated GIF: an image summary and ``videos/<tag>_<step>.gif``.
         Returns the GIF's path."""
         if not self.enabled:
             return None
+        # tensorboardX's add_video encodes through moviepy; a GIF from PIL in tensorboardX's own
+        # image-summary message is what add_video writes, without that dependency.
+        from tensorboardX.proto.summary_pb2 import Summary
+
         frames = [to_uint8(f) for f in frames]
         gif = encode_gif(frames, fps)
         h, w, c = frames[0].shape
-        self._write(_event(int(step), time.time(), summary_values=[image_value(tag, gif, h, w, c)]))
+        image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif)
+        self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), int(step))
         path = os.path.join(self.logdir, "videos", f"{tag.replace('/', '_')}_{int(step):08d}.gif")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(gif)
-        os.replace(tmp, path)  # readers never see a partial file
+        atomic.write_bytes(path, gif)
         return path
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+            self._jsonl.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._jsonl.close()
+            self._tb = self._jsonl = None
 
     def __enter__(self):
         return self
@@ -239,6 +139,28 @@ class MetricWriter:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def read_metrics(logdir: str | os.PathLike) -> list[dict]:
+    """The records of ``<logdir>/metrics.jsonl`` in file order (a last line cut short is skipped)."""
+    path = os.path.join(os.fspath(logdir), METRICS_FILE)
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line still being written
+    return out
+
+
+def scalar_series(logdir: str | os.PathLike, tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of one scalar from ``metrics.jsonl``, sorted by step (the last value of a
+    step wins)."""
+    points = {int(r["step"]): float(r[tag]) for r in read_metrics(logdir) if tag in r}
+    return sorted(points.items())
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 
 from anim_jax.checkpoint import CheckpointManager
-from anim_jax.convert.store import atomic_write
-from anim_jax.models import factory
+from anim_jax import atomic
+from anim_jax.convert.components import save_components
 from anim_jax.train import metrics as metrics_lib
 from anim_jax.train.data import DeviceBatches
 from anim_jax.train.flops import step_flops
@@ -42,13 +42,12 @@ log = logging.getLogger("anim_jax.train")
 
 
 def _write_config(cfg, workdir: pathlib.Path) -> None:
-    text = cfg.to_json_best_effort(indent=2, sort_keys=True)
-    atomic_write(workdir / "config.json", lambda tmp: pathlib.Path(tmp).write_text(text))
+    atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | None = None, cfg=None) -> pathlib.Path:
     """The trained model (trained and frozen parts) as a converted-weights directory
-    (``models.factory.save_components``, float32) with the inference schedule of ``cfg.diffusion``,
+    (``convert.components.save_components``, float32) with the inference schedule of ``cfg.diffusion``,
     written by process 0. Every process must call it: with several processes the parameters are
     gathered collectively first."""
     out = workdir / name
@@ -65,7 +64,7 @@ def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | N
     nnx.replace_by_pure_dict(params, pure)
     nnx.update(model, params)
     if jax.process_index() == 0:
-        factory.save_components(out, model.components(), schedule=export_schedule(cfg),
+        save_components(out, model.components(), schedule=export_schedule(cfg),
                                 extra={"source": "anim-jax train", "stage": stage, "step": int(jax.device_get(state.step))})
     return out
 

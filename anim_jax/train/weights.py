@@ -14,7 +14,6 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -32,30 +31,13 @@ def flat_arrays(module) -> dict[str, Any]:
 def assign(module: nnx.Module, arrays: Mapping[str, Any], *, source: str, select: Callable[[str], bool] = lambda p: True,
            require_all: bool = False) -> set[str]:
     """Copies ``arrays[path]`` into each selected parameter of ``module`` that ``arrays`` holds
-    (shapes must match; values take the parameter's dtype). ``require_all``: every selected
-    parameter must be present. Returns the assigned paths."""
-    params = {optim.path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
-    done, misshaped = set(), []
-    for path, var in params.items():
-        if not select(path) or path not in arrays:
-            continue
-        value = arrays[path]
-        if tuple(value.shape) != tuple(var.shape):
-            misshaped.append(f"{path}: {source} {tuple(value.shape)}, model {tuple(var.shape)}")
-            continue
-        var.value = jnp.asarray(np.asarray(value), dtype=var.get_value().dtype)
-        done.add(path)
-    missing = sorted(p for p in params if select(p) and p not in done and p not in {m.split(":")[0] for m in misshaped})
-    if misshaped or (require_all and missing):
-        lines = [f"{source} does not fit the model:"]
-        if misshaped:
-            lines.append(f"  {len(misshaped)} misshaped: " + "; ".join(misshaped[:10]))
-        if require_all and missing:
-            lines.append(f"  {len(missing)} missing: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
-        from anim_jax.convert.mapping import CheckpointMismatchError
+    (shapes must match; values take the parameter's dtype and sharding; other arrays are ignored).
+    ``require_all``: every selected parameter must be present. Returns the assigned paths."""
+    from anim_jax.convert.loader import load
 
-        raise CheckpointMismatchError("\n".join(lines))
-    return done
+    report = load(module, arrays, select=select, ignore=lambda key: True, name=source,
+                  allow_missing=None if require_all else (lambda path: True))
+    return set(report.loaded)
 
 
 def _is_motion(path: str) -> bool:
@@ -63,11 +45,9 @@ def _is_motion(path: str) -> bool:
 
 
 def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+    from anim_jax.convert.readers import read_safetensors
 
-    if not pathlib.Path(path).is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    return load_file(str(path))
+    return read_safetensors(path)
 
 
 def read_train_checkpoint(directory: str | os.PathLike, step: int | None = None,
@@ -113,7 +93,8 @@ def load_motion_modules(denoiser: nnx.Module, path: str | os.PathLike) -> int:
     positional-encoding buffers are ignored, the model recomputes them) or from a converted-weights
     directory whose denoiser has motion modules. Returns the number of modules."""
     from anim_jax.convert import readers, store
-    from anim_jax.convert.mapping import load_torch_state_dict, prefixed
+    from anim_jax.convert.loader import load_torch_state_dict
+    from anim_jax.convert.mapping import prefixed
     from anim_jax.convert.motion_keys import MOTION_KEYMAP_DIFFUSERS, MOTION_KEYMAP_ORIGINAL
     from anim_jax.models.motion import MotionModule
 
