@@ -118,7 +118,9 @@ def test_same_seed_same_video_and_seed_matters(components, inputs):
 @pytest.mark.parametrize(
     "kwargs,match",
     [(dict(width=25, height=HEIGHT), "multiples of 2"), (dict(width=WIDTH, height=HEIGHT, num_frames=11), "only 10 pose"),
-     (dict(width=WIDTH, height=HEIGHT, output_type="png"), "output_type")],
+     (dict(width=WIDTH, height=HEIGHT, output_type="png"), "output_type"),
+     (dict(width=WIDTH, height=HEIGHT, guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0"),
+     (dict(width=WIDTH, height=HEIGHT, guidance_scale=-1.0), "guidance_scale must be a finite number >= 0")],
 )
 def test_bad_call_arguments(components, inputs, kwargs, match):
     with pytest.raises(ValueError, match=match):
