@@ -7,6 +7,7 @@ for ``train``).
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import subprocess
 import sys
@@ -76,3 +77,41 @@ def test_animate_bad_arguments_fail_before_any_work(tmp_path, extra, fragment):
     proc = run_cli("animate", *args, *(e.format(tmp=tmp_path) for e in extra), cwd=tmp_path)
     assert_one_line_error(proc, 2, fragment)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("outcome, code", [("completed", 0), ("preempted", 75), ("data_exhausted", 4), ("diverged", 3)])
+def test_train_outcomes_have_distinct_exit_codes(monkeypatch, tmp_path, capsys, outcome, code):
+    """The status of a run -> the documented exit code (the run itself is replaced: the loop's own
+    tests cover SIGTERM and divergence)."""
+    from anim_jax import cli
+    from anim_jax.train import cli as train_cli
+    from anim_jax.train.loop import LoopResult, NonFiniteLossError
+
+    def fake_train(cfg, workdir):
+        if outcome == "diverged":
+            raise NonFiniteLossError(4, float("nan"), "loss", 2, discarded_step=3)
+        return LoopResult(outcome, 3, None, 3)
+
+    monkeypatch.setattr(train_cli, "train", fake_train)
+    rc = cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "run"), f"--config.data.dataset={tmp_path}"])
+    assert rc == code and cli.EXIT_CODES[code]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if outcome == "preempted":
+        assert "rerun the same command to resume" in err
+    if outcome == "diverged":
+        assert err.strip().count("\n") == 0 and "the last good checkpoint is step 2" in err
+
+
+def test_a_failing_flop_count_warns_that_mfu_is_lost(caplog):
+    from anim_jax.train.cli import count_step_flops
+
+    class NoCostModel:  # what step_flops needs of a Trainer
+        memo: dict = {}
+
+        def lower(self, model_step=False):
+            raise RuntimeError("cost analysis unavailable")
+
+    with caplog.at_level(logging.WARNING, logger="anim_jax.train"):
+        assert count_step_flops(NoCostModel(), None) is None
+    assert "MFU will not be reported" in caplog.text and "cost analysis unavailable" in caplog.text

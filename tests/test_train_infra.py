@@ -4,6 +4,7 @@ Orbax checkpoints, the loop (resume, SIGTERM, NaN), TensorBoard event files, dis
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import signal
@@ -436,6 +437,33 @@ def test_non_finite_state_is_never_saved(mesh8, tmp_path):
             train_loop(None, state, lambda s, b: (step if s.step < 1 else overflowing_step)(s, b), ToyData(), cm,
                        None, num_steps=10, save_every=1, log_every=100)
         assert cm.all_steps() == [1] and err.value.step == 2
+
+
+def test_fallbacks_warn_what_is_lost(mesh8, caplog, monkeypatch):
+    from jax.experimental import multihost_utils
+
+    from anim_jax.train import loop
+
+    caplog.set_level(logging.WARNING, logger="anim_jax.train.loop")
+    # Several processes without JAX's preemption service: no handler (it could not agree on a step).
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with loop._StopFlag(multiprocess=True).installed():
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert caplog.text.count("end the run without a checkpoint") == 1
+    caplog.clear()
+
+    def broken(step):
+        raise RuntimeError("sync manager gone")
+
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", broken)
+    agreement = loop._PreemptionAgreement(True)
+    assert not agreement.reached(1) and not agreement.reached(2)
+    assert caplog.text.count("preemption sync point failed (sync manager gone)") == 1
+    caplog.clear()
+
+    state, step, _, _ = setup(mesh8)  # a FLOP count but no known peak for a CPU: no MFU, one warning
+    train_loop({"flops_per_step": 1e6}, state, step, ToyData(), None, None, num_steps=1)
+    assert "MFU will not be reported" in caplog.text
 
 
 def test_loop_writes_tensorboard_metrics(mesh8, tmp_path):

@@ -819,7 +819,8 @@ def compiled_flops(compiled) -> float | None:
     rematerialised recomputation. None when the backend gives none."""
     try:
         ca = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - a missing count must not stop the caller; it is told why
+        log.warning("XLA cost analysis of the compiled step failed (%s: %s): no FLOP count", type(e).__name__, e)
         return None
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else None

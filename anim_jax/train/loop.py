@@ -107,6 +107,11 @@ class _StopFlag:
     def installed(self):
         if self.multiprocess:
             signals = [signal.SIGINT] if _preemption_service_running() else []
+            if not signals:
+                log.warning(
+                    "%d processes but JAX's preemption service is off (jax_enable_preemption_service): processes "
+                    "cannot agree on a step to save at, so SIGTERM/SIGINT end the run without a checkpoint; "
+                    "only the periodic checkpoints (train.save_every) are kept", jax.process_count())
         else:
             signals = [signal.SIGTERM, signal.SIGINT]
         if threading.current_thread() is not threading.main_thread():
@@ -121,12 +126,31 @@ class _StopFlag:
 
 
 def _preemption_service_running() -> bool:
-    try:
-        from jax._src import distributed as jax_distributed
+    """Whether JAX's preemption sync manager runs: ``jax.distributed`` is initialised with the
+    (default) ``jax_enable_preemption_service`` option, which starts it."""
+    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
-        return jax_distributed.global_state.preemption_sync_manager is not None
-    except (ImportError, AttributeError):
-        return False
+
+class _PreemptionAgreement:
+    """``reached(step)``: whether every process has agreed to stop and save at ``step`` (JAX's
+    preemption sync point). Off with one process or without the service; if the service fails
+    it warns once and is off from then on (a signal then ends the run without a checkpoint)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def reached(self, step: int) -> bool:
+        if not self.enabled:
+            return False
+        from jax.experimental import multihost_utils
+
+        try:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        except RuntimeError as e:
+            self.enabled = False
+            log.warning("the multi-process preemption sync point failed (%s): processes can no longer agree on a "
+                        "step to save at, so SIGTERM/SIGINT will end the run without a checkpoint", e)
+            return False
 
 
 def _all_finite(tree) -> bool:
@@ -165,17 +189,6 @@ def _cfg_get(cfg, name, default=None):
     if hasattr(cfg, "get"):
         return cfg.get(name, default)
     return getattr(cfg, name, default)
-
-
-def _multiprocess_preemption(step: int) -> bool:
-    if jax.process_count() == 1:
-        return False
-    from jax.experimental import multihost_utils
-
-    try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-    except RuntimeError:  # no preemption sync manager (jax.distributed not initialised by us)
-        return False
 
 
 def train_loop(
@@ -258,7 +271,11 @@ def train_loop(
         ckpt_manager.save(step_, state, _iterator_state(data_iter), meta)  # False: already saved
         last_ckpt = step_
 
+    if flops and not peak:
+        log.warning("MFU will not be reported: the peak FLOP/s of a %r is unknown (set train.peak_flops_per_device)",
+                    jax.devices()[0].device_kind)
     stop = _StopFlag(multiprocess=jax.process_count() > 1)
+    agreement = _PreemptionAgreement(jax.process_count() > 1 and _preemption_service_running())
     window: dict[str, list[float]] = {}
     times: list[float] = []
     status = STATUS_COMPLETED
@@ -314,7 +331,7 @@ def train_loop(
                         writer.flush()
                     window.clear()
                     times.clear()
-                if stop.signum is not None or _multiprocess_preemption(step):
+                if stop.signum is not None or agreement.reached(step):
                     save(step)
                     status = STATUS_PREEMPTED
                     break
