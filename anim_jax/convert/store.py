@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
 
 from anim_jax.convert.mapping import CheckpointMismatchError, flat_params
-from anim_jax.convert.readers import write_safetensors
+from anim_jax.convert.readers import read_safetensors, write_safetensors
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "anim_jax.json"
@@ -90,7 +89,7 @@ def load_params(model: nnx.Module, path: str | os.PathLike, *, dtype=None) -> nn
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    arrays = load_file(str(path))
+    arrays = read_safetensors(path)  # the checked reader: a truncated file is a CheckpointReadError naming it
     params = flat_params(model)
     missing = sorted(set(params) - set(arrays))
     unexpected = sorted(set(arrays) - set(params))
