@@ -169,6 +169,8 @@ def test_cli_animate_reports_bad_inputs(components, inputs, tmp_path, capsys):
         (["--reference", str(tmp_path / "ref.png"), "--pose", str(tmp_path / "pose.mp4"), "-W", "24", "-H", "32",
           "-L", "5"], "only 3 pose frames"),
         (["--reference", str(tmp_path / "ref.png"), "--pose", str(tmp_path / "nope.mp4")], "nope.mp4"),
+        (["--reference", str(tmp_path / "ref.png"), "--pose", str(tmp_path / "pose.mp4"), "--devices", "9"],
+         "--devices 9: only 8 devices are present"),
     ]
     for extra, match in cases:
         assert cli.main(base + extra) == 2
