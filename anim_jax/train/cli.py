@@ -41,7 +41,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
             "Train from an ml_collections config file (configs/stage1.py, configs/stage2.py; ':tiny' selects the "
             "tiny CPU variant). Override any field with --config.<field>=<value>, e.g. --config.data.dataset=DIR "
             "--config.optimizer.lr=2e-5 --config.mesh.shape='(1,-1,1)'. Runs resume from the latest checkpoint "
-            "in WORKDIR; SIGTERM/SIGINT save and stop."
+            "in WORKDIR; SIGTERM/SIGINT save and stop. Exit codes: 0 finished; 75 stopped early with a checkpoint "
+            "(SIGTERM/SIGINT, preemption): rerun to resume; 3 diverged (the message names the checkpoint to resume "
+            "from); 4 data ran out; 2 bad config (checked before anything is built or written)."
         ),
     )
     p.add_argument("--config", required=True, metavar="FILE[:ARG]", help="config file, e.g. configs/stage1.py:tiny")
@@ -59,6 +61,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     distributed.maybe_initialize_distributed()  # before anything touches a JAX backend
 
+    import jax
+
     from anim_jax import cli as main_cli
     from anim_jax import configlib
     from anim_jax.train.loop import STATUS_COMPLETED, STATUS_PREEMPTED
@@ -67,8 +71,6 @@ def run_train(args: argparse.Namespace) -> int:
     check_config(cfg)  # before building anything or writing into WORKDIR
     # A NonFiniteLossError (divergence) reaches anim_jax.cli.main: one line, EXIT_DIVERGED.
     result = train(cfg, args.workdir)
-    import jax
-
     if jax.process_count() > 1:
         # Leave together: with `srun --kill-on-bad-exit` a process exiting with a non-zero code
         # (EXIT_PREEMPTED) first could kill process 0 before it has committed the last checkpoint.
