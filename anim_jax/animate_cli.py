@@ -3,8 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import pathlib
 import sys
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(*, low: float, strict: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low:g}, got {text!r}")
+        return value
+
+    return parse
 
 
 def add_animate_parser(subparsers) -> argparse.ArgumentParser:
@@ -18,31 +46,86 @@ def add_animate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="reference image (png/jpg/...)")
     p.add_argument("--pose", required=True, help="pose video or folder of pose images")
     p.add_argument("--out", required=True, help="output video path (.mp4)")
-    p.add_argument("--width", "-W", type=int, default=512)
-    p.add_argument("--height", "-H", type=int, default=768)
-    p.add_argument("--frames", "-L", type=int, default=None, help="number of frames (default: all pose frames)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale")
+    p.add_argument("--width", "-W", type=_int_at_least(1), default=512)
+    p.add_argument("--height", "-H", type=_int_at_least(1), default=768)
+    p.add_argument("--frames", "-L", type=_int_at_least(1), default=None,
+                   help="number of frames (default: all pose frames)")
+    p.add_argument("--steps", type=_int_at_least(1), default=25)
+    p.add_argument("--guidance", type=_finite_float(low=0.0), default=3.5,
+                   help="classifier-free guidance scale, a finite number >= 0: result = uncond + guidance * "
+                        "(cond - uncond); 1 uses the reference-conditioned prediction alone, 0 the unconditional "
+                        "one, > 1 follows the reference more strongly (default 3.5). Negative values, which push "
+                        "the video away from the reference, are refused")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--context-frames", type=int, default=24, help="frames per context window")
-    p.add_argument("--context-overlap", type=int, default=4, help="frames shared by consecutive windows")
+    p.add_argument("--context-frames", type=_int_at_least(1), default=24, help="frames per context window")
+    p.add_argument("--context-overlap", type=_int_at_least(0), default=4,
+                   help="frames shared by consecutive windows (less than --context-frames)")
     p.add_argument("--open-loop", action="store_true",
                    help="do not wrap the last window onto the first frames (Moore's default wraps)")
-    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the pose video's, else 8)")
+    p.add_argument("--fps", type=_finite_float(low=0.0, strict=True), default=None,
+                   help="output frame rate (default: the pose video's, else 8)")
     p.add_argument("--grid", action="store_true", help="also write OUT_grid.mp4: reference | pose | result")
     p.add_argument("--gif", action="store_true", help="also write a GIF next to the mp4")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="compute dtype (parameters stay as stored)")
     p.add_argument("--attention", choices=("xla", "chunked", "cudnn", "auto"), default="auto",
                    help="attention implementation (auto: cuDNN on GPU in half precision, chunked when large)")
-    p.add_argument("--devices", type=int, default=None,
-                   help="shard context windows over this many devices (default: all local devices)")
+    p.add_argument("--devices", type=_int_at_least(1), default=None,
+                   help="shard context windows over the first N devices, N >= 1 (default: all devices)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_animate)
     return p
 
 
+def output_paths(args: argparse.Namespace) -> list[pathlib.Path]:
+    out = pathlib.Path(args.out)
+    paths = [out]
+    if args.gif:
+        paths.append(out.with_suffix(".gif"))
+    if args.grid:
+        paths.append(out.with_name(out.stem + "_grid.mp4"))
+    return paths
+
+
+def check_output_path(path: pathlib.Path, flag: str = "--out") -> None:
+    """Raises ``ValueError`` unless ``path`` can be written as a new or replaced file: it is not a
+    directory, and its nearest existing ancestor is a directory this process may write into (the
+    missing ones are created at write time)."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a directory; expected a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(path)!r}: no permission to write into {str(parent)!r}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything about the arguments that is known before loading a model (inputs exist, outputs
+    writable, settings consistent); raises ``ValueError``/``FileNotFoundError`` naming the flag."""
+    out = pathlib.Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out must end in .mp4, got {str(out)!r}")
+    for path in output_paths(args):
+        check_output_path(path)
+    if not pathlib.Path(args.weights).is_dir():
+        raise FileNotFoundError(f"--weights {args.weights!r} is not a directory (expected `anim-jax convert` output)")
+    for flag, value in (("--reference", args.reference), ("--pose", args.pose)):
+        if not pathlib.Path(value).exists():
+            raise FileNotFoundError(f"{flag} {value!r} does not exist")
+    if args.context_overlap >= args.context_frames:
+        raise ValueError(f"--context-overlap {args.context_overlap} must be less than --context-frames {args.context_frames}")
+
+
 def run_animate(args: argparse.Namespace) -> int:
+    try:
+        check_args(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"anim-jax animate: error: {e}", file=sys.stderr)
+        return 2
+
     import jax
     import jax.numpy as jnp
 
@@ -51,8 +134,8 @@ def run_animate(args: argparse.Namespace) -> int:
     from anim_jax.pipeline import AnimatePipeline
 
     out = pathlib.Path(args.out)
-    if out.suffix.lower() != ".mp4":
-        print(f"error: --out must end in .mp4, got {str(out)!r}", file=sys.stderr)
+    if args.devices is not None and args.devices > len(jax.devices()):
+        print(f"anim-jax animate: error: --devices {args.devices}: only {len(jax.devices())} devices are present", file=sys.stderr)
         return 2
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
     mesh = parallel.make_mesh((len(devices),), ("data",), devices=devices) if len(devices) > 1 else None
@@ -66,7 +149,7 @@ def run_animate(args: argparse.Namespace) -> int:
             context_overlap=args.context_overlap, closed_loop=not args.open_loop, progress=not args.no_progress,
         )
     except (FileNotFoundError, ValueError) as e:  # media.InputError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+        print(f"anim-jax animate: error: {e}", file=sys.stderr)
         return 2
     fps = args.fps or result.fps or 8.0
     media.write_mp4(out, result.frames, fps=fps)

@@ -201,6 +201,11 @@ class CheckpointManager:
         state = target.replace_items(r[STATE]) if is_state else r[STATE]
         return Restored(int(step), state, r[DATA_ITER] if data_iterator else None, dict(r[METADATA] or {}))
 
+    def delete(self, step: int) -> None:
+        """Removes checkpoint ``step`` (after any save in flight); every process must call it."""
+        self.wait()
+        self._mngr.delete(int(step))
+
     def wait(self) -> None:
         """Blocks until every started save is on disk."""
         self._mngr.wait_until_finished()

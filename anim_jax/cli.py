@@ -2,12 +2,16 @@
 
 Each subcommand lives beside the code it runs; its module contributes a function that adds the
 subparser and sets ``func``. Heavy imports happen inside ``func``, so ``anim-jax --help`` is fast.
+
+Failures a user can act on are reported here, in one place, as one line on stderr with a distinct
+exit code (``EXIT_CODES``); ``--debug`` (or ``ANIM_JAX_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from anim_jax import __version__
@@ -27,12 +31,80 @@ COMMANDS: tuple[tuple[str, str], ...] = (
 )
 
 
+# Exit codes (documented in the README; launch/slurm_gpu.sbatch requeues on EXIT_PREEMPTED).
+EXIT_OK = 0  # finished
+EXIT_FAILURE = 1  # an unexpected error (a bug, or the environment): the traceback is printed
+EXIT_USAGE = 2  # bad arguments, config, input or output path: nothing was done or written
+EXIT_DIVERGED = 3  # training stopped on a non-finite loss or state; the message names the checkpoint to resume
+EXIT_DATA_EXHAUSTED = 4  # training data ran out before train.num_steps; a checkpoint was saved
+EXIT_PREEMPTED = 75  # training stopped by SIGTERM/SIGINT or preemption, checkpoint saved: rerun to resume
+#                      (75 is EX_TEMPFAIL of sysexits.h: "temporary failure, retry later")
+EXIT_CODES = {
+    EXIT_OK: "finished",
+    EXIT_FAILURE: "unexpected error (traceback printed)",
+    EXIT_USAGE: "bad arguments, config, input or output path (nothing done)",
+    EXIT_DIVERGED: "training diverged (non-finite loss/state); resume from the checkpoint named",
+    EXIT_DATA_EXHAUSTED: "training data ran out before num_steps (checkpoint saved)",
+    EXIT_PREEMPTED: "training preempted (checkpoint saved): rerun the same command to resume",
+}
+
+# Errors that mean "fix the input", by qualified class name (matched along the exception's MRO, so
+# nothing here imports the modules, and --help stays fast): one line, EXIT_USAGE.
+_USAGE_ERRORS = frozenset({
+    "anim_jax.configlib.ConfigError",
+    "anim_jax.media.InputError",
+    "anim_jax.convert.readers.CheckpointError",
+    "anim_jax.convert.mapping.CheckpointMismatchError",
+    "data_pipelines.video_io.EmptyVideoError",
+    "builtins.FileNotFoundError",
+    "builtins.FileExistsError",
+    "builtins.IsADirectoryError",
+    "builtins.NotADirectoryError",
+    "builtins.PermissionError",
+})
+_DIVERGED_ERRORS = frozenset({"anim_jax.train.loop.NonFiniteLossError"})
+
+
+def _matches(exc: BaseException, names: frozenset) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in names for c in type(exc).__mro__)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("ANIM_JAX_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
+        text = f"{exc.strerror or text}: {exc.filename}"
+    return " ".join(text.split()) or type(exc).__name__  # one line, whatever the exception holds
+
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The exit code ``main`` reports ``exc`` with, or None for an unexpected error (traceback)."""
+    if _matches(exc, _DIVERGED_ERRORS):
+        return EXIT_DIVERGED
+    if _matches(exc, _USAGE_ERRORS):
+        return EXIT_USAGE
+    return None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the usage summary is one --help away)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="anim-jax",
         description="Animate Anyone in JAX: convert PyTorch checkpoints, prepare data, train, animate.",
+        epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()),
     )
     parser.add_argument("--version", action="version", version=f"anim-jax {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error instead of one line (also: ANIM_JAX_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module, adder in COMMANDS:
         getattr(importlib.import_module(module), adder)(sub)
@@ -49,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args.config_overrides = overrides
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as e:  # noqa: BLE001 - reported below; unknown errors are re-raised
+        code = exit_code_for(e)
+        if code is None or args.debug or debug_enabled():
+            raise
+        print(f"anim-jax {args.command}: error: {_message(e)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

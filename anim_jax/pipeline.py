@@ -144,6 +144,8 @@ class AnimatePipeline:
         factor = self.vae_downscale
         if width % factor or height % factor or width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive multiples of {factor}, got {width}x{height}")
+        if not (math.isfinite(guidance_scale) and guidance_scale >= 0):  # negative: away from the reference
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
         if output_type not in ("frames", "latents", "both"):
             raise ValueError(f"output_type must be 'frames', 'latents' or 'both', got {output_type!r}")
         reference = media.to_rgb_image(reference_image, name="reference image")

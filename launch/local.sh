@@ -17,7 +17,8 @@
 # Environment: ANIM_JAX_CMD (default "anim-jax"), VENV (default .venv, activated when present),
 # LOG_DIR (default $TMPDIR or /tmp). Process 0 prints to the terminal, process i > 0 to
 # $LOG_DIR/anim_jax_proc<i>.log. Ctrl-C (SIGINT) reaches
-# every process: each finishes its current step, saves a checkpoint and exits.
+# every process: each finishes its current step, saves a checkpoint and exits with code 75
+# (rerun the same command to resume); 0 means finished, 3 diverged.
 set -euo pipefail
 
 num=1 port=12355 per_gpu=0 cpu_devices=0

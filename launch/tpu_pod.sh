@@ -9,7 +9,8 @@
 # and lets jax.distributed find the slice's workers through the VM metadata server.
 # --workdir must be visible from every worker (a gs:// bucket, or a shared file system): each
 # worker writes the checkpoint shards it holds. Preemption/maintenance SIGTERMs reach every worker;
-# they agree on a step, save and exit, and a rerun of this command resumes from that checkpoint.
+# they agree on a step, save and exit with code 75, and a rerun of this command resumes from that
+# checkpoint (a queued-resource wrapper should rerun on 75; 0 means finished, 3 diverged).
 #
 # Environment:
 #   PROJECT    gcloud project (default: gcloud's configured one)

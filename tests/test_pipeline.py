@@ -2,6 +2,9 @@
 plain per-window loop written the way Moore-AnimateAnyone's pipeline runs it, and the CLI writes
 the videos it promises."""
 
+import subprocess
+import sys
+
 import av
 import jax
 import jax.numpy as jnp
@@ -167,7 +170,9 @@ def test_changing_schedule_or_config_between_calls_changes_the_output(components
 @pytest.mark.parametrize(
     "kwargs,match",
     [(dict(width=25, height=HEIGHT), "multiples of 2"), (dict(width=WIDTH, height=HEIGHT, num_frames=11), "only 10 pose"),
-     (dict(width=WIDTH, height=HEIGHT, output_type="png"), "output_type")],
+     (dict(width=WIDTH, height=HEIGHT, output_type="png"), "output_type"),
+     (dict(width=WIDTH, height=HEIGHT, guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0"),
+     (dict(width=WIDTH, height=HEIGHT, guidance_scale=-1.0), "guidance_scale must be a finite number >= 0")],
 )
 def test_bad_call_arguments(components, inputs, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -213,6 +218,8 @@ def test_cli_animate_reports_bad_inputs(components, inputs, tmp_path, capsys):
         (["--reference", str(tmp_path / "ref.png"), "--pose", str(tmp_path / "pose.mp4"), "-W", "24", "-H", "32",
           "-L", "5"], "only 3 pose frames"),
         (["--reference", str(tmp_path / "ref.png"), "--pose", str(tmp_path / "nope.mp4")], "nope.mp4"),
+        (["--reference", str(tmp_path / "ref.png"), "--pose", str(tmp_path / "pose.mp4"), "--devices", "9"],
+         "--devices 9: only 8 devices are present"),
     ]
     for extra, match in cases:
         assert cli.main(base + extra) == 2
@@ -221,3 +228,24 @@ def test_cli_animate_reports_bad_inputs(components, inputs, tmp_path, capsys):
     assert cli.main(["animate", "--weights", str(tmp_path / "nothing"), "--reference", "r.png", "--pose", "p.mp4",
                      "--out", str(tmp_path / "o.mp4"), "--devices", "1"]) == 2
     assert "anim-jax convert" in capsys.readouterr().err
+
+
+def test_cli_animate_truncated_weights_file_is_one_line(components, inputs, tmp_path):
+    """The real entry point in a subprocess: a half-written weights file -> exit 2, one line naming it."""
+    weights = tmp_path / "weights"
+    factory.save_components(weights, components, schedule=AnimatePipeline(**components).schedule)
+    vae = weights / "vae.safetensors"
+    vae.write_bytes(vae.read_bytes()[: vae.stat().st_size // 2])
+    Image.fromarray(inputs[0]).save(tmp_path / "ref.png")
+    _write_pose_video(tmp_path / "pose.mp4", inputs[1][:3])
+    out = tmp_path / "out.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-m", "anim_jax.cli", "animate", "--weights", str(weights), "--reference",
+         str(tmp_path / "ref.png"), "--pose", str(tmp_path / "pose.mp4"), "--out", str(out), "-W", str(WIDTH), "-H",
+         str(HEIGHT), "--steps", "1", "--devices", "1", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    assert str(vae) in lines[0] and "truncated" in lines[0], lines[0]
+    assert not out.exists()

@@ -408,12 +408,34 @@ def test_handbuilt_archive_reads(tmp_path):
         # negative stride / mismatched lengths
         (_Tensor(_Storage("0", 12), 0, (3,), (-1,)), {"0": bytes(48)}, "negative"),
         (_Tensor(_Storage("0", 12), 0, (3, 4), (1,)), {"0": bytes(48)}, "differ in length"),
+        # zero strides: 4 stored bytes standing for a 10^6 x 10^6 float32 tensor (3.6 TiB)
+        (_Tensor(_Storage("0", 1), 0, (10**6, 10**6), (0, 0)), {"0": bytes(4)}, r"expands to 3.64 TiB, more memory"),
     ],
 )
 def test_malformed_records_are_read_errors(tmp_path, tensor, records, match):
     path = tmp_path / "bad.pth"
     _write_torch_zip(path, {"t": tensor}, records)
     with pytest.raises(CheckpointReadError, match=match) as ei:
+        read_checkpoint(path)
+    assert str(path) in str(ei.value)
+
+
+def test_storage_record_larger_than_the_file(tmp_path):
+    path = tmp_path / "claims_4gib.pth"
+    _write_torch_zip(path, {"t": _Tensor(_Storage("3", 4), 0, (4,), (1,))}, {"3": bytes(16)})
+    data = bytearray(path.read_bytes())
+    name = b"archive/data/3"
+    # The name follows the local header (30 bytes, sizes at 18) and the central-directory entry
+    # (46 bytes, sizes at 20); both get compressed and plain sizes of ~4 GiB.
+    for sig, at, size_field in ((b"PK\x03\x04", 30, 18), (b"PK\x01\x02", 46, 20)):
+        start = 0
+        while (j := data.find(name, start)) >= 0:
+            if data[j - at: j - at + 4] == sig:
+                struct.pack_into("<II", data, j - at + size_field, 0xFFFFFF00, 0xFFFFFF00)
+            start = j + 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointReadError, match=r"storage record 'archive/data/3' claims 4294967040 bytes \(4 GiB\) "
+                                                  r"but the file has only \d+ bytes \(truncated or corrupt\)") as ei:
         read_checkpoint(path)
     assert str(path) in str(ei.value)
 

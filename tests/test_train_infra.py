@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -396,17 +397,82 @@ def test_sigterm_saves_at_the_current_step_and_returns(mesh8, tmp_path):
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(mesh8, tmp_path):
+def test_nan_batch_stops_and_keeps_last_good_checkpoint(mesh8, tmp_path):
     state, step, _, _ = setup(mesh8)
     with CheckpointManager(tmp_path / "ckpt") as cm:
-        with pytest.raises(NonFiniteLossError, match=r"step 5.*last good checkpoint is step 4") as err:
+        with pytest.raises(NonFiniteLossError, match=r"step 5; the batch of step 5 holds NaN.*last good checkpoint is step 4") as err:
             train_loop(None, state, step, ToyData(nan_at=4), cm, None, num_steps=10, save_every=2, log_every=100)
-        assert err.value.step == 5 and err.value.last_checkpoint_step == 4
-        assert cm.all_steps() == [2, 4]
+        assert err.value.step == 5 and err.value.last_checkpoint_step == 4 and err.value.discarded_step is None
+        assert cm.all_steps() == [2, 4]  # the data is to blame, not checkpoint 4
         state2, _, _, _ = setup(mesh8)
         r = cm.restore(None, state2)
         assert r.step == 4 and r.data_iterator_state == {"i": 4}
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(host(r.state.params)))
+
+
+def test_divergence_names_a_checkpoint_that_resumes(mesh8, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    state, step, _, _ = setup(mesh8)
+    with CheckpointManager(ckpt) as cm:
+        train_loop(None, state, step, ToyData(), cm, None, num_steps=2, save_every=1, log_every=100)
+    # lr 1e30: step 3's update leaves finite weights of ~1e30 (saved as checkpoint 3) that overflow at step 4.
+    state, step, _, _ = setup(mesh8, opt_cfg(lr=1e30))
+    with CheckpointManager(ckpt) as cm:
+        with pytest.raises(NonFiniteLossError, match=r"at step 4; deleted checkpoint step 3.*last good checkpoint is step 2") as err:
+            train_loop(None, state, step, ToyData(), cm, None, num_steps=10, save_every=1, log_every=100)
+        assert (err.value.discarded_step, err.value.last_checkpoint_step) == (3, 2)
+        assert cm.all_steps() == [1, 2]
+    losses = []
+    state, step, _, _ = setup(mesh8)
+    with CheckpointManager(ckpt) as cm:
+        res = train_loop(None, state, step, ToyData(), cm, None, num_steps=6, save_every=2, log_every=100,
+                         on_step=lambda s, m: losses.append(m["loss"]))
+    assert res.resumed_from == 2 and res.status == STATUS_COMPLETED and res.step == 6
+    assert len(losses) == 4 and all(np.isfinite(losses)), losses
+
+
+def test_non_finite_state_is_never_saved(mesh8, tmp_path):
+    state, step, _, _ = setup(mesh8)
+
+    def overflowing_step(state, batch):  # finite loss and gradient, the update overflows one weight
+        state, metrics = step(state, batch)
+        params = jax.tree.map(lambda x: x, state.params)
+        params["head"]["kernel"] = params["head"]["kernel"].at[0, 0].set(jnp.inf)
+        return state.replace(params=params), metrics
+
+    with CheckpointManager(tmp_path / "ckpt") as cm:
+        with pytest.raises(NonFiniteLossError, match=r"non-finite parameters or optimizer state .* at step 2; "
+                                                     r".*last good checkpoint is step 1") as err:
+            train_loop(None, state, lambda s, b: (step if s.step < 1 else overflowing_step)(s, b), ToyData(), cm,
+                       None, num_steps=10, save_every=1, log_every=100)
+        assert cm.all_steps() == [1] and err.value.step == 2
+
+
+def test_fallbacks_warn_what_is_lost(mesh8, caplog, monkeypatch):
+    from jax.experimental import multihost_utils
+
+    from anim_jax.train import loop
+
+    caplog.set_level(logging.WARNING, logger="anim_jax.train.loop")
+    # Several processes without JAX's preemption service: no handler (it could not agree on a step).
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with loop._StopFlag(multiprocess=True).installed():
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert caplog.text.count("end the run without a checkpoint") == 1
+    caplog.clear()
+
+    def broken(step):
+        raise RuntimeError("sync manager gone")
+
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", broken)
+    agreement = loop._PreemptionAgreement(True)
+    assert not agreement.reached(1) and not agreement.reached(2)
+    assert caplog.text.count("preemption sync point failed (sync manager gone)") == 1
+    caplog.clear()
+
+    state, step, _, _ = setup(mesh8)  # a FLOP count but no known peak for a CPU: no MFU, one warning
+    train_loop({"flops_per_step": 1e6}, state, step, ToyData(), None, None, num_steps=1)
+    assert "MFU will not be reported" in caplog.text
 
 
 def test_loop_writes_tensorboard_metrics(mesh8, tmp_path):

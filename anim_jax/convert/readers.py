@@ -468,6 +468,30 @@ class _LazyTensor(_Frozen):
         return f"_LazyTensor(key={self.storage.key!r}, dtype={self.dtype}, shape={self.shape})"
 
 
+def _human_bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}" if unit != "bytes" else f"{n} bytes"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _physical_memory() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not every platform reports it
+        return math.inf
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as a reason a reader can act on (``EOFError()`` has an empty message)."""
+    if isinstance(e, EOFError):
+        return f"the record ends early (truncated or corrupt file){f': {e}' if str(e) else ''}"
+    if isinstance(e, MemoryError):
+        return f"not enough memory{f' ({e})' if str(e) else ''}"
+    return str(e) or type(e).__name__
+
+
 def _malformed(msg: str) -> CheckpointReadError:
     # The unpickler wrapper prefixes the file name.
     return CheckpointReadError(f"malformed tensor record in the pickled object: {msg}")
@@ -789,7 +813,20 @@ class _TorchSource:
             view = np.lib.stride_tricks.as_strided(
                 flat[offset:], shape=shape, strides=tuple(s * itemsize for s in stride), writeable=False
             )
-            out = np.array(view, order="C", copy=True)
+            # Zero strides (a torch ``expand``) let a few stored bytes stand for any size: refuse a
+            # copy larger than the machine's memory before trying (with memory overcommit the
+            # allocation would succeed and the copy be killed), and a failed allocation.
+            too_big = CheckpointReadError(
+                f"{self.path}: tensor view (offset {offset}, shape {shape}, stride {stride}) of storage "
+                f"{ref.key!r} ({ref.nbytes} bytes) expands to {_human_bytes(count * itemsize)}, more "
+                "memory than there is"
+            )
+            if count * itemsize > _physical_memory():
+                raise too_big
+            try:
+                out = np.array(view, order="C", copy=True)
+            except MemoryError:
+                raise too_big from None
         if t.conj:
             out = np.conj(out)
         if t.neg:
@@ -877,16 +914,26 @@ class _TorchZip(_TorchSource):
         try:
             return self._zf.read(name)
         except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-            raise CheckpointReadError(f"{self.path}: cannot read record {name!r}: {e}") from None
+            raise CheckpointReadError(f"{self.path}: cannot read record {name!r}: {_reason(e)}") from None
 
     def _record_name(self, key: str) -> str:
         return f"{self.prefix}data/{key}"
 
     def _record_size(self, key: str) -> int:
+        name = self._record_name(key)
         try:
-            return self._zf.getinfo(self._record_name(key)).file_size
+            info = self._zf.getinfo(name)
         except KeyError:
-            raise CheckpointReadError(f"{self.path}: storage record {self._record_name(key)!r} is missing") from None
+            raise CheckpointReadError(f"{self.path}: storage record {name!r} is missing") from None
+        # torch stores records uncompressed: a size past the end of the file is a lie, refused
+        # before anything of that size is allocated or read.
+        file_size = self.path.stat().st_size
+        if info.compress_type == zipfile.ZIP_STORED and info.header_offset + info.file_size > file_size:
+            raise CheckpointReadError(
+                f"{self.path}: storage record {name!r} claims {info.file_size} bytes ({_human_bytes(info.file_size)}) "
+                f"but the file has only {file_size} bytes (truncated or corrupt)"
+            )
+        return info.file_size
 
     def _read_record(self, key: str, size: int) -> np.ndarray:
         name = self._record_name(key)
@@ -897,7 +944,7 @@ class _TorchZip(_TorchSource):
         except CheckpointReadError:
             raise
         except (zipfile.BadZipFile, EOFError, OSError, ValueError, MemoryError) as e:
-            raise CheckpointReadError(f"{self.path}: cannot read storage record {name!r}: {e}") from None
+            raise CheckpointReadError(f"{self.path}: cannot read storage record {name!r}: {_reason(e)}") from None
         return buf
 
     def close(self) -> None:
@@ -1060,7 +1107,7 @@ class _TorchLegacy(_TorchSource):
         except CheckpointReadError:
             raise
         except (OSError, ValueError) as e:
-            raise CheckpointReadError(f"{self.path}: cannot read storage {key!r}: {e}") from None
+            raise CheckpointReadError(f"{self.path}: cannot read storage {key!r}: {_reason(e)}") from None
         return buf
 
     def close(self) -> None:

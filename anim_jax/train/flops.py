@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from ml_collections import ConfigDict
 
 from anim_jax.train.setup import Trainer, setup
+
+log = logging.getLogger(__name__)
 
 def _lowered_flops(lowered) -> float | None:
     try:
@@ -50,7 +54,8 @@ def compiled_flops(compiled) -> float | None:
     rematerialised recomputation. None when the backend gives none."""
     try:
         ca = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - a missing count must not stop the caller; it is told why
+        log.warning("XLA cost analysis of the compiled step failed (%s: %s): no FLOP count", type(e).__name__, e)
         return None
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else None

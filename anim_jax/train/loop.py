@@ -5,6 +5,14 @@ Per iteration: next batch -> jitted step -> the loss and gradient norm come back
 ``on_step`` -> metrics every ``log_every`` steps -> a checkpoint every ``save_every`` steps, or at
 once when SIGTERM/SIGINT arrived during the step.
 
+Divergence: a checkpoint is written only from a state whose parameters and optimizer state are all
+finite (one on-device reduction per save). A finite state can still be poisoned (a huge learning
+rate leaves weights of 1e30 that overflow in the next forward pass); the loss of a state on a batch
+does not depend on the optimizer, so a checkpoint whose state gives a non-finite loss or gradient
+on the next (finite) batch can never be resumed past that batch, whatever the learning rate: it is
+deleted, and ``NonFiniteLossError`` names the latest checkpoint that did step on. When the batch
+itself holds NaN/Inf the data is blamed and the checkpoint kept.
+
 Exactness: the step's RNG key is ``fold_in(state.rng, state.step)`` and the data iterator's state
 is saved with the train state, so ``N steps, save, restore, N steps`` equals ``2N steps`` bitwise
 (on a deterministic backend with the same mesh).
@@ -28,6 +36,7 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from anim_jax.train import metrics as metrics_lib
@@ -40,21 +49,29 @@ STATUS_DATA_EXHAUSTED = "data_exhausted"  # the data iterator ran out: saved and
 
 
 class NonFiniteLossError(RuntimeError):
-    """A step produced a NaN/Inf loss or gradient norm; the bad state was not saved."""
+    """Training diverged: a NaN/Inf loss or gradient norm, or non-finite parameters / optimizer state
+    after an update. The bad state was not saved; ``last_checkpoint_step`` (None: there is none)
+    is a checkpoint from which training stepped on with a finite loss; ``discarded_step`` is the
+    checkpoint deleted because its state produced the non-finite value (see the module docstring)."""
 
-    def __init__(self, step: int, value: float, name: str, last_checkpoint_step: int | None):
+    def __init__(self, step: int, value, name: str, last_checkpoint_step: int | None, *, cause: str = "",
+                 discarded_step: int | None = None):
         self.step = step
         self.value = value
         self.name = name
         self.last_checkpoint_step = last_checkpoint_step
-        where = (
-            f"the last good checkpoint is step {last_checkpoint_step}"
-            if last_checkpoint_step is not None
-            else "there is no checkpoint yet"
+        self.discarded_step = discarded_step
+        parts = [f"non-finite {name} ({value}) at step {step}"]
+        if cause:
+            parts.append(cause)
+        if discarded_step is not None:
+            parts.append(f"deleted checkpoint step {discarded_step}, whose state produced it")
+        parts.append("training stopped without saving this state")
+        parts.append(
+            f"the last good checkpoint is step {last_checkpoint_step}: rerun to resume from it (e.g. with a lower "
+            "learning rate)" if last_checkpoint_step is not None else "there is no good checkpoint to resume from"
         )
-        super().__init__(
-            f"non-finite {name} ({value}) at step {step}; training stopped without saving this state; {where}"
-        )
+        super().__init__("; ".join(parts))
 
 
 @dataclasses.dataclass
@@ -90,6 +107,11 @@ class _StopFlag:
     def installed(self):
         if self.multiprocess:
             signals = [signal.SIGINT] if _preemption_service_running() else []
+            if not signals:
+                log.warning(
+                    "%d processes but JAX's preemption service is off (jax_enable_preemption_service): processes "
+                    "cannot agree on a step to save at, so SIGTERM/SIGINT end the run without a checkpoint; "
+                    "only the periodic checkpoints (train.save_every) are kept", jax.process_count())
         else:
             signals = [signal.SIGTERM, signal.SIGINT]
         if threading.current_thread() is not threading.main_thread():
@@ -104,12 +126,56 @@ class _StopFlag:
 
 
 def _preemption_service_running() -> bool:
-    try:
-        from jax._src import distributed as jax_distributed
+    """Whether JAX's preemption sync manager runs: ``jax.distributed`` is initialised with the
+    (default) ``jax_enable_preemption_service`` option, which starts it."""
+    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
-        return jax_distributed.global_state.preemption_sync_manager is not None
-    except (ImportError, AttributeError):
+
+class _PreemptionAgreement:
+    """``reached(step)``: whether every process has agreed to stop and save at ``step`` (JAX's
+    preemption sync point). Off with one process or without the service; if the service fails
+    it warns once and is off from then on (a signal then ends the run without a checkpoint)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def reached(self, step: int) -> bool:
+        if not self.enabled:
+            return False
+        from jax.experimental import multihost_utils
+
+        try:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        except RuntimeError as e:
+            self.enabled = False
+            log.warning("the multi-process preemption sync point failed (%s): processes can no longer agree on a "
+                        "step to save at, so SIGTERM/SIGINT will end the run without a checkpoint", e)
+            return False
+
+
+def _all_finite(tree) -> bool:
+    """Whether every floating-point leaf of ``tree`` is finite: numpy leaves on the host,
+    ``jax.Array`` leaves by one jitted reduction where they live (every process must call it)."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not all(np.isfinite(np.asarray(x)).all() for x in leaves if not isinstance(x, jax.Array)):
         return False
+    arrays = [x for x in leaves if isinstance(x, jax.Array)]
+    if not arrays:
+        return True
+    out = _all_finite_jit(arrays)
+    return bool(np.asarray(out.addressable_data(0)))  # replicated: every process holds the answer
+
+
+@jax.jit
+def _all_finite_jit(arrays):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
+
+
+def _trained_state(state):
+    """What a step updates: parameters and optimizer state (the whole state when it has no such fields)."""
+    if hasattr(state, "params") and hasattr(state, "opt_state"):
+        return state.params, state.opt_state
+    return state
 
 
 def _iterator_state(data_iter):
@@ -123,17 +189,6 @@ def _cfg_get(cfg, name, default=None):
     if hasattr(cfg, "get"):
         return cfg.get(name, default)
     return getattr(cfg, name, default)
-
-
-def _multiprocess_preemption(step: int) -> bool:
-    if jax.process_count() == 1:
-        return False
-    from jax.experimental import multihost_utils
-
-    try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-    except RuntimeError:  # no preemption sync manager (jax.distributed not initialised by us)
-        return False
 
 
 def train_loop(
@@ -166,7 +221,8 @@ def train_loop(
     examples/s), ``flops_per_step`` (model FLOPs of one call, all devices) and
     ``peak_flops_per_device`` (for MFU; guessed from the device kind when absent).
 
-    Returns a ``LoopResult``; raises ``NonFiniteLossError`` on a NaN/Inf loss or gradient norm.
+    Returns a ``LoopResult``; raises ``NonFiniteLossError`` on a NaN/Inf loss or gradient norm, or
+    on non-finite parameters / optimizer state at a save (see the module docstring).
     """
     is_main = jax.process_index() == 0
     resumed_from = None
@@ -192,15 +248,36 @@ def train_loop(
     peak = _cfg_get(cfg, "peak_flops_per_device") or metrics_lib.peak_flops_per_device()
     n_dev = jax.device_count()
 
+    def diverged(step_: int, value, name: str, batch=None) -> NonFiniteLossError:
+        """The error for a non-finite value at step ``step_``; with ``batch`` (a non-finite loss or
+        gradient), deletes the checkpoint of the state that produced it unless the batch is to blame."""
+        nonlocal last_ckpt
+        cause, discarded = "", None
+        if batch is not None and not _all_finite(batch):
+            cause = f"the batch of step {step_} holds NaN/Inf values (a data problem: fix the data before resuming)"
+        elif batch is not None and ckpt_manager is not None and last_ckpt == step_ - 1:
+            log.warning("deleting checkpoint %d: its state gives a non-finite %s on the next batch", last_ckpt, name)
+            ckpt_manager.delete(last_ckpt)
+            discarded, last_ckpt = last_ckpt, ckpt_manager.latest_step()
+        if ckpt_manager is not None:
+            ckpt_manager.wait()  # the last good checkpoint is complete on disk
+        return NonFiniteLossError(step_, value, name, last_ckpt, cause=cause, discarded_step=discarded)
+
     def save(step_):
         nonlocal last_ckpt
-        if ckpt_manager is None:
+        if ckpt_manager is None or last_ckpt == step_:
             return
+        if not _all_finite(_trained_state(state)):
+            raise diverged(step_, "NaN/Inf", "parameters or optimizer state")
         meta = dict(metadata or {}, step=step_, wall_time=time.time())
         ckpt_manager.save(step_, state, _iterator_state(data_iter), meta)  # False: already saved
         last_ckpt = step_
 
+    if flops and not peak:
+        log.warning("MFU will not be reported: the peak FLOP/s of a %r is unknown (set train.peak_flops_per_device)",
+                    jax.devices()[0].device_kind)
     stop = _StopFlag(multiprocess=jax.process_count() > 1)
+    agreement = _PreemptionAgreement(jax.process_count() > 1 and _preemption_service_running())
     window: dict[str, list[float]] = {}
     times: list[float] = []
     status = STATUS_COMPLETED
@@ -226,9 +303,7 @@ def train_loop(
                 for name in ("loss", "grad_norm"):
                     v = host.get(name)
                     if v is not None and not math.isfinite(v):
-                        if ckpt_manager is not None:
-                            ckpt_manager.wait()  # the last good checkpoint is complete on disk
-                        raise NonFiniteLossError(step + 1, v, name, last_ckpt)
+                        raise diverged(step + 1, v, name, batch)
                 step += 1
                 calls += 1
                 if calls > 1:
@@ -260,7 +335,7 @@ def train_loop(
                         writer.flush()
                     window.clear()
                     times.clear()
-                if stop.signum is not None or _multiprocess_preemption(step):
+                if stop.signum is not None or agreement.reached(step):
                     save(step)
                     status = STATUS_PREEMPTED
                     break
