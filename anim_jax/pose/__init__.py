@@ -1,10 +1,10 @@
-"""DWPose in JAX: person detection, whole-body keypoints, Moore's skeleton pictures, alignment.
+"""Pose extraction: DWPose's person detector (YOLOX) and whole-body pose network (RTMPose) in Flax NNX,
+the batched extractor, Moore's skeleton pictures and alignment to a reference body.
 
-``anim_jax.pose.extract(frames, weights=...)`` and ``PoseExtractor`` (``extract.py``), ``render``
-(``render.py``: Moore's ``draw_pose``), ``align`` (``align.py``: retargeting to a reference body).
-Note: the functions ``extract`` and ``render`` shadow their submodules as attributes of this
-package; import the modules with ``from anim_jax.pose import extract as _`` style only via
-``importlib`` or use ``from anim_jax.pose.extract import ...``.
+``anim_jax.pose.extract(frames, weights=...)`` and ``PoseExtractor`` (module ``extract``),
+``anim_jax.pose.render`` (module ``render``: Moore's ``draw_pose``). The two functions shadow their
+modules as attributes of this package; import from the modules with ``from anim_jax.pose.extract
+import ...``.
 """
 
 from anim_jax.pose.extract import PoseExtractor, Poses, extract  # noqa: F401
