@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -104,6 +105,9 @@ class Poses:
         path = pathlib.Path(path)
 
         def write(tmp):
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # an ordinary file, not mkstemp's 0600
             with open(tmp, "wb") as f:
                 np.savez_compressed(
                     f, keypoints=self.keypoints, scores=self.scores, num_persons=self.num_persons,
@@ -168,16 +172,17 @@ def stack_poses(frames: Sequence[FramePoses], fps: float | None = None) -> Poses
 class DeviceNetworks:
     """DWPose's two networks jitted over a 1-D ``data`` mesh; numpy in, numpy out.
 
-    ``detect``: (B, 640, 640, 3) uint8 RGB letterboxed frames -> (B, A, 6) float32 raw detector
-    output (box offsets, objectness, person score; the other classes are never read).
+    ``detect``: (B, h, w, 3) uint8 RGB letterboxed frames -> (B, A, 6) float32 raw detector output
+    (box offsets, objectness, person score; the other classes are never read).
     ``estimate``: (N, h, w, 3) uint8 RGB crops -> SimCC maxima (locs (N, K, 2), vals (N, K)).
-    Both flip to BGR and (for the pose network) normalise on the device, as DWPose feeds its networks.
-    Batches are padded to a fixed size (a multiple of the device count): one compilation each.
+    Both flip to BGR and (for the pose network) normalise on the device, as DWPose feeds its networks;
+    uint8 travels to the device (a quarter of float32's bytes). Batches are padded to a fixed size
+    (a multiple of the device count), so each network compiles once per mesh and size; the compiled
+    functions are shared by all extractors with the same network structure.
     """
 
-    def __init__(self, detector, pose, *, batch_size: int = 8, mesh=None):
+    def __init__(self, detector, pose, *, batch_size: int = 8, mesh=None, detector_input=pp.DETECTOR_INPUT):
         import jax
-        import jax.numpy as jnp
         from flax import nnx
         from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -186,36 +191,28 @@ class DeviceNetworks:
         if mesh is None:
             local = jax.local_devices()
             mesh = make_mesh((len(local),), ("data",), devices=local)
+        if len(mesh.axis_names) != 1:
+            raise ValueError(f"the pose extractor shards frames over a 1-D mesh, got axes {mesh.axis_names}")
         self.mesh = mesh
-        n = mesh.size
-        self.batch_size = pp.ceil_to(max(1, batch_size), n)
-        self.pose_input = tuple(getattr(getattr(pose, "config", None), "input_size", pp.POSE_INPUT))
-        axis = mesh.axis_names[0] if len(mesh.axis_names) == 1 else tuple(mesh.axis_names)
-        self._images = NamedSharding(mesh, P(axis, None, None, None))
-        rows = NamedSharding(mesh, P(axis, None, None))
-        rows2 = NamedSharding(mesh, P(axis, None))
+        self.batch_size = pp.ceil_to(max(1, batch_size), mesh.size)
+        self.detector_input = tuple(detector_input)
+        if any(s % 32 for s in self.detector_input):
+            raise ValueError(f"detector input {self.detector_input} must be multiples of 32")
+        config = getattr(pose, "config", None)
+        self.pose_input = tuple(getattr(config, "input_size", pp.POSE_INPUT))
+        if getattr(config, "num_keypoints", pp.NUM_WHOLEBODY) != pp.NUM_WHOLEBODY:
+            raise ValueError(f"the pose network predicts {config.num_keypoints} keypoints; the extractor needs "
+                             f"COCO-WholeBody's {pp.NUM_WHOLEBODY}")  # fmt: skip
+        if getattr(config, "simcc_split_ratio", pp.SIMCC_SPLIT_RATIO) != pp.SIMCC_SPLIT_RATIO:
+            raise ValueError(f"SimCC split ratio {config.simcc_split_ratio}; DWPose's decode uses {pp.SIMCC_SPLIT_RATIO}")
+        axis = mesh.axis_names[0]
+        self._batch = NamedSharding(mesh, P(axis))
         repl = NamedSharding(mesh, P())
-        det_graph, det_state = nnx.split(detector)
-        pose_graph, pose_state = nnx.split(pose)
+        self._det_graph, det_state = nnx.split(detector)
+        self._pose_graph, pose_state = nnx.split(pose)
         self._det_state = jax.device_put(det_state, repl)
         self._pose_state = jax.device_put(pose_state, repl)
-        mean = jnp.asarray(pp.POSE_MEAN, jnp.float32)
-        std = jnp.asarray(pp.POSE_STD, jnp.float32)
-
-        @jax.jit
-        def detect(state, images):
-            raw = nnx.merge(det_graph, state)(images[..., ::-1].astype(jnp.float32))
-            return jax.lax.with_sharding_constraint(raw[..., :6], rows)
-
-        @jax.jit
-        def estimate(state, crops):
-            x = (crops[..., ::-1].astype(jnp.float32) - mean) / std
-            sx, sy = nnx.merge(pose_graph, state)(x)
-            locs = jnp.stack([jnp.argmax(sx, -1), jnp.argmax(sy, -1)], -1).astype(jnp.float32)
-            vals = jnp.minimum(jnp.max(sx, -1), jnp.max(sy, -1))
-            return jax.lax.with_sharding_constraint(locs, rows), jax.lax.with_sharding_constraint(vals, rows2)
-
-        self._detect, self._estimate = detect, estimate
+        self._detect, self._estimate = _detect, _estimate
 
     def _padded(self, x: np.ndarray) -> np.ndarray:
         pad = self.batch_size - len(x)
@@ -224,8 +221,8 @@ class DeviceNetworks:
     def detect(self, images: np.ndarray) -> np.ndarray:
         import jax
 
-        out = self._detect(self._det_state, jax.device_put(self._padded(images), self._images))
-        return np.asarray(out)[: len(images)]
+        x = jax.device_put(self._padded(images), self._batch)
+        return np.asarray(self._detect(self._det_graph, self._batch, self._det_state, x))[: len(images)]
 
     def estimate(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import jax
@@ -233,10 +230,50 @@ class DeviceNetworks:
         locs, vals = [], []
         for i in range(0, len(crops), self.batch_size):
             chunk = crops[i : i + self.batch_size]
-            lo, va = self._estimate(self._pose_state, jax.device_put(self._padded(chunk), self._images))
+            x = jax.device_put(self._padded(chunk), self._batch)
+            lo, va = self._estimate(self._pose_graph, self._batch, self._pose_state, x)
             locs.append(np.asarray(lo)[: len(chunk)])
             vals.append(np.asarray(va)[: len(chunk)])
         return np.concatenate(locs), np.concatenate(vals)
+
+
+def _jit(fn):
+    import jax
+
+    return jax.jit(fn, static_argnums=(0, 1))
+
+
+@functools.cache
+def _compiled():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    mean = np.asarray(pp.POSE_MEAN, np.float32)
+    std = np.asarray(pp.POSE_STD, np.float32)
+
+    @_jit
+    def detect(graph, batch, state, images):
+        raw = nnx.merge(graph, state)(images[..., ::-1].astype(jnp.float32))
+        return jax.lax.with_sharding_constraint(raw[..., :6], batch)
+
+    @_jit
+    def estimate(graph, batch, state, crops):
+        x = (crops[..., ::-1].astype(jnp.float32) - mean) / std
+        sx, sy = nnx.merge(graph, state)(x)
+        locs = jnp.stack([jnp.argmax(sx, -1), jnp.argmax(sy, -1)], -1).astype(jnp.float32)
+        vals = jnp.minimum(jnp.max(sx, -1), jnp.max(sy, -1))
+        return jax.lax.with_sharding_constraint(locs, batch), jax.lax.with_sharding_constraint(vals, batch)
+
+    return detect, estimate
+
+
+def _detect(*args):
+    return _compiled()[0](*args)
+
+
+def _estimate(*args):
+    return _compiled()[1](*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +287,8 @@ class PoseExtractor:
     detect_resolution: Moore's detection resize (shorter side, default 512); None keeps the source size;
     all_persons: keep every detected person (default: Moore's single best person);
     no_person: "empty" (default) or "full_image" (Moore: estimate on the whole frame);
-    mesh: a 1-D mesh (default: all local devices); workers: host threads for resizing and cropping.
+    mesh: a 1-D mesh (default: all local devices); workers: host threads for resizing and cropping;
+    detector_input: the letterboxed detector input (h, w), DWPose's 640 x 640 by default.
     """
 
     def __init__(
@@ -263,6 +301,7 @@ class PoseExtractor:
         all_persons: bool = False,
         no_person: str = "empty",
         mesh=None,
+        detector_input: tuple[int, int] = pp.DETECTOR_INPUT,
         workers: int | None = None,
         networks=None,
     ):
@@ -270,7 +309,9 @@ class PoseExtractor:
             raise ValueError(f"no_person must be one of {NO_PERSON_MODES}, got {no_person!r}")
         if detect_resolution is not None and detect_resolution < 64:
             raise ValueError(f"detect_resolution must be >= 64 or None, got {detect_resolution}")
-        self.networks = networks if networks is not None else DeviceNetworks(detector, pose, batch_size=batch_size, mesh=mesh)
+        self.networks = networks if networks is not None else DeviceNetworks(
+            detector, pose, batch_size=batch_size, mesh=mesh, detector_input=detector_input
+        )
         self.detect_resolution = detect_resolution
         self.all_persons = all_persons
         self.no_person = no_person
@@ -382,17 +423,18 @@ class PoseExtractor:
         key, frame = item
         frame = pp.check_frame(frame, f"frame {key}")
         detect = pp.resize_for_detection(frame, self.detect_resolution)
-        boxed, ratio = pp.letterbox(detect)
+        boxed, ratio = pp.letterbox(detect, getattr(self.networks, "detector_input", pp.DETECTOR_INPUT))
         return _Frame(key, frame.shape[:2], detect, boxed, ratio)
 
     def _process(self, batch: list[_Frame], pool) -> list[FramePoses]:
         raw = self.networks.detect(np.stack([f.letterboxed for f in batch]))
-        boxes = [pp.decode_detections(r, f.ratio) for r, f in zip(raw, batch)]
+        size = getattr(self.networks, "detector_input", pp.DETECTOR_INPUT)
+        boxes = [pp.decode_detections(r, f.ratio, size) for r, f in zip(raw, batch)]
         if self.no_person == "full_image":
             boxes = [b if len(b) else pp.full_image_box(*f.detect.shape[:2]) for b, f in zip(boxes, batch)]
         owners = [i for i, b in enumerate(boxes) for _ in range(len(b))]
         all_boxes = np.concatenate([b for b in boxes if len(b)]) if owners else np.zeros((0, 4))
-        size = getattr(self.networks, "pose_input", pp.POSE_INPUT)
+        size = self.networks.pose_input
         center, scale = pp.crop_transforms(all_boxes, size)
         crops = list(pool.map(lambda j: pp.crop_person(batch[owners[j]].detect, center[j], scale[j], size), range(len(owners))))
         if crops:
