@@ -173,3 +173,58 @@ def test_pose_cli_bad_inputs(weights, tmp_path, cli):
     assert r.returncode == 2 and "--weights" in r.stderr
     r = cli(bad, "--weights", weights, "--out", tmp_path / "x.txt")
     assert r.returncode == 2 and "x.txt" in r.stderr
+
+
+def test_prepare_extract_poses(weights, tmp_path, monkeypatch):
+    """``anim-jax prepare --extract-poses``: keypoints stored with the records, pose frames equal to
+    rendering them, the stage-1/2 pipelines read it, an interrupted run resumes without re-extracting."""
+    import io
+
+    from data_pipelines import dataset as dataset_lib
+    from data_pipelines import grain_pipeline as G
+    from data_pipelines import prepare as prep
+    from data_pipelines.video_io import decode_image
+
+    _write_synthetic(tmp_path / "clips", 2, frames=8)
+    (tmp_path / "clips" / "broken.mp4").write_bytes(b"\x00" * 100)
+    out = str(tmp_path / "ds")
+    options = dict(extract_poses=True, pose_weights=weights, pose_batch_size=8, workers=0, progress=False, verbose=False,
+                   pose_options=dict(detect_resolution=64, detector_input=(128, 128)))  # fmt: skip
+
+    # Interrupted while writing the records: nothing reads as complete, the keypoints are kept.
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "process_video", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(str(tmp_path / "clips"), out, **options)
+    monkeypatch.undo()
+    assert not dataset_lib.is_complete(out)
+    cached = sorted(p.name for p in (tmp_path / "ds.poses").iterdir())
+    assert cached == ["broken.error", "char_00000.npz", "char_00001.npz"]
+
+    # The rerun resumes: no extraction (the extractor is never built), the dataset is written.
+    def no_extractor(*a, **k):
+        raise AssertionError("poses were extracted again")
+
+    monkeypatch.setattr(PoseExtractor, "from_pretrained", no_extractor)
+    prep.prepare(str(tmp_path / "clips"), out, **options)
+    monkeypatch.undo()
+    assert dataset_lib.is_complete(out) and not (tmp_path / "ds.poses").exists()
+    report = dataset_lib.read_report(out)
+    assert report["num_videos"] == 2 and [s["id"] for s in report["skipped"]] == ["broken"]
+
+    src = dataset_lib.open_dataset(out)
+    for i in range(len(src)):
+        record = src[i]
+        poses = Poses.load(io.BytesIO(record["keypoints"]))
+        assert len(poses) == int(record["num_frames"]) == 8
+        assert (int(record["pose_height"]), int(record["pose_width"])) == poses.detect_size == (64, 64)
+        for f, picture in enumerate(poses.render("detect")):
+            np.testing.assert_array_equal(decode_image(record["poses"][f]), picture)
+    for stage in (1, 2):
+        cfg = G.DataConfig(path=out, stage=stage, resolution=32, n_frames=4, sample_rate=1, sample_margin=2,
+                           clip_size=16, batch_size=2, seed=0)  # fmt: skip
+        batch = G.make_map_dataset(cfg, process_index=0, process_count=1)[0]
+        assert batch["pose" if stage == 1 else "poses"].shape[-3:] == (32, 32, 3)
+

@@ -118,7 +118,8 @@ class Poses:
         atomic_write(path, write)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Poses":
+    def load(cls, path) -> "Poses":
+        """From a path or a binary file object (e.g. the ``keypoints`` bytes of a prepared record)."""
         try:
             with np.load(path, allow_pickle=False) as z:
                 fps = float(z["fps"])
@@ -128,7 +129,8 @@ class Poses:
                     fps=None if math.isnan(fps) else fps,
                 )  # fmt: skip
         except (OSError, KeyError, ValueError) as e:
-            raise PoseInputError(f"{os.fspath(path)!r} is not a keypoint file written by anim-jax pose: {e}") from e
+            name = repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else "the data"
+            raise PoseInputError(f"{name} is not a keypoint file written by anim-jax pose: {e}") from e
 
 
 @dataclasses.dataclass
