@@ -30,11 +30,21 @@ SMALL = dict(batch_size=8, detect_resolution=64, detector_input=(128, 128))
 CLI_SMALL = ("--detect-resolution", 64, "--detector-size", 128, "--no-progress")
 
 
+def _random(build, seed):
+    """A network with uniform random parameters drawn in numpy (eager jax.random initialisation
+    compiles one program per parameter shape, seconds for nothing here)."""
+    module = nnx.eval_shape(build)
+    rng = np.random.default_rng(seed)
+    params = nnx.state(module, nnx.Param)
+    nnx.update(module, jax.tree.map(lambda v: jnp.asarray(rng.uniform(-0.3, 0.3, v.shape), jnp.float32), params))
+    return module
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """Tiny DWPose networks whose detector is confident at the stride-32 anchors, so every frame has
     several persons and the pose network runs."""
-    detector = YOLOX(YOLOXConfig.tiny(), rngs=nnx.Rngs(0))
+    detector = _random(lambda: YOLOX(YOLOXConfig.tiny(), rngs=nnx.Rngs(0)), 0)
     for i, level in enumerate(detector.head.levels):
         for pred in (level.obj_pred, level.cls_pred, level.reg_pred):
             pred.kernel[...] = pred.kernel[...] * 0.05  # near-constant outputs, set by the biases
@@ -42,7 +52,7 @@ def weights(tmp_path_factory):
         level.obj_pred.bias[...] = jnp.full((1,), 3.0 if i == 2 else -8.0)
         level.cls_pred.bias[...] = jnp.array([3.0, -3.0, -3.0])
         level.reg_pred.bias[...] = jnp.array([0.5, 0.5, 1.5, 2.0])
-    pose = RTMPose(dataclasses.replace(RTMPoseConfig.tiny(), num_keypoints=133), rngs=nnx.Rngs(1))
+    pose = _random(lambda: RTMPose(dataclasses.replace(RTMPoseConfig.tiny(), num_keypoints=133), rngs=nnx.Rngs(1)), 1)
     out = tmp_path_factory.mktemp("dwpose") / "tiny"
     save_dwpose(out, detector, pose)
     return out
@@ -65,8 +75,9 @@ def test_sharded_extraction_equals_single_device(weights, frames, devices):
     b = single(frames)
     assert a.num_persons.min() >= 2  # the confident detector finds several people in every frame
     np.testing.assert_array_equal(a.num_persons, b.num_persons)
-    np.testing.assert_allclose(a.keypoints, b.keypoints, rtol=0, atol=1e-6)
-    # XLA's CPU convolutions round differently at 1 and 8 crops per device: scores agree to float32 rounding.
+    # XLA's CPU convolutions round differently at 1 and 8 images per device, so boxes (hence keypoints,
+    # measured in ~100 px frames) and scores agree to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(a.keypoints, b.keypoints, rtol=0, atol=1e-3)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
     # Moore's single-person rule picks one of the persons found.
     best = PoseExtractor.from_pretrained(weights, **SMALL)(frames[:3])
@@ -86,6 +97,7 @@ def test_poses_save_load_and_render_sizes(weights, frames, tmp_path):
     np.testing.assert_array_equal(back.keypoints, poses.keypoints)
     np.testing.assert_array_equal(back.scores, poses.scores)
     assert back.detect_size == poses.detect_size and back.image_size == poses.image_size
+    back.scores[:] = 1.0  # the random network's scores are low; make every point drawable
     a = list(back.render("detect"))
     assert a[0].shape == (64, 64, 3) and a[0].any()
     assert next(back.render("source")).shape == (72, 96, 3)

@@ -26,6 +26,7 @@ not. Both are small next to the networks (see NOTES / benchmarks for the measure
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cv2
@@ -90,6 +91,7 @@ def letterbox(image: np.ndarray, size: tuple[int, int] = DETECTOR_INPUT) -> tupl
 # Detector output
 
 
+@functools.lru_cache(maxsize=8)
 def _grid(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     grids, strides = [], []
     for s in STRIDES:
@@ -97,7 +99,9 @@ def _grid(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         g = np.stack((xv, yv), 2).reshape(-1, 2)
         grids.append(g)
         strides.append(np.full((g.shape[0], 1), s))
-    return np.concatenate(grids), np.concatenate(strides)
+    grids, strides = np.concatenate(grids), np.concatenate(strides)
+    grids.flags.writeable = strides.flags.writeable = False  # shared between calls
+    return grids, strides
 
 
 def num_anchors(size: tuple[int, int] = DETECTOR_INPUT) -> int:
@@ -130,7 +134,7 @@ def decode_detections(raw: np.ndarray, ratio: float, size: tuple[int, int] = DET
     other classes never change the result.
     """
     raw = np.array(raw[:, :6], dtype=np.float32)
-    grids, strides = _grid(size)
+    grids, strides = _grid(tuple(size))
     if raw.shape[0] != grids.shape[0]:
         raise ValueError(f"detector output has {raw.shape[0]} anchors; a {size[0]}x{size[1]} input has {grids.shape[0]}")
     raw[:, :2] = (raw[:, :2] + grids) * strides
