@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import pathlib
@@ -220,11 +221,15 @@ class DeviceNetworks:
         pad = self.batch_size - len(x)
         return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
 
-    def detect(self, images: np.ndarray) -> np.ndarray:
+    def detect_async(self, images: np.ndarray):
+        """Dispatches the detector and returns at once; ``np.asarray(result)[:len(images)]`` waits."""
         import jax
 
         x = jax.device_put(self._padded(images), self._batch)
-        return np.asarray(self._detect(self._det_graph, self._batch, self._det_state, x))[: len(images)]
+        return self._detect(self._det_graph, self._batch, self._det_state, x)
+
+    def detect(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.detect_async(images))[: len(images)]
 
     def estimate(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import jax
@@ -411,13 +416,19 @@ class PoseExtractor:
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             try:
                 prepared = _bounded_map(pool, self._prepare, items, 2 * self.batch_size)
-                for batch in _chunks(prepared, self.batch_size):
-                    for result in self._process(batch, pool):
-                        missing += len(result.keypoints) == 0
-                        yield result
-                    bar.update(len(batch))
-                    if missing:
-                        bar.set_postfix(no_person=missing)
+                # One batch in flight: the device detects batch i + 1 while the host decodes, crops
+                # and estimates batch i.
+                pending = None
+                for batch in itertools.chain(_chunks(prepared, self.batch_size), [None]):
+                    submitted = None if batch is None else (batch, self._submit(batch))
+                    if pending is not None:
+                        for result in self._process(*pending, pool):
+                            missing += len(result.keypoints) == 0
+                            yield result
+                        bar.update(len(pending[0]))
+                        if missing:
+                            bar.set_postfix(no_person=missing)
+                    pending = submitted
             finally:
                 bar.close()
 
@@ -428,8 +439,14 @@ class PoseExtractor:
         boxed, ratio = pp.letterbox(detect, getattr(self.networks, "detector_input", pp.DETECTOR_INPUT))
         return _Frame(key, frame.shape[:2], detect, boxed, ratio)
 
-    def _process(self, batch: list[_Frame], pool) -> list[FramePoses]:
-        raw = self.networks.detect(np.stack([f.letterboxed for f in batch]))
+    def _submit(self, batch: list[_Frame]):
+        images = np.stack([f.letterboxed for f in batch])
+        if hasattr(self.networks, "detect_async"):
+            return self.networks.detect_async(images)
+        return self.networks.detect(images)
+
+    def _process(self, batch: list[_Frame], raw, pool) -> list[FramePoses]:
+        raw = np.asarray(raw)[: len(batch)]
         size = getattr(self.networks, "detector_input", pp.DETECTOR_INPUT)
         boxes = [pp.decode_detections(r, f.ratio, size) for r, f in zip(raw, batch)]
         if self.no_person == "full_image":
