@@ -156,7 +156,7 @@ def infer_yolox_config(graph: OnnxGraph) -> YOLOXConfig:
     obj = convs[-1]
     cfg = YOLOXConfig(base_channels=base, depths=depths, fpn_depth=fpn, head_channels=obj.weight.shape[1],
                       num_classes=cls.weight.shape[0], depthwise=depthwise,
-                      spp_kernels=graph.max_pool_kernels() or YOLOXConfig().spp_kernels)
+                      spp_kernels=graph.pool_kernels or YOLOXConfig().spp_kernels)
     if min(depths) < 1 or fpn < 1:
         raise _fail(graph, what, f"its convs do not form YOLOX's CSP stages (inferred {cfg})")
     return cfg
@@ -211,7 +211,8 @@ def infer_rtmpose_config(graph: OnnxGraph) -> RTMPoseConfig:
     cfg = RTMPoseConfig(
         stem_channels=stem, stage_channels=tuple(stage_ch), stage_blocks=tuple(blocks), spp_stage=spp_stage,
         expand_ratio=ratio if ratio is not None else 0.5, channel_attention=bool(attention),
-        block_kernel=dw.weight.shape[2], spp_kernels=graph.max_pool_kernels() or RTMPoseConfig().spp_kernels, num_keypoints=head.weight.shape[0], final_kernel=head.weight.shape[2],
+        block_kernel=dw.weight.shape[2], spp_kernels=graph.pool_kernels or RTMPoseConfig().spp_kernels,
+        num_keypoints=head.weight.shape[0], final_kernel=head.weight.shape[2],
         hidden_dims=hidden, gau_s=s, gau_expansion=max(e // max(hidden, 1), 1), input_size=input_size,
         simcc_split_ratio=float(split),
     )

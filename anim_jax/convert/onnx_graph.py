@@ -69,8 +69,13 @@ class ParamOp:
     def describe(self) -> str:
         if self.kind == "conv":
             o, i, kh, kw = self.weight.shape
-            extra = f" stride {self.stride[0]}" + (f" groups {self.groups}" if self.groups > 1 else "")
-            return f"Conv {o}x{i}x{kh}x{kw}{extra}{'' if self.bias is not None else ' without bias'}"
+            extra = (f" stride {list(self.stride)}" if self.stride != (1, 1) else "") + (
+                f" groups {self.groups}" if self.groups > 1 else "")
+            if tuple(self.pads) != (kh // 2, kw // 2, kh // 2, kw // 2):
+                extra += f" pads {list(self.pads)}"
+            if tuple(self.dilations) != (1, 1):
+                extra += f" dilations {list(self.dilations)}"
+            return f"Conv {o}x{i}x{kh}x{kw}{extra}"
         if self.kind == "linear":
             return f"Linear {self.weight.shape[0]}->{self.weight.shape[1]}{' with bias' if self.bias is not None else ''}"
         return f"{self.kind.capitalize()} by a constant of shape {tuple(self.weight.shape)}"
@@ -97,7 +102,8 @@ class Slot:
     def describe(self) -> str:
         if self.kind == "conv":
             o, i, kh, kw = self.shape
-            extra = f" stride {self.stride}" + (f" groups {self.groups}" if self.groups > 1 else "")
+            extra = (f" stride {[self.stride] * 2}" if self.stride != 1 else "") + (
+                f" groups {self.groups}" if self.groups > 1 else "")
             return f"{self.path} (Conv {o}x{i}x{kh}x{kw}{extra})"
         if self.kind == "linear":
             return f"{self.path} (Linear {self.shape[0]}->{self.shape[1]}{' with bias' if self.bias else ''})"
@@ -202,8 +208,24 @@ _LAYOUT_OPS = ("Identity", "Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze
 
 
 class OnnxGraph:
-    """The parameter-carrying operations of one ONNX model, in topological order."""
+    """The parameter-carrying operations of one ONNX model, in topological order.
 
+    ``ops``: the :class:`ParamOp` s; ``input_shapes``: the graph inputs' shapes (None for a
+    dynamic dimension); ``pool_kernels``: kernel sizes of the MaxPool nodes in order (the SPP
+    blocks'); ``num_nodes``: the node count. :meth:`from_model` reads them from a parsed model.
+    """
+
+    def __init__(self, source: str, ops: list[ParamOp], input_shapes: dict[str, tuple], pool_kernels: tuple[int, ...],
+                 num_nodes: int):
+        self.source, self.ops, self.input_shapes = source, ops, input_shapes
+        self.pool_kernels, self.num_nodes = tuple(pool_kernels), num_nodes
+
+    @classmethod
+    def from_model(cls, model, source: str) -> "OnnxGraph":
+        return _GraphReader(model, source).graph()
+
+
+class _GraphReader:
     def __init__(self, model, source: str):
         from onnx import numpy_helper
 
@@ -234,9 +256,9 @@ class OnnxGraph:
                     self.constants[n.output[0]] = out
         self.ops = self._param_ops(users)
 
-    def max_pool_kernels(self) -> tuple[int, ...]:
-        """Kernel sizes of the MaxPool nodes in order (the SPP block's, in these networks)."""
-        return tuple(int(_attrs(n)["kernel_shape"][0]) for n in self.nodes if n.op_type == "MaxPool")
+    def graph(self) -> OnnxGraph:
+        pools = tuple(int(_attrs(n)["kernel_shape"][0]) for n in self.nodes if n.op_type == "MaxPool")
+        return OnnxGraph(self.source, self.ops, self.input_shapes, pools, len(self.nodes))
 
     def _const(self, name: str) -> np.ndarray | None:
         return self.constants.get(name) if name else None
@@ -340,7 +362,7 @@ def load_onnx(path: str | os.PathLike, what: str) -> OnnxGraph:
         raise OnnxGraphError(f"{source} is not a readable ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not model.graph.node:
         raise OnnxGraphError(f"{source} is not a readable ONNX model: its graph has no nodes")
-    return OnnxGraph(model, source)
+    return OnnxGraph.from_model(model, source)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,11 +373,10 @@ def _conv_misfit(slot: Slot, op: ParamOp) -> str | None:
     if op.kind != "conv":
         return f"expected {slot.describe()}, found {op.describe()}"
     k = slot.shape[2]
-    expected_pads = (k // 2,) * 4
     if (tuple(op.weight.shape) != slot.shape or op.stride != (slot.stride, slot.stride) or op.groups != slot.groups
-            or tuple(op.pads) != expected_pads or tuple(op.dilations) != (1, 1)):
-        return (f"expected {slot.describe()} with padding {k // 2}, found {op.describe()} with pads {list(op.pads)}"
-                + (f" dilations {list(op.dilations)}" if tuple(op.dilations) != (1, 1) else ""))
+            or tuple(op.pads) != (k // 2,) * 4 or tuple(op.dilations) != (1, 1)):
+        # describe() names pads and dilations only where they differ from same-size padding, no dilation
+        return f"expected {slot.describe()}, found {op.describe()}"
     return None
 
 
@@ -408,7 +429,7 @@ def match_slots(graph: OnnxGraph, slots: Sequence[Slot]) -> dict[str, np.ndarray
             strict_index += 1
             continue
         lo = strict_ops[strict_index].position if 0 <= strict_index < len(strict_ops) else -1
-        hi = strict_ops[strict_index + 1].position if strict_index + 1 < len(strict_ops) else len(graph.nodes)
+        hi = strict_ops[strict_index + 1].position if strict_index + 1 < len(strict_ops) else graph.num_nodes
         candidates = [
             op for op in graph.ops
             if op.kind == slot.kind and lo < op.position < hi and op.position not in claimed

@@ -14,6 +14,23 @@ from flax import nnx
 
 from anim_jax.models.layers import Dtype, _torch_uniform, param
 
+class KeySequence:
+    """Stands in for ``nnx.Rngs`` inside the pose networks: ``params()`` returns ``fold_in(key, n)``
+    for n = 0, 1, ...
+
+    Each draw from an ``nnx.Rngs`` stream updates a Variable, which under ``nnx.eval_shape`` costs
+    about 20 ms (jax builds a provenance message per update); with ~300 parameters that made
+    loading a converted pair take seconds. One draw from the caller's Rngs seeds this sequence.
+    """
+
+    def __init__(self, rngs: nnx.Rngs):
+        self._key, self._n = rngs.params(), 0
+
+    def params(self) -> jax.Array:
+        self._n += 1
+        return jax.random.fold_in(self._key, self._n)
+
+
 # The pose networks are replicated on every device (frames are sharded, never weights).
 _CONV_AXES = (None, None, None, None)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from anim_jax.models.layers import Dtype, Linear
-from anim_jax.pose.layers import ConvAct, DepthwiseSeparable, SPPBottleneck
+from anim_jax.pose.layers import ConvAct, DepthwiseSeparable, KeySequence, SPPBottleneck
 
 SCALE_NORM_EPS = 1e-5
 
@@ -240,7 +240,7 @@ class RTMPose(nnx.Module):
     def __init__(self, config: RTMPoseConfig, *, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
                  rngs: nnx.Rngs):
         self.config = config
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeySequence(rngs))
         self.backbone = CSPNeXt(config, **kw)
         self.head = RTMCCHead(config, **kw)
 
