@@ -11,6 +11,7 @@ the converter must infer the configuration and fill every parameter of the abstr
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -219,6 +220,26 @@ def test_a_layer_that_does_not_fit_is_named(tmp_path):
     assert "the first node that does not fit is node #" in msg and "Conv" in msg
     assert "3 misfit" in msg and "expected head.levels.0.reg_pred (Conv 4x8x1x1)" in msg
     assert "found Conv 5x8x1x1" in msg
+
+
+def test_branches_emitted_in_another_order_are_caught(tmp_path):
+    # A CSP layer whose two same-shaped 1x1 branches reach the graph in the other order: the shapes
+    # all fit in sequence, so only the data flow shows that the weights would be swapped.
+    model = randomize_(TorchYOLOX(YOLOXConfig.tiny()), 0)
+
+    def conv2_first(self, x):
+        x2 = self.conv2(x)
+        x1 = self.conv1(x)
+        return self.conv3(torch.cat((self.m(x1), x2), 1))
+
+    model.dark3[1].forward = types.MethodType(conv2_first, model.dark3[1])
+    (tmp_path / "det.onnx").write_bytes(export_onnx(model, torch.zeros(1, 3, *DET_HW), ["output"]))
+    with pytest.raises(OnnxGraphMismatchError) as e:
+        dwpose.read_detector(tmp_path / "det.onnx")
+    msg = str(e.value)
+    assert "matched to backbone.dark3.csp.m.0.conv1, which reads ['backbone.dark3.csp.conv1'], but the node reads " \
+           "['backbone.dark3.csp.conv2']" in msg, msg
+    assert "another order" in msg
 
 
 def test_load_dwpose_rejects_other_directories(tmp_path):

@@ -65,6 +65,9 @@ class ParamOp:
     groups: int = 1
     dilations: tuple[int, int] = (1, 1)
     folded_batchnorm: bool = False
+    # conv/linear: indices (among the conv/linear ops) of the ops whose outputs reach this op's data
+    # input through parameter-free nodes; -1 is the graph input. None where unknown.
+    sources: frozenset[int] | None = None
 
     def describe(self) -> str:
         if self.kind == "conv":
@@ -98,6 +101,9 @@ class Slot:
     groups: int = 1
     bias: bool = False  # linear only; a conv always gets one (its folded BatchNorm's, or zeros)
     pick: str = "last"  # mul/add: "first" or "last" matching elementwise op in its interval
+    # conv/linear: paths of the conv/linear slots whose outputs reach this layer's input through
+    # parameter-free operations ("input": the network input). None: not checked.
+    inputs: frozenset[str] | None = None
 
     def describe(self) -> str:
         if self.kind == "conv":
@@ -254,7 +260,29 @@ class _GraphReader:
                 out = _fold_layout(n.op_type, values, _attrs(n))
                 if out is not None:
                     self.constants[n.output[0]] = out
+        self.absorbed: dict[int, int] = {}  # node index of a folded BatchNorm / bias Add -> its Conv / MatMul
         self.ops = self._param_ops(users)
+        self._trace_sources()
+
+    def _trace_sources(self) -> None:
+        """Sets each conv/linear op's ``sources``. Shapes are metadata, not data: what a ``Shape``
+        node feeds (dynamic reshapes) carries no source."""
+        strict_ops = [op for op in self.ops if op.kind in ("conv", "linear")]
+        index = {op.position: k for k, op in enumerate(strict_ops)}
+        index.update({j: index[i] for j, i in self.absorbed.items() if i in index})
+        src: dict[str, frozenset[int]] = {name: frozenset({-1}) for name in self.input_shapes}
+        empty: frozenset[int] = frozenset()
+        for i, n in enumerate(self.nodes):
+            if i in index:
+                if i not in self.absorbed:
+                    strict_ops[index[i]].sources = src.get(n.input[0], empty)
+                out = frozenset({index[i]})
+            elif n.op_type in ("Shape", "Size"):
+                out = empty
+            else:
+                out = empty.union(*(src.get(x, empty) for x in n.input if x))
+            for o in n.output:
+                src[o] = out
 
     def graph(self) -> OnnxGraph:
         pools = tuple(int(_attrs(n)["kernel_shape"][0]) for n in self.nodes if n.op_type == "MaxPool")
@@ -271,7 +299,7 @@ class _GraphReader:
 
     def _param_ops(self, users) -> list[ParamOp]:
         ops: list[ParamOp] = []
-        absorbed: set[int] = set()
+        absorbed = self.absorbed
         for i, n in enumerate(self.nodes):
             if i in absorbed:
                 continue
@@ -311,7 +339,7 @@ class _GraphReader:
             eps = _attrs(bn).get("epsilon", 1e-5)
             op.weight, op.bias = fold_batchnorm(w, b, *params, eps)
             op.folded_batchnorm = True
-            absorbed.add(j)
+            absorbed[j] = i
         return op
 
     def _linear(self, i, n, label, users, absorbed) -> ParamOp | None:
@@ -341,7 +369,7 @@ class _GraphReader:
             c = self._const(other)
             if c is not None and c.size == w.shape[1] and c.shape[-1:] == (w.shape[1],):
                 bias = c.reshape(-1)
-                absorbed.add(j)
+                absorbed[j] = i
         return ParamOp("linear", label, i, w, bias)
 
 
@@ -416,6 +444,19 @@ def match_slots(graph: OnnxGraph, slots: Sequence[Slot]) -> dict[str, np.ndarray
             out[f"{slot.path}.kernel"] = op.weight
             if slot.bias:
                 out[f"{slot.path}.bias"] = op.bias
+    if not problems and len(strict_ops) == len(strict_slots):
+        # Same-shaped sibling layers (a CSP layer's two 1x1 branches, a head's class and box convs)
+        # would swap silently if an exporter or simplifier emitted them in another order: check that
+        # each layer reads from the layers the module feeds it from.
+        path_of = {k: s.path for k, s in enumerate(strict_slots)}
+        for slot, op in zip(strict_slots, strict_ops):
+            if slot.inputs is None or op.sources is None:
+                continue
+            got = frozenset("input" if k == -1 else path_of[k] for k in op.sources)
+            if got != slot.inputs:
+                problems.append(f"{op.node}: matched to {slot.path}, which reads {sorted(slot.inputs)}, but the node "
+                                f"reads {sorted(got)} (the graph's branches come in another order than the module's)")
+                first = first or op.node
     missing = [s.describe() for s in strict_slots[len(strict_ops):]]
     unexpected = [f"{op.node}: {op.describe()}" for op in strict_ops[len(strict_slots):]]
     if unexpected:
