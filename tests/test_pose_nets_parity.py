@@ -80,3 +80,17 @@ def test_rtmpose_matches_onnxruntime(exported):
     assert out_x.shape == (2, cfg.num_keypoints, cfg.simcc_sizes[0])
     _close(out_x, ref_x, rtol=1e-4, atol_frac=1e-5, what="simcc_x")
     _close(out_y, ref_y, rtol=1e-4, atol_frac=1e-5, what="simcc_y")
+
+
+@pytest.mark.parametrize("k,stride,hw", [(5, 1, (13, 10)), (3, 2, (13, 10)), (3, 2, (12, 9))])
+def test_depthwise_conv_equals_grouped_convolution(k, stride, hw):
+    # The tap-sum form stands in for XLA's grouped convolution (RTMPose's 5x5 blocks, and the
+    # stride-2 downsampling of depthwise YOLOX sizes, which the tiny exports above do not cover).
+    from anim_jax.pose.layers import depthwise_conv
+
+    rng = np.random.default_rng(k + stride)
+    x = rng.standard_normal((2, *hw, 6)).astype(np.float32)
+    w = rng.standard_normal((k, k, 1, 6)).astype(np.float32)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w).permute(3, 2, 0, 1),
+                                     stride=stride, padding=k // 2, groups=6).permute(0, 2, 3, 1).numpy()
+    _close(depthwise_conv(jnp.asarray(x), jnp.asarray(w), stride), ref, rtol=1e-5, atol_frac=1e-6, what="depthwise")

@@ -119,12 +119,13 @@ class Slot:
 def fold_batchnorm(weight, bias, scale, offset, mean, var, eps):
     """Conv(W, b) -> BatchNorm(scale, offset, mean, var, eps) as one Conv(W', b'):
     ``W' = W * s``, ``b' = (b - mean) * s + offset`` with ``s = scale / sqrt(var + eps)`` per output
-    channel; computed in float64 so folding adds no rounding beyond the final cast."""
+    channel; computed in float64 so folding adds no rounding beyond the final cast to float32 (or
+    the weight's dtype if wider)."""
     s = np.asarray(scale, np.float64) / np.sqrt(np.asarray(var, np.float64) + float(eps))
     w = np.asarray(weight, np.float64) * s.reshape((-1,) + (1,) * (np.ndim(weight) - 1))
     b = 0.0 if bias is None else np.asarray(bias, np.float64)
     b = (b - np.asarray(mean, np.float64)) * s + np.asarray(offset, np.float64)
-    dtype = np.asarray(weight).dtype
+    dtype = np.promote_types(np.asarray(weight).dtype, np.float32)
     return w.astype(dtype), b.astype(dtype)
 
 
@@ -350,10 +351,12 @@ class _GraphReader:
                 return None
             if a.get("transA", 0):
                 raise OnnxGraphError(f"{self.source}: {label}: Gemm with transA is not supported")
-            w = (w.T if a.get("transB", 0) else w) * a.get("alpha", 1.0)
+            alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
+            w = w.T if a.get("transB", 0) else w
+            w = w if alpha == 1.0 else (w * alpha).astype(w.dtype)
             c = self._const(n.input[2]) if len(n.input) > 2 else None
-            bias = None if c is None else np.broadcast_to(c * a.get("beta", 1.0), (w.shape[1],)).copy()
-            return ParamOp("linear", label, i, np.asarray(w, dtype=np.asarray(self._const(n.input[1])).dtype), bias)
+            bias = None if c is None else np.broadcast_to(c if beta == 1.0 else c * beta, (w.shape[1],)).copy()
+            return ParamOp("linear", label, i, w, bias)
         left, w = self._const(n.input[0]), self._const(n.input[1])
         if w is None or left is not None:
             if left is not None and w is None:
