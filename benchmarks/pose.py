@@ -13,6 +13,7 @@ Each engine lives in its own worker process pinned to the same CPUs (onnxruntime
 intra-op threads, XLA's pool sized by the affinity), so peak memory (``ru_maxrss``) is per engine;
 the parent alternates timed batches between the two, so both see the same machine load.
 
+XLA_FLAGS and other environment variables reach the JAX worker unchanged (to try XLA:CPU options).
 A frame is one detector pass plus one pose pass (one person per frame, DWPose's usual case for
 dance videos). Letterboxing, NMS, crops and decoding (``anim_jax.pose.extract``) are not timed here.
 The first (warm-up) batch also compares the two engines' outputs, which checks the full-size

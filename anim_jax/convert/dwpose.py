@@ -187,6 +187,9 @@ def infer_yolox_config(graph: OnnxGraph) -> YOLOXConfig:
         return sum(1 for op in convs[lo + 1:hi] if op.weight.shape[2] == 3 and op.stride == (1, 1)
                    and (op.groups > 1) == depthwise)
 
+    per_level = 12 if depthwise else 8  # convs of one head level
+    if len(convs) - s2[-1] < 3 * per_level:
+        raise _fail(graph, what, f"the last {len(convs) - s2[-1]} Convs cannot hold YOLOX's three head levels")
     segments = [blocks(a, b) for a, b in zip(s2, s2[1:] + [len(convs)])]
     fpn = segments[4]
     depths = (segments[0], segments[1], segments[2], segments[3] - 2 * fpn)
@@ -213,7 +216,9 @@ def infer_rtmpose_config(graph: OnnxGraph) -> RTMPoseConfig:
     if len(linears) != 5:
         raise _fail(graph, what, f"{len(linears)} Linear (MatMul/Gemm) layers, the RTMCC head has 5")
     s2 = _stride2_indices(convs)
-    stem = tuple(op.weight.shape[0] for op in convs[: s2[1]]) if len(s2) > 1 else ()
+    if len(s2) < 2 or not any(op.groups > 1 for op in convs):
+        raise _fail(graph, what, "no CSPNeXt stages (stride-2 convs followed by depthwise blocks)")
+    stem = tuple(op.weight.shape[0] for op in convs[: s2[1]])
     stage_ch, blocks, spp_stage, attention, ratio = [], [], -1, None, None
     head = convs[-1]
     bounds = s2[1:] + [len(convs) - 1]
@@ -239,9 +244,9 @@ def infer_rtmpose_config(graph: OnnxGraph) -> RTMPoseConfig:
     e = linears[2].weight.shape[0]
     s = linears[1].weight.shape[1] - 2 * e
     stride = 2 ** (k + 1)
-    shapes = [s for s in graph.input_shapes.values() if len(s) == 4]
-    if shapes and all(isinstance(d, int) and d > 0 for d in shapes[0][2:]):
-        input_size = (shapes[0][2], shapes[0][3])
+    images = [shape for shape in graph.input_shapes.values() if len(shape) == 4]
+    if images and all(isinstance(d, int) and d > 0 for d in images[0][2:]):
+        input_size = (images[0][2], images[0][3])
         split = x_bins / input_size[1]
     else:
         split = math.sqrt(x_bins * y_bins / (flat * stride * stride))

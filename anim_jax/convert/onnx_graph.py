@@ -144,7 +144,7 @@ def _node_label(node, position: int) -> str:
     return f"node #{position} {node.op_type}{name} (output {node.output[0]!r})"
 
 
-def _topological(nodes: Sequence) -> list:
+def _topological(nodes: Sequence, source: str) -> list:
     """Kahn's algorithm, ties broken by file order: a sorted graph (as the ONNX spec requires)
     comes back unchanged, an unsorted one in a valid order."""
     produced = {out: i for i, n in enumerate(nodes) for out in n.output if out}
@@ -168,7 +168,7 @@ def _topological(nodes: Sequence) -> list:
             if indegree[u] == 0:
                 heapq.heappush(ready, u)
     if len(order) != len(nodes):
-        raise OnnxGraphError("the graph has a cycle")
+        raise OnnxGraphError(f"{source}: the graph has a cycle, it is not a valid ONNX model")
     return order
 
 
@@ -244,7 +244,7 @@ class _GraphReader:
             for i in graph.input
             if i.name not in self.constants
         }
-        self.nodes = _topological(list(graph.node))
+        self.nodes = _topological(list(graph.node), source)
         users: dict[str, list[int]] = {}
         for i, n in enumerate(self.nodes):
             for inp in n.input:

@@ -37,7 +37,7 @@ class RTMPoseConfig:
     stem_channels: tuple[int, ...] = (32, 32, 64)
     stage_channels: tuple[int, ...] = (128, 256, 512, 1024)
     stage_blocks: tuple[int, ...] = (3, 6, 6, 3)
-    spp_stage: int = 3  # index of the stage with the SPP block (the last, in P5 and P6)
+    spp_stage: int = 3  # index of the stage with the SPP block (the last, in P5 and P6); -1: none
     expand_ratio: float = 0.5
     channel_attention: bool = True
     block_kernel: int = 5
