@@ -11,6 +11,7 @@ attention unit). Written from the architectures' descriptions; sizes come from t
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -321,3 +322,20 @@ def run_onnx(data: bytes, x: np.ndarray, threads: int | None = None) -> list[np.
         opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+DET_HW = (64, 96)  # tiny detector input; not square, so a swapped H/W fails
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_exports(fold: bool) -> tuple[bytes, bytes]:
+    """(detector ONNX, pose ONNX) of the tiny configs, randomised, exported once per process."""
+    from anim_jax.pose.rtmpose import RTMPoseConfig
+    from anim_jax.pose.yolox import YOLOXConfig
+
+    pose_cfg = RTMPoseConfig.tiny()
+    det = export_onnx(randomize_(TorchYOLOX(YOLOXConfig.tiny()), seed=1), torch.zeros(1, 3, *DET_HW), ["output"],
+                      fold=fold)
+    pose = export_onnx(randomize_(TorchRTMPose(pose_cfg), seed=2), torch.zeros(1, 3, *pose_cfg.input_size),
+                       ["simcc_x", "simcc_y"], fold=fold)
+    return det, pose

@@ -28,91 +28,129 @@ from anim_jax.pose.yolox import YOLOXConfig
 # Layer tables (call order of anim_jax.pose.yolox.YOLOX / anim_jax.pose.rtmpose.RTMPose)
 
 
-def _conv(path, cin, cout, k, stride=1, groups=1) -> Slot:
-    return Slot(path, "conv", (cout, cin // groups, k, k), stride=stride, groups=groups)
+Sources = frozenset  # paths of the layers whose outputs a tensor derives from ("input": the network input)
+INPUT: Sources = frozenset({"input"})
 
 
-def _block(path, cin, cout, k, stride=1, depthwise=False) -> list[Slot]:
-    if depthwise:
-        return [_conv(f"{path}.dconv", cin, cin, k, stride, groups=cin), _conv(f"{path}.pconv", cin, cout, 1)]
-    return [_conv(path, cin, cout, k, stride)]
+class _Table:
+    """Collects a module's slots in call order while following which layers feed which: each method
+    takes the sources of its input and returns those of its output (a residual or a concatenation
+    is the union of its operands' sources)."""
+
+    def __init__(self):
+        self.slots: list[Slot] = []
+
+    def conv(self, path, src: Sources, cin, cout, k, stride=1, groups=1) -> Sources:
+        self.slots.append(Slot(path, "conv", (cout, cin // groups, k, k), stride=stride, groups=groups, inputs=src))
+        return frozenset({path})
+
+    def block(self, path, src: Sources, cin, cout, k, stride=1, depthwise=False) -> Sources:
+        if depthwise:
+            src = self.conv(f"{path}.dconv", src, cin, cin, k, stride, groups=cin)
+            return self.conv(f"{path}.pconv", src, cin, cout, 1)
+        return self.conv(path, src, cin, cout, k, stride)
+
+    def linear(self, path, src: Sources, fan_in, fan_out) -> Sources:
+        self.slots.append(Slot(path, "linear", (fan_in, fan_out), inputs=src))
+        return frozenset({path})
+
+    def param(self, path, kind, shape, pick) -> None:
+        self.slots.append(Slot(path, kind, shape, pick=pick))
+
+    def spp(self, path, src: Sources, c, kernels) -> Sources:
+        x = self.conv(f"{path}.conv1", src, c, c // 2, 1)
+        return self.conv(f"{path}.conv2", x, c // 2 * (len(kernels) + 1), c, 1)  # concat of x and its pools
 
 
-def _yolox_csp(path, cin, cout, n, dw) -> list[Slot]:
+def _yolox_csp(t: _Table, path, src, cin, cout, n, shortcut, dw) -> Sources:
     h = cout // 2
-    slots = [_conv(f"{path}.conv1", cin, h, 1), _conv(f"{path}.conv2", cin, h, 1)]
+    x1 = t.conv(f"{path}.conv1", src, cin, h, 1)
+    x2 = t.conv(f"{path}.conv2", src, cin, h, 1)
     for j in range(n):
-        slots += [_conv(f"{path}.m.{j}.conv1", h, h, 1), *_block(f"{path}.m.{j}.conv2", h, h, 3, depthwise=dw)]
-    return slots + [_conv(f"{path}.conv3", 2 * h, cout, 1)]
+        y = t.block(f"{path}.m.{j}.conv2", t.conv(f"{path}.m.{j}.conv1", x1, h, h, 1), h, h, 3, depthwise=dw)
+        x1 = y | x1 if shortcut else y
+    return t.conv(f"{path}.conv3", x1 | x2, 2 * h, cout, 1)
 
 
 def yolox_slots(cfg: YOLOXConfig) -> list[Slot]:
+    t = _Table()
     c, d, dw = cfg.base_channels, cfg.depths, cfg.depthwise
-    slots = [_conv("backbone.stem", 12, c, 3)]
-    cin = c
+    x = t.conv("backbone.stem", INPUT, 12, c, 3)  # after Focus' space-to-depth of the input
+    feats, cin = [], c
     for i, name in enumerate(("dark2", "dark3", "dark4", "dark5")):
         cout = c * 2 ** (i + 1)
-        slots += _block(f"backbone.{name}.down", cin, cout, 3, 2, dw)
+        x = t.block(f"backbone.{name}.down", x, cin, cout, 3, 2, dw)
         if name == "dark5":
-            k = len(cfg.spp_kernels)
-            slots += [_conv("backbone.dark5.spp.conv1", cout, cout // 2, 1),
-                      _conv("backbone.dark5.spp.conv2", cout // 2 * (k + 1), cout, 1)]
-        slots += _yolox_csp(f"backbone.{name}.csp", cout, cout, d[i], dw)
+            x = t.spp("backbone.dark5.spp", x, cout, cfg.spp_kernels)
+        x = _yolox_csp(t, f"backbone.{name}.csp", x, cout, cout, d[i], name != "dark5", dw)
+        feats.append(x)
         cin = cout
+    x2, x1, x0 = feats[1:]
     c0, c1, c2 = cfg.fpn_channels
     n = cfg.fpn_depth
-    slots += [_conv("neck.lateral_conv0", c2, c1, 1), *_yolox_csp("neck.c3_p4", 2 * c1, c1, n, dw),
-              _conv("neck.reduce_conv1", c1, c0, 1), *_yolox_csp("neck.c3_p3", 2 * c0, c0, n, dw),
-              *_block("neck.bu_conv2", c0, c0, 3, 2, dw), *_yolox_csp("neck.c3_n3", 2 * c0, c1, n, dw),
-              *_block("neck.bu_conv1", c1, c1, 3, 2, dw), *_yolox_csp("neck.c3_n4", 2 * c1, c2, n, dw)]
+    fpn_out0 = t.conv("neck.lateral_conv0", x0, c2, c1, 1)
+    f_out0 = _yolox_csp(t, "neck.c3_p4", fpn_out0 | x1, 2 * c1, c1, n, False, dw)
+    fpn_out1 = t.conv("neck.reduce_conv1", f_out0, c1, c0, 1)
+    pan_out2 = _yolox_csp(t, "neck.c3_p3", fpn_out1 | x2, 2 * c0, c0, n, False, dw)
+    p_out1 = t.block("neck.bu_conv2", pan_out2, c0, c0, 3, 2, dw)
+    pan_out1 = _yolox_csp(t, "neck.c3_n3", p_out1 | fpn_out1, 2 * c0, c1, n, False, dw)
+    p_out0 = t.block("neck.bu_conv1", pan_out1, c1, c1, 3, 2, dw)
+    pan_out0 = _yolox_csp(t, "neck.c3_n4", p_out0 | fpn_out0, 2 * c1, c2, n, False, dw)
     h = cfg.head_channels
-    for lvl, cin in enumerate(cfg.fpn_channels):
+    for lvl, (cin, x) in enumerate(zip(cfg.fpn_channels, (pan_out2, pan_out1, pan_out0))):
         p = f"head.levels.{lvl}"
-        slots += [_conv(f"{p}.stem", cin, h, 1)]
-        slots += _block(f"{p}.cls_convs.0", h, h, 3, depthwise=dw) + _block(f"{p}.cls_convs.1", h, h, 3, depthwise=dw)
-        slots += [_conv(f"{p}.cls_pred", h, cfg.num_classes, 1)]
-        slots += _block(f"{p}.reg_convs.0", h, h, 3, depthwise=dw) + _block(f"{p}.reg_convs.1", h, h, 3, depthwise=dw)
-        slots += [_conv(f"{p}.reg_pred", h, 4, 1), _conv(f"{p}.obj_pred", h, 1, 1)]
-    return slots
+        stem = t.conv(f"{p}.stem", x, cin, h, 1)
+        cls = t.block(f"{p}.cls_convs.1", t.block(f"{p}.cls_convs.0", stem, h, h, 3, depthwise=dw), h, h, 3,
+                      depthwise=dw)
+        t.conv(f"{p}.cls_pred", cls, h, cfg.num_classes, 1)
+        reg = t.block(f"{p}.reg_convs.1", t.block(f"{p}.reg_convs.0", stem, h, h, 3, depthwise=dw), h, h, 3,
+                      depthwise=dw)
+        t.conv(f"{p}.reg_pred", reg, h, 4, 1)
+        t.conv(f"{p}.obj_pred", reg, h, 1, 1)
+    return t.slots
 
 
 def rtmpose_slots(cfg: RTMPoseConfig) -> list[Slot]:
-    slots, cin = [], 3
+    t = _Table()
+    x, cin = INPUT, 3
     for j, c in enumerate(cfg.stem_channels):
-        slots.append(_conv(f"backbone.stem.{j}", cin, c, 3, stride=2 if j == 0 else 1))
+        x = t.conv(f"backbone.stem.{j}", x, cin, c, 3, stride=2 if j == 0 else 1)
         cin = c
     for i, c in enumerate(cfg.stage_channels):
         p = f"backbone.stages.{i}"
-        slots.append(_conv(f"{p}.down", cin, c, 3, stride=2))
-        if i == cfg.spp_stage:
-            k = len(cfg.spp_kernels)
-            slots += [_conv(f"{p}.spp.conv1", c, c // 2, 1), _conv(f"{p}.spp.conv2", c // 2 * (k + 1), c, 1)]
+        x = t.conv(f"{p}.down", x, cin, c, 3, stride=2)
+        has_spp = i == cfg.spp_stage
+        if has_spp:
+            x = t.spp(f"{p}.spp", x, c, cfg.spp_kernels)
         mid = cfg.mid_channels(i)
-        slots += [_conv(f"{p}.csp.short_conv", c, mid, 1), _conv(f"{p}.csp.main_conv", c, mid, 1)]
+        short = t.conv(f"{p}.csp.short_conv", x, c, mid, 1)
+        main = t.conv(f"{p}.csp.main_conv", x, c, mid, 1)
         for j in range(cfg.stage_blocks[i]):
             b = f"{p}.csp.blocks.{j}"
-            slots += [_conv(f"{b}.conv1", mid, mid, 3), *_block(f"{b}.conv2", mid, mid, cfg.block_kernel, depthwise=True)]
-        if cfg.channel_attention:
-            slots.append(_conv(f"{p}.csp.attention.fc", 2 * mid, 2 * mid, 1))
-        slots.append(_conv(f"{p}.csp.final_conv", 2 * mid, c, 1))
+            y = t.block(f"{b}.conv2", t.conv(f"{b}.conv1", main, mid, mid, 3), mid, mid, cfg.block_kernel,
+                        depthwise=True)
+            main = y | main if not has_spp else y
+        x = main | short
+        if cfg.channel_attention:  # x * hardsigmoid(fc(pool(x)))
+            x = x | t.conv(f"{p}.csp.attention.fc", x, 2 * mid, 2 * mid, 1)
+        x = t.conv(f"{p}.csp.final_conv", x, 2 * mid, c, 1)
         cin = c
     fh, fw = cfg.feature_size
     hid, e, s = cfg.hidden_dims, cfg.hidden_dims * cfg.gau_expansion, cfg.gau_s
     wx, wy = cfg.simcc_sizes
-    slots += [
-        _conv("head.final_layer", cin, cfg.num_keypoints, cfg.final_kernel),
-        Slot("head.mlp_norm.g", "mul", (1,), pick="last"),  # the last: the norm's 1/sqrt(d) is a Mul too
-        Slot("head.mlp", "linear", (fh * fw, hid)),
-        Slot("head.gau.ln.g", "mul", (1,), pick="last"),
-        Slot("head.gau.uv", "linear", (hid, 2 * e + s)),
-        Slot("head.gau.gamma", "mul", (2, s), pick="first"),
-        Slot("head.gau.beta", "add", (2, s), pick="first"),
-        Slot("head.gau.o", "linear", (e, hid)),
-        Slot("head.gau.res_scale", "mul", (hid,), pick="first"),
-        Slot("head.cls_x", "linear", (hid, wx)),
-        Slot("head.cls_y", "linear", (hid, wy)),
-    ]
-    return slots
+    x = t.conv("head.final_layer", x, cin, cfg.num_keypoints, cfg.final_kernel)
+    t.param("head.mlp_norm.g", "mul", (1,), pick="last")  # the last: the norm's 1/sqrt(d) is a Mul too
+    tokens = t.linear("head.mlp", x, fh * fw, hid)
+    t.param("head.gau.ln.g", "mul", (1,), pick="last")
+    uv = t.linear("head.gau.uv", tokens, hid, 2 * e + s)
+    t.param("head.gau.gamma", "mul", (2, s), pick="first")
+    t.param("head.gau.beta", "add", (2, s), pick="first")
+    o = t.linear("head.gau.o", uv, e, hid)
+    t.param("head.gau.res_scale", "mul", (hid,), pick="first")
+    tokens = tokens | o  # residual
+    t.linear("head.cls_x", tokens, hid, wx)
+    t.linear("head.cls_y", tokens, hid, wy)
+    return t.slots
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,6 +187,9 @@ def infer_yolox_config(graph: OnnxGraph) -> YOLOXConfig:
         return sum(1 for op in convs[lo + 1:hi] if op.weight.shape[2] == 3 and op.stride == (1, 1)
                    and (op.groups > 1) == depthwise)
 
+    per_level = 12 if depthwise else 8  # convs of one head level
+    if len(convs) - s2[-1] < 3 * per_level:
+        raise _fail(graph, what, f"the last {len(convs) - s2[-1]} Convs cannot hold YOLOX's three head levels")
     segments = [blocks(a, b) for a, b in zip(s2, s2[1:] + [len(convs)])]
     fpn = segments[4]
     depths = (segments[0], segments[1], segments[2], segments[3] - 2 * fpn)
@@ -156,7 +197,7 @@ def infer_yolox_config(graph: OnnxGraph) -> YOLOXConfig:
     obj = convs[-1]
     cfg = YOLOXConfig(base_channels=base, depths=depths, fpn_depth=fpn, head_channels=obj.weight.shape[1],
                       num_classes=cls.weight.shape[0], depthwise=depthwise,
-                      spp_kernels=graph.max_pool_kernels() or YOLOXConfig().spp_kernels)
+                      spp_kernels=graph.pool_kernels or YOLOXConfig().spp_kernels)
     if min(depths) < 1 or fpn < 1:
         raise _fail(graph, what, f"its convs do not form YOLOX's CSP stages (inferred {cfg})")
     return cfg
@@ -175,7 +216,9 @@ def infer_rtmpose_config(graph: OnnxGraph) -> RTMPoseConfig:
     if len(linears) != 5:
         raise _fail(graph, what, f"{len(linears)} Linear (MatMul/Gemm) layers, the RTMCC head has 5")
     s2 = _stride2_indices(convs)
-    stem = tuple(op.weight.shape[0] for op in convs[: s2[1]]) if len(s2) > 1 else ()
+    if len(s2) < 2 or not any(op.groups > 1 for op in convs):
+        raise _fail(graph, what, "no CSPNeXt stages (stride-2 convs followed by depthwise blocks)")
+    stem = tuple(op.weight.shape[0] for op in convs[: s2[1]])
     stage_ch, blocks, spp_stage, attention, ratio = [], [], -1, None, None
     head = convs[-1]
     bounds = s2[1:] + [len(convs) - 1]
@@ -201,9 +244,9 @@ def infer_rtmpose_config(graph: OnnxGraph) -> RTMPoseConfig:
     e = linears[2].weight.shape[0]
     s = linears[1].weight.shape[1] - 2 * e
     stride = 2 ** (k + 1)
-    shapes = [s for s in graph.input_shapes.values() if len(s) == 4]
-    if shapes and all(isinstance(d, int) and d > 0 for d in shapes[0][2:]):
-        input_size = (shapes[0][2], shapes[0][3])
+    images = [shape for shape in graph.input_shapes.values() if len(shape) == 4]
+    if images and all(isinstance(d, int) and d > 0 for d in images[0][2:]):
+        input_size = (images[0][2], images[0][3])
         split = x_bins / input_size[1]
     else:
         split = math.sqrt(x_bins * y_bins / (flat * stride * stride))
@@ -211,7 +254,8 @@ def infer_rtmpose_config(graph: OnnxGraph) -> RTMPoseConfig:
     cfg = RTMPoseConfig(
         stem_channels=stem, stage_channels=tuple(stage_ch), stage_blocks=tuple(blocks), spp_stage=spp_stage,
         expand_ratio=ratio if ratio is not None else 0.5, channel_attention=bool(attention),
-        block_kernel=dw.weight.shape[2], spp_kernels=graph.max_pool_kernels() or RTMPoseConfig().spp_kernels, num_keypoints=head.weight.shape[0], final_kernel=head.weight.shape[2],
+        block_kernel=dw.weight.shape[2], spp_kernels=graph.pool_kernels or RTMPoseConfig().spp_kernels,
+        num_keypoints=head.weight.shape[0], final_kernel=head.weight.shape[2],
         hidden_dims=hidden, gau_s=s, gau_expansion=max(e // max(hidden, 1), 1), input_size=input_size,
         simcc_split_ratio=float(split),
     )

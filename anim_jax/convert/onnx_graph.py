@@ -65,12 +65,20 @@ class ParamOp:
     groups: int = 1
     dilations: tuple[int, int] = (1, 1)
     folded_batchnorm: bool = False
+    # conv/linear: indices (among the conv/linear ops) of the ops whose outputs reach this op's data
+    # input through parameter-free nodes; -1 is the graph input. None where unknown.
+    sources: frozenset[int] | None = None
 
     def describe(self) -> str:
         if self.kind == "conv":
             o, i, kh, kw = self.weight.shape
-            extra = f" stride {self.stride[0]}" + (f" groups {self.groups}" if self.groups > 1 else "")
-            return f"Conv {o}x{i}x{kh}x{kw}{extra}{'' if self.bias is not None else ' without bias'}"
+            extra = (f" stride {list(self.stride)}" if self.stride != (1, 1) else "") + (
+                f" groups {self.groups}" if self.groups > 1 else "")
+            if tuple(self.pads) != (kh // 2, kw // 2, kh // 2, kw // 2):
+                extra += f" pads {list(self.pads)}"
+            if tuple(self.dilations) != (1, 1):
+                extra += f" dilations {list(self.dilations)}"
+            return f"Conv {o}x{i}x{kh}x{kw}{extra}"
         if self.kind == "linear":
             return f"Linear {self.weight.shape[0]}->{self.weight.shape[1]}{' with bias' if self.bias is not None else ''}"
         return f"{self.kind.capitalize()} by a constant of shape {tuple(self.weight.shape)}"
@@ -93,11 +101,15 @@ class Slot:
     groups: int = 1
     bias: bool = False  # linear only; a conv always gets one (its folded BatchNorm's, or zeros)
     pick: str = "last"  # mul/add: "first" or "last" matching elementwise op in its interval
+    # conv/linear: paths of the conv/linear slots whose outputs reach this layer's input through
+    # parameter-free operations ("input": the network input). None: not checked.
+    inputs: frozenset[str] | None = None
 
     def describe(self) -> str:
         if self.kind == "conv":
             o, i, kh, kw = self.shape
-            extra = f" stride {self.stride}" + (f" groups {self.groups}" if self.groups > 1 else "")
+            extra = (f" stride {[self.stride] * 2}" if self.stride != 1 else "") + (
+                f" groups {self.groups}" if self.groups > 1 else "")
             return f"{self.path} (Conv {o}x{i}x{kh}x{kw}{extra})"
         if self.kind == "linear":
             return f"{self.path} (Linear {self.shape[0]}->{self.shape[1]}{' with bias' if self.bias else ''})"
@@ -107,12 +119,13 @@ class Slot:
 def fold_batchnorm(weight, bias, scale, offset, mean, var, eps):
     """Conv(W, b) -> BatchNorm(scale, offset, mean, var, eps) as one Conv(W', b'):
     ``W' = W * s``, ``b' = (b - mean) * s + offset`` with ``s = scale / sqrt(var + eps)`` per output
-    channel; computed in float64 so folding adds no rounding beyond the final cast."""
+    channel; computed in float64 so folding adds no rounding beyond the final cast to float32 (or
+    the weight's dtype if wider)."""
     s = np.asarray(scale, np.float64) / np.sqrt(np.asarray(var, np.float64) + float(eps))
     w = np.asarray(weight, np.float64) * s.reshape((-1,) + (1,) * (np.ndim(weight) - 1))
     b = 0.0 if bias is None else np.asarray(bias, np.float64)
     b = (b - np.asarray(mean, np.float64)) * s + np.asarray(offset, np.float64)
-    dtype = np.asarray(weight).dtype
+    dtype = np.promote_types(np.asarray(weight).dtype, np.float32)
     return w.astype(dtype), b.astype(dtype)
 
 
@@ -131,7 +144,7 @@ def _node_label(node, position: int) -> str:
     return f"node #{position} {node.op_type}{name} (output {node.output[0]!r})"
 
 
-def _topological(nodes: Sequence) -> list:
+def _topological(nodes: Sequence, source: str) -> list:
     """Kahn's algorithm, ties broken by file order: a sorted graph (as the ONNX spec requires)
     comes back unchanged, an unsorted one in a valid order."""
     produced = {out: i for i, n in enumerate(nodes) for out in n.output if out}
@@ -155,7 +168,7 @@ def _topological(nodes: Sequence) -> list:
             if indegree[u] == 0:
                 heapq.heappush(ready, u)
     if len(order) != len(nodes):
-        raise OnnxGraphError("the graph has a cycle")
+        raise OnnxGraphError(f"{source}: the graph has a cycle, it is not a valid ONNX model")
     return order
 
 
@@ -202,8 +215,24 @@ _LAYOUT_OPS = ("Identity", "Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze
 
 
 class OnnxGraph:
-    """The parameter-carrying operations of one ONNX model, in topological order."""
+    """The parameter-carrying operations of one ONNX model, in topological order.
 
+    ``ops``: the :class:`ParamOp` s; ``input_shapes``: the graph inputs' shapes (None for a
+    dynamic dimension); ``pool_kernels``: kernel sizes of the MaxPool nodes in order (the SPP
+    blocks'); ``num_nodes``: the node count. :meth:`from_model` reads them from a parsed model.
+    """
+
+    def __init__(self, source: str, ops: list[ParamOp], input_shapes: dict[str, tuple], pool_kernels: tuple[int, ...],
+                 num_nodes: int):
+        self.source, self.ops, self.input_shapes = source, ops, input_shapes
+        self.pool_kernels, self.num_nodes = tuple(pool_kernels), num_nodes
+
+    @classmethod
+    def from_model(cls, model, source: str) -> "OnnxGraph":
+        return _GraphReader(model, source).graph()
+
+
+class _GraphReader:
     def __init__(self, model, source: str):
         from onnx import numpy_helper
 
@@ -215,7 +244,7 @@ class OnnxGraph:
             for i in graph.input
             if i.name not in self.constants
         }
-        self.nodes = _topological(list(graph.node))
+        self.nodes = _topological(list(graph.node), source)
         users: dict[str, list[int]] = {}
         for i, n in enumerate(self.nodes):
             for inp in n.input:
@@ -232,11 +261,33 @@ class OnnxGraph:
                 out = _fold_layout(n.op_type, values, _attrs(n))
                 if out is not None:
                     self.constants[n.output[0]] = out
+        self.absorbed: dict[int, int] = {}  # node index of a folded BatchNorm / bias Add -> its Conv / MatMul
         self.ops = self._param_ops(users)
+        self._trace_sources()
 
-    def max_pool_kernels(self) -> tuple[int, ...]:
-        """Kernel sizes of the MaxPool nodes in order (the SPP block's, in these networks)."""
-        return tuple(int(_attrs(n)["kernel_shape"][0]) for n in self.nodes if n.op_type == "MaxPool")
+    def _trace_sources(self) -> None:
+        """Sets each conv/linear op's ``sources``. Shapes are metadata, not data: what a ``Shape``
+        node feeds (dynamic reshapes) carries no source."""
+        strict_ops = [op for op in self.ops if op.kind in ("conv", "linear")]
+        index = {op.position: k for k, op in enumerate(strict_ops)}
+        index.update({j: index[i] for j, i in self.absorbed.items() if i in index})
+        src: dict[str, frozenset[int]] = {name: frozenset({-1}) for name in self.input_shapes}
+        empty: frozenset[int] = frozenset()
+        for i, n in enumerate(self.nodes):
+            if i in index:
+                if i not in self.absorbed:
+                    strict_ops[index[i]].sources = src.get(n.input[0], empty)
+                out = frozenset({index[i]})
+            elif n.op_type in ("Shape", "Size"):
+                out = empty
+            else:
+                out = empty.union(*(src.get(x, empty) for x in n.input if x))
+            for o in n.output:
+                src[o] = out
+
+    def graph(self) -> OnnxGraph:
+        pools = tuple(int(_attrs(n)["kernel_shape"][0]) for n in self.nodes if n.op_type == "MaxPool")
+        return OnnxGraph(self.source, self.ops, self.input_shapes, pools, len(self.nodes))
 
     def _const(self, name: str) -> np.ndarray | None:
         return self.constants.get(name) if name else None
@@ -249,7 +300,7 @@ class OnnxGraph:
 
     def _param_ops(self, users) -> list[ParamOp]:
         ops: list[ParamOp] = []
-        absorbed: set[int] = set()
+        absorbed = self.absorbed
         for i, n in enumerate(self.nodes):
             if i in absorbed:
                 continue
@@ -289,7 +340,7 @@ class OnnxGraph:
             eps = _attrs(bn).get("epsilon", 1e-5)
             op.weight, op.bias = fold_batchnorm(w, b, *params, eps)
             op.folded_batchnorm = True
-            absorbed.add(j)
+            absorbed[j] = i
         return op
 
     def _linear(self, i, n, label, users, absorbed) -> ParamOp | None:
@@ -300,10 +351,12 @@ class OnnxGraph:
                 return None
             if a.get("transA", 0):
                 raise OnnxGraphError(f"{self.source}: {label}: Gemm with transA is not supported")
-            w = (w.T if a.get("transB", 0) else w) * a.get("alpha", 1.0)
+            alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
+            w = w.T if a.get("transB", 0) else w
+            w = w if alpha == 1.0 else (w * alpha).astype(w.dtype)
             c = self._const(n.input[2]) if len(n.input) > 2 else None
-            bias = None if c is None else np.broadcast_to(c * a.get("beta", 1.0), (w.shape[1],)).copy()
-            return ParamOp("linear", label, i, np.asarray(w, dtype=np.asarray(self._const(n.input[1])).dtype), bias)
+            bias = None if c is None else np.broadcast_to(c if beta == 1.0 else c * beta, (w.shape[1],)).copy()
+            return ParamOp("linear", label, i, w, bias)
         left, w = self._const(n.input[0]), self._const(n.input[1])
         if w is None or left is not None:
             if left is not None and w is None:
@@ -319,7 +372,7 @@ class OnnxGraph:
             c = self._const(other)
             if c is not None and c.size == w.shape[1] and c.shape[-1:] == (w.shape[1],):
                 bias = c.reshape(-1)
-                absorbed.add(j)
+                absorbed[j] = i
         return ParamOp("linear", label, i, w, bias)
 
 
@@ -340,7 +393,7 @@ def load_onnx(path: str | os.PathLike, what: str) -> OnnxGraph:
         raise OnnxGraphError(f"{source} is not a readable ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not model.graph.node:
         raise OnnxGraphError(f"{source} is not a readable ONNX model: its graph has no nodes")
-    return OnnxGraph(model, source)
+    return OnnxGraph.from_model(model, source)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,11 +404,10 @@ def _conv_misfit(slot: Slot, op: ParamOp) -> str | None:
     if op.kind != "conv":
         return f"expected {slot.describe()}, found {op.describe()}"
     k = slot.shape[2]
-    expected_pads = (k // 2,) * 4
     if (tuple(op.weight.shape) != slot.shape or op.stride != (slot.stride, slot.stride) or op.groups != slot.groups
-            or tuple(op.pads) != expected_pads or tuple(op.dilations) != (1, 1)):
-        return (f"expected {slot.describe()} with padding {k // 2}, found {op.describe()} with pads {list(op.pads)}"
-                + (f" dilations {list(op.dilations)}" if tuple(op.dilations) != (1, 1) else ""))
+            or tuple(op.pads) != (k // 2,) * 4 or tuple(op.dilations) != (1, 1)):
+        # describe() names pads and dilations only where they differ from same-size padding, no dilation
+        return f"expected {slot.describe()}, found {op.describe()}"
     return None
 
 
@@ -395,6 +447,19 @@ def match_slots(graph: OnnxGraph, slots: Sequence[Slot]) -> dict[str, np.ndarray
             out[f"{slot.path}.kernel"] = op.weight
             if slot.bias:
                 out[f"{slot.path}.bias"] = op.bias
+    if not problems and len(strict_ops) == len(strict_slots):
+        # Same-shaped sibling layers (a CSP layer's two 1x1 branches, a head's class and box convs)
+        # would swap silently if an exporter or simplifier emitted them in another order: check that
+        # each layer reads from the layers the module feeds it from.
+        path_of = {k: s.path for k, s in enumerate(strict_slots)}
+        for slot, op in zip(strict_slots, strict_ops):
+            if slot.inputs is None or op.sources is None:
+                continue
+            got = frozenset("input" if k == -1 else path_of[k] for k in op.sources)
+            if got != slot.inputs:
+                problems.append(f"{op.node}: matched to {slot.path}, which reads {sorted(slot.inputs)}, but the node "
+                                f"reads {sorted(got)} (the graph's branches come in another order than the module's)")
+                first = first or op.node
     missing = [s.describe() for s in strict_slots[len(strict_ops):]]
     unexpected = [f"{op.node}: {op.describe()}" for op in strict_ops[len(strict_slots):]]
     if unexpected:
@@ -408,7 +473,7 @@ def match_slots(graph: OnnxGraph, slots: Sequence[Slot]) -> dict[str, np.ndarray
             strict_index += 1
             continue
         lo = strict_ops[strict_index].position if 0 <= strict_index < len(strict_ops) else -1
-        hi = strict_ops[strict_index + 1].position if strict_index + 1 < len(strict_ops) else len(graph.nodes)
+        hi = strict_ops[strict_index + 1].position if strict_index + 1 < len(strict_ops) else graph.num_nodes
         candidates = [
             op for op in graph.ops
             if op.kind == slot.kind and lo < op.position < hi and op.position not in claimed

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from anim_jax.models.layers import Dtype, Linear
-from anim_jax.pose.layers import ConvAct, DepthwiseSeparable, SPPBottleneck
+from anim_jax.pose.layers import ConvAct, DepthwiseSeparable, KeySequence, SPPBottleneck
 
 SCALE_NORM_EPS = 1e-5
 
@@ -37,7 +37,7 @@ class RTMPoseConfig:
     stem_channels: tuple[int, ...] = (32, 32, 64)
     stage_channels: tuple[int, ...] = (128, 256, 512, 1024)
     stage_blocks: tuple[int, ...] = (3, 6, 6, 3)
-    spp_stage: int = 3  # index of the stage with the SPP block (the last, in P5 and P6)
+    spp_stage: int = 3  # index of the stage with the SPP block (the last, in P5 and P6); -1: none
     expand_ratio: float = 0.5
     channel_attention: bool = True
     block_kernel: int = 5
@@ -240,7 +240,7 @@ class RTMPose(nnx.Module):
     def __init__(self, config: RTMPoseConfig, *, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
                  rngs: nnx.Rngs):
         self.config = config
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeySequence(rngs))
         self.backbone = CSPNeXt(config, **kw)
         self.head = RTMCCHead(config, **kw)
 

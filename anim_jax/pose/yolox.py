@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from anim_jax.models.layers import Dtype
-from anim_jax.pose.layers import ConvAct, SPPBottleneck, conv_block
+from anim_jax.pose.layers import ConvAct, KeySequence, SPPBottleneck, conv_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +209,7 @@ class YOLOX(nnx.Module):
     def __init__(self, config: YOLOXConfig, *, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
                  rngs: nnx.Rngs):
         self.config = config
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeySequence(rngs))
         self.backbone = CSPDarknet(config, **kw)
         self.neck = PAFPN(config, **kw)
         self.head = YOLOXHead(config, **kw)
