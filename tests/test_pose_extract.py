@@ -161,16 +161,24 @@ def test_pose_cli_video_and_folder(weights, tmp_path, cli):
     assert read_video(out)[0].shape == (6, 72, 96, 3)
 
     # A folder: Moore's layout, one pass, the broken file reported, the rest written.
-    r = cli(tmp_path / "clips", "--weights", weights, *CLI_SMALL)
+    r = cli(tmp_path / "clips", "--weights", weights, "--keypoints", tmp_path / "kps", *CLI_SMALL)
     assert r.returncode == 1 and "broken.mp4" in r.stderr
     root = tmp_path / "clips_dwpose"
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.mp4")) == ["char_00000.mp4", "sub/b.mp4"]
+    assert len(Poses.load(tmp_path / "kps" / "sub" / "b.npz")) == 6
     assert not [p for p in root.rglob("*") if p.name.startswith(".")]  # no temporary files left
     assert read_video(root / "sub" / "b.mp4")[0].shape == (6, 64, 64, 3)
     # rerun: finished videos are not redone
     mtime = (root / "sub" / "b.mp4").stat().st_mtime_ns
-    cli(tmp_path / "clips", "--weights", weights, *CLI_SMALL)
+    cli(tmp_path / "clips", "--weights", weights, "--keypoints", tmp_path / "kps", *CLI_SMALL)
     assert (root / "sub" / "b.mp4").stat().st_mtime_ns == mtime
+
+
+def test_pose_cli_reports_frames_without_person():
+    from anim_jax.pose.cli import _summary
+
+    poses = Poses(np.zeros((3, 1, 133, 2)), np.zeros((3, 1, 133), np.float32), np.array([1, 0, 0]), (8, 8), (64, 64))
+    assert _summary("out.mp4", poses) == "out.mp4: 3 frames, 2 without a person (frames 1, 2)"
 
 
 def test_pose_cli_bad_inputs(weights, tmp_path, cli):

@@ -157,6 +157,9 @@ class FramePoses:
 def stack_poses(frames: Sequence[FramePoses], fps: float | None = None) -> Poses:
     if not frames:
         raise PoseInputError("no frames to extract poses from")
+    sizes = {f.image_size for f in frames}
+    if len(sizes) > 1:
+        raise PoseInputError(f"frames of one sequence must share a size, got {sorted(sizes)}")
     p = max(1, max(len(f.keypoints) for f in frames))
     kp = np.zeros((len(frames), p, 133, 2))
     sc = np.zeros((len(frames), p, 133), np.float32)
