@@ -1,8 +1,8 @@
 """``anim-jax convert-pose``: full-size structures, bad inputs, and the converted directory.
 
 The full-size networks (DWPose's YOLOX-L and RTMPose-L, and other sizes) are checked without
-exporting them (an export of YOLOX-L takes tens of seconds): the PyTorch stand-ins, uninitialised,
-run once with hooks recording each conv / linear / learned elementwise parameter in call order,
+exporting them (an export of YOLOX-L takes tens of seconds): the PyTorch stand-ins run once on the
+meta device (shapes only) with hooks recording each conv / linear / learned elementwise parameter in call order,
 as the TorchScript exporter writes them into the graph (the tiny exports in
 ``test_pose_nets_parity.py`` show the converter reads those graphs in that order). From that record
 the converter must infer the configuration and fill every parameter of the abstract JAX model.
@@ -10,6 +10,7 @@ the converter must infer the configuration and fill every parameter of the abstr
 
 from __future__ import annotations
 
+import functools
 import json
 import types
 
@@ -77,8 +78,8 @@ def _recorded_graph(model: torch.nn.Module, input_shape, *, dynamic_input: bool 
             m.act.register_forward_hook(on_gau_act)
         elif isinstance(m, torch.nn.MaxPool2d):
             pools.append(m.kernel_size)
-    with torch.no_grad():
-        model(torch.zeros(input_shape))
+    with torch.no_grad():  # on the meta device: shapes only, nothing computed
+        model(torch.zeros(input_shape, device="meta"))
     shape = (None, 3, None, None) if dynamic_input else tuple(input_shape)
     return OnnxGraph("recorded", ops, {"input": shape}, tuple(pools), len(ops))
 
@@ -88,10 +89,12 @@ def _meta(cls, cfg):
         return cls(cfg).eval()
 
 
-def _uninitialised(cls, cfg):
-    """A full-size network with uninitialised CPU memory: nothing is drawn, and a forward pass on
-    CPU avoids the meta device's decompositions (which import torch._dynamo, seconds)."""
-    return _meta(cls, cfg).to_empty(device="cpu")
+@functools.lru_cache(maxsize=None)
+def _recorded(kind: str, name: str, dynamic_input: bool = False) -> OnnxGraph:
+    if kind == "yolox":
+        return _recorded_graph(_meta(TorchYOLOX, YOLOX_SIZES[name]), (1, 3, 640, 640))
+    cfg = RTMPOSE_SIZES[name]
+    return _recorded_graph(_meta(TorchRTMPose, cfg), (1, 3, *cfg.input_size), dynamic_input=dynamic_input)
 
 
 def _fills_abstract_model(model_cls, cfg, arrays):
@@ -101,7 +104,6 @@ def _fills_abstract_model(model_cls, cfg, arrays):
 
 YOLOX_SIZES = {
     "yolox-l (DWPose)": YOLOXConfig.yolox_l(),
-    "yolox-s": YOLOXConfig(base_channels=32, depths=(1, 3, 3, 1), fpn_depth=1, head_channels=128),
     "yolox-nano (depthwise)": YOLOXConfig(base_channels=16, depths=(1, 3, 3, 1), fpn_depth=1, head_channels=64,
                                           depthwise=True),
 }
@@ -115,16 +117,15 @@ RTMPOSE_SIZES = {
 @pytest.mark.parametrize("name", list(YOLOX_SIZES))
 def test_full_size_yolox_structure_converts(name):
     cfg = YOLOX_SIZES[name]
-    graph = _recorded_graph(_uninitialised(TorchYOLOX, cfg), (1, 3, 64, 64))
+    graph = _recorded("yolox", name)
     assert dwpose.infer_yolox_config(graph) == cfg
     _fills_abstract_model(YOLOX, cfg, dwpose.match_slots(graph, dwpose.yolox_slots(cfg)))
 
 
-@pytest.mark.parametrize("dynamic_input", [False, True], ids=["static-input", "dynamic-input"])
-@pytest.mark.parametrize("name", list(RTMPOSE_SIZES))
+@pytest.mark.parametrize("name,dynamic_input", [(n, False) for n in RTMPOSE_SIZES] + [(next(iter(RTMPOSE_SIZES)), True)])
 def test_full_size_rtmpose_structure_converts(name, dynamic_input):
     cfg = RTMPOSE_SIZES[name]
-    graph = _recorded_graph(_uninitialised(TorchRTMPose, cfg), (1, 3, *cfg.input_size), dynamic_input=dynamic_input)
+    graph = _recorded("rtmpose", name, dynamic_input)
     assert dwpose.infer_rtmpose_config(graph) == cfg  # crop size and SimCC ratio from the bins if not static
     arrays = dwpose.match_slots(graph, dwpose.rtmpose_slots(cfg))
     _fills_abstract_model(RTMPose, cfg, arrays)

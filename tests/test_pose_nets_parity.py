@@ -62,14 +62,18 @@ def test_converter_infers_the_architectures_and_folds_batchnorm(exported):
 
 
 def test_yolox_matches_onnxruntime(exported):
+    # Pixels scaled to [0, 1]: random weights are not trained for 0..255, and at that range every
+    # score of the tiny network saturates to exactly 0 or 1, which would leave them untested.
     rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, (2, *DET_HW, 3)).astype(np.float32)
-    images[1, 40:, :, :] = 114.0  # a letterbox band, as DWPose feeds it
+    images = rng.uniform(0, 1, (2, *DET_HW, 3)).astype(np.float32)
+    images[1, 40:, :, :] = 114 / 255  # a letterbox band
     (ref,) = run_onnx(exported["det_onnx"], np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     out = _apply(exported["detector"], jnp.asarray(images))
     # Box offsets and the sigmoid scores live on different scales: compare each on its own.
     _close(out[..., :4], ref[..., :4], rtol=1e-4, atol_frac=1e-5, what="box offsets")
-    _close(out[..., 4:], ref[..., 4:], rtol=1e-4, atol_frac=1e-5, what="objectness and class scores")
+    scores = np.asarray(ref[..., 4:])
+    assert ((scores > 1e-3) & (scores < 1 - 1e-3)).mean() > 0.2  # the scores are informative
+    _close(out[..., 4:], scores, rtol=1e-4, atol_frac=1e-5, what="objectness and class scores")
 
 
 def test_rtmpose_matches_onnxruntime(exported):
