@@ -18,6 +18,7 @@ windows), and the whole sampling loop is one jitted ``lax.scan``.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp

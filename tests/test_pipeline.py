@@ -233,7 +233,7 @@ def test_cli_animate_reports_bad_inputs(components, inputs, tmp_path, capsys):
 def test_cli_animate_truncated_weights_file_is_one_line(components, inputs, tmp_path):
     """The real entry point in a subprocess: a half-written weights file -> exit 2, one line naming it."""
     weights = tmp_path / "weights"
-    factory.save_components(weights, components, schedule=AnimatePipeline(**components).schedule)
+    save_components(weights, components, schedule=AnimatePipeline(**components).schedule)
     vae = weights / "vae.safetensors"
     vae.write_bytes(vae.read_bytes()[: vae.stat().st_size // 2])
     Image.fromarray(inputs[0]).save(tmp_path / "ref.png")
