@@ -84,7 +84,7 @@ def test_train_outcomes_have_distinct_exit_codes(monkeypatch, tmp_path, capsys, 
     """The status of a run -> the documented exit code (the run itself is replaced: the loop's own
     tests cover SIGTERM and divergence)."""
     from anim_jax import cli
-    from anim_jax.train import cli as train_cli
+    from anim_jax.train import run as train_run
     from anim_jax.train.loop import LoopResult, NonFiniteLossError
 
     def fake_train(cfg, workdir):
@@ -92,7 +92,7 @@ def test_train_outcomes_have_distinct_exit_codes(monkeypatch, tmp_path, capsys, 
             raise NonFiniteLossError(4, float("nan"), "loss", 2, discarded_step=3)
         return LoopResult(outcome, 3, None, 3)
 
-    monkeypatch.setattr(train_cli, "train", fake_train)
+    monkeypatch.setattr(train_run, "train", fake_train)
     rc = cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "run"), f"--config.data.dataset={tmp_path}"])
     assert rc == code and cli.EXIT_CODES[code]
     err = capsys.readouterr().err
