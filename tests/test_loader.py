@@ -119,9 +119,12 @@ def test_truncated_weights_file_is_one_line_from_the_cli(tmp_path):
     weights_dir.write_config(weights, {"denoiser": tiny_unet})
     data = (ROOT / "tests" / "data" / "weights_dir_v1" / "pose_guider.safetensors").read_bytes()
     (weights / "denoiser.safetensors").write_bytes(data[: len(data) - 100])
+    # Inputs that pass animate's own checks, so the weights are what fails.
+    (tmp_path / "ref.png").write_bytes(b"")
+    (tmp_path / "pose.mp4").write_bytes(b"")
     proc = subprocess.run(
         [sys.executable, "-m", "anim_jax.cli", "animate", "--weights", str(weights), "--reference", "ref.png",
-         "--pose", "pose.mp4", "--out", str(tmp_path / "out.mp4")],
+         "--pose", "pose.mp4", "--out", str(tmp_path / "out.mp4")], cwd=tmp_path,
         capture_output=True, text=True, timeout=300,
     )
     lines = proc.stderr.strip().splitlines()

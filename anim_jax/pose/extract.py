@@ -101,22 +101,14 @@ class Poses:
 
     def save(self, path: str | os.PathLike) -> None:
         """A compressed .npz (written atomically): keypoints, scores, num_persons, image_size, detect_size, fps."""
-        from anim_jax.convert.store import atomic_write
+        from anim_jax import atomic
 
-        path = pathlib.Path(path)
-
-        def write(tmp):
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # an ordinary file, not mkstemp's 0600
-            with open(tmp, "wb") as f:
-                np.savez_compressed(
-                    f, keypoints=self.keypoints, scores=self.scores, num_persons=self.num_persons,
-                    image_size=np.array(self.image_size), detect_size=np.array(self.detect_size),
-                    fps=np.array(np.nan if self.fps is None else self.fps),
-                )  # fmt: skip
-
-        atomic_write(path, write)
+        with atomic.atomic_open(path, "wb") as f:
+            np.savez_compressed(
+                f, keypoints=self.keypoints, scores=self.scores, num_persons=self.num_persons,
+                image_size=np.array(self.image_size), detect_size=np.array(self.detect_size),
+                fps=np.array(np.nan if self.fps is None else self.fps),
+            )  # fmt: skip
 
     @classmethod
     def load(cls, path) -> "Poses":

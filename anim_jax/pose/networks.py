@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import secrets
-import shutil
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 from flax import nnx
 
+from anim_jax import atomic, weights_dir
 from anim_jax.convert import store
 from anim_jax.pose.rtmpose import RTMPose, RTMPoseConfig
 from anim_jax.pose.yolox import YOLOX, YOLOXConfig
@@ -49,29 +48,22 @@ def save_dwpose(
         raise FileExistsError(f"DWPose output {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"DWPose output {str(out)!r} exists and is not empty (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with atomic.atomic_dir(out) as tmp:
         store.save_params(detector, tmp / DETECTOR_FILE)
         store.save_params(pose_net, tmp / POSE_FILE)
         entry = {"version": VERSION, "detector": detector.config.to_dict(), "pose": pose_net.config.to_dict()}
         config: dict[str, Any] = {CONFIG_KEY: entry}
         if provenance is not None:
             config["conversion"] = dict(provenance)
-        store.write_config(tmp, config)  # last: only a complete directory has anim_jax.json
-        store.replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        weights_dir.write_config(tmp, config)  # last: only a complete directory has anim_jax.json
     return out
 
 
 def read_dwpose_config(directory: str | os.PathLike) -> tuple[YOLOXConfig, RTMPoseConfig]:
     directory = pathlib.Path(directory)
-    config = store.read_config(directory)
+    config = weights_dir.read_config(directory)
     entry = config.get(CONFIG_KEY)
-    where = directory / store.CONFIG_NAME
+    where = directory / weights_dir.CONFIG_NAME
     if not isinstance(entry, Mapping) or not isinstance(entry.get("detector"), Mapping) \
             or not isinstance(entry.get("pose"), Mapping):
         raise ValueError(
