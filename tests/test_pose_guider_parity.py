@@ -21,6 +21,7 @@ from anim_jax.convert.pose_guider_keys import (
     pose_guider_config_from_state_dict,
 )
 from anim_jax.models.pose_guider import PoseGuider
+from tolerance import Tol, assert_close
 
 VARIANTS = {"released": (16, 32, 96, 256), "default": (16, 32, 64, 128)}
 
@@ -60,11 +61,8 @@ def state_dict_np(model):
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def assert_close(ours, ref, rel=1e-4):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
-    assert err <= rel * scale, f"max abs err {err:.3g} > {rel} * max|ref| {scale:.3g}"
+# What our fp32 port reaches against the original on these configs, with a 10x margin (tolerance.py).
+POSE_GUIDER_TOL = Tol(rtol=3e-6, atol=3e-6)
 
 
 forward = nnx.jit(PoseGuider.__call__)
@@ -91,7 +89,7 @@ def test_parity_image_and_video(variant):
     ref = ref.transpose(0, 2, 3, 1)
     out = forward(model, jnp.asarray(video))
     assert out.shape == (2, 3, 6, 5, 320)
-    assert_close(out.reshape(6, 6, 5, 320), ref)
+    assert_close(out.reshape(6, 6, 5, 320), ref, POSE_GUIDER_TOL)
 
 
 def test_fresh_conv_out_is_zero():
@@ -159,4 +157,4 @@ def test_export_round_trip():
     x = np.random.default_rng(1).uniform(0, 1, (1, 24, 32, 3)).astype(np.float32)
     with torch.no_grad():
         ref = tm(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
-    assert_close(forward(model, jnp.asarray(x)), ref)
+    assert_close(forward(model, jnp.asarray(x)), ref, POSE_GUIDER_TOL)

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from tolerance import assert_close
 from test_unet_parity import (
     TINY_2L,
-    assert_close,
+    UNET_TOL,
     capture_attn1_inputs,
     inputs,
     jax_unet,
@@ -117,10 +118,10 @@ def test_reference_net_into_denoiser_matches_moore(setup):
     ref_net = jax_unet(CONFIG, state_dict_numpy(s.torch_ref), reference_net=True)
     feats = ref_net(*s.ref_inputs)
     for ours, ref in zip(feats, s.bank):
-        assert_close(ours, ref)
+        assert_close(ours, ref, UNET_TOL)
     den = jax_unet(CONFIG, s.den_sd, reference_fp16_rounding=False)
     out = den(*s.args, num_frames=FRAMES, reference=feats)
-    assert_close(out, torch_denoise(s, bank=s.bank_by_name, fp16=False))
+    assert_close(out, torch_denoise(s, bank=s.bank_by_name, fp16=False), UNET_TOL)
 
 
 @pytest.mark.parametrize("fp16", [False, True])
@@ -132,14 +133,14 @@ def test_fp16_rounding_of_the_reference(setup, fp16):
     other = torch_denoise(s, bank=s.bank_by_name, fp16=not fp16)
     # The rounding is visible at this size, and we match the right side of it tightly.
     assert np.abs(ref - other).max() > 10 * np.abs(np.asarray(out) - ref).max()
-    assert_close(out, ref, rel=1e-5)
+    assert_close(out, ref, UNET_TOL)
 
 
 def test_no_reference_is_plain_self_attention(setup):
     s = setup
     den = jax_unet(CONFIG, s.den_sd)
     out = den(*s.args, num_frames=FRAMES)
-    assert_close(out, torch_denoise(s))
+    assert_close(out, torch_denoise(s), UNET_TOL)
     # Entries may also be None per block.
     out_none = den(*s.args, num_frames=FRAMES, reference=[None] * den.num_transformer_blocks)
     np.testing.assert_array_equal(np.asarray(out_none), np.asarray(out))
@@ -182,7 +183,7 @@ def test_groupnorm_over_frames(setup):
     assert np.abs(a - b).max() > 1e-2 * np.abs(a).max()
     with pooled_groupnorms(s.torch_den, FRAMES):
         ref = torch_denoise(s)
-    assert_close(b, ref)
+    assert_close(b, ref, UNET_TOL)
     # With one frame the two are the same model.
     x1 = jnp.asarray(s.x[::FRAMES])
     np.testing.assert_array_equal(
