@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tolerance import assert_close
+from tolerance import Tol, assert_close
 from test_unet_parity import (
     TINY_2L,
     UNET_TOL,
@@ -31,6 +31,9 @@ from test_unet_parity import (
 
 CONFIG = TINY_2L
 BATCH, FRAMES, HW = 2, 2, (8, 8)  # the denoiser shapes of test_unet_parity's 2-level case
+# The denoiser given a reference bank reaches ~1.5e-6 here: 10x margin, tight enough that the
+# float16 rounding of the bank is far outside it (test_mutations.py).
+REFERENCE_TOL = Tol(rtol=1.5e-5, atol=1.5e-5)
 
 
 def moore_read_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, **kwargs):
@@ -133,7 +136,7 @@ def test_fp16_rounding_of_the_reference(setup, fp16):
     other = torch_denoise(s, bank=s.bank_by_name, fp16=not fp16)
     # The rounding is visible at this size, and we match the right side of it tightly.
     assert np.abs(ref - other).max() > 10 * np.abs(np.asarray(out) - ref).max()
-    assert_close(out, ref, UNET_TOL)
+    assert_close(out, ref, REFERENCE_TOL)
 
 
 def test_no_reference_is_plain_self_attention(setup):
