@@ -1,5 +1,9 @@
-"""PoseGuider vs a PyTorch PoseGuider written here from moore.md 1.6 (fp32, CPU, all parameters
-randomised, conv_out included), key map, config inference and the ControlNet stage-1 init."""
+"""PoseGuider vs Moore-AnimateAnyone's own PoseGuider (arrays it produced, tests/data/README.md) and
+vs a PyTorch PoseGuider written here from moore.md 1.6 (fp32, CPU, all parameters randomised,
+conv_out included; it documents the layout and serves the key-map and export tests), config
+inference and the ControlNet stage-1 init."""
+
+import pathlib
 
 import numpy as np
 import pytest
@@ -9,8 +13,10 @@ from flax import nnx
 from torch import nn
 
 import jax.numpy as jnp
+import seeded
 from anim_jax.convert.mapping import (
     CheckpointMismatchError,
+    expected_torch_shapes,
     export_torch_state_dict,
     flat_params,
     load_torch_state_dict,
@@ -90,6 +96,19 @@ def test_parity_image_and_video(variant):
     out = forward(model, jnp.asarray(video))
     assert out.shape == (2, 3, 6, 5, 320)
     assert_close(out.reshape(6, 6, 5, 320), ref, POSE_GUIDER_TOL)
+
+
+def test_matches_moore_pose_guider():
+    """Moore's src/models/pose_guider.py, PoseGuider(32, block_out_channels=(4, 8, 12, 16)), its
+    InflatedConv3d applied to (B, C, F, H, W), on seeded weights (tests/seeded.py, seed 1)."""
+    model = nnx.eval_shape(lambda: PoseGuider(32, (4, 8, 12, 16), rngs=nnx.Rngs(0)))
+    shapes = {k: s for k, (_, s) in expected_torch_shapes(model, POSE_GUIDER_KEYMAP).items()}
+    model = load_torch_state_dict(model, seeded.state_dict(1, shapes), POSE_GUIDER_KEYMAP)
+    video = np.random.default_rng(2).uniform(0, 1, (2, 3, 3, 32, 24)).astype(np.float32)  # (B, C, F, H, W)
+    want = np.load(pathlib.Path(__file__).parent / "data" / "moore_pose_guider.npz")["output"]
+    out = forward(model, jnp.asarray(video.transpose(0, 2, 3, 4, 1)))
+    assert np.abs(want).max() > 0.1  # conv_out is seeded too: a real output, not Moore's zero init
+    assert_close(out, want.transpose(0, 2, 3, 4, 1), POSE_GUIDER_TOL)
 
 
 def test_fresh_conv_out_is_zero():
