@@ -19,6 +19,7 @@ from anim_jax.models.pose_guider import PoseGuider
 from anim_jax.models.unet import UNet2DConditionModel, UNetConfig
 from anim_jax.models.vae import AutoencoderKL, VAEConfig
 from anim_jax.pipeline import AnimatePipeline
+from tolerance import Tol, assert_close
 
 WIDTH, HEIGHT = 24, 32  # latent 12 x 16 with the 2x tiny VAE
 
@@ -97,13 +98,21 @@ def test_batched_jitted_sampler_equals_per_window_loop(components, inputs):
     assert out.frames.shape == (10, HEIGHT, WIDTH, 3) and out.frames.dtype == np.uint8
 
 
+# Same seed on 1 and on 8 devices: only the reduction order of the sharded program differs.
+MESH_TOL = Tol(rtol=2e-5, atol=2e-5)
+
+
 def test_sharded_output_equals_single_device(components, inputs, devices):
+    """Mesh invariance: the same seed gives the same latents per element, and the same video up to
+    one uint8 level where a pixel sits on a rounding boundary."""
     ref, poses = inputs
-    kw = dict(width=WIDTH, height=HEIGHT, steps=2, seed=3, context_frames=4, context_overlap=1, output_type="latents")
-    single = AnimatePipeline(**components)(ref, poses, **kw).latents
+    kw = dict(width=WIDTH, height=HEIGHT, steps=2, seed=3, context_frames=4, context_overlap=1, output_type="both")
+    single = AnimatePipeline(**components)(ref, poses, **kw)
     mesh = parallel.make_mesh((8,), ("data",))
-    sharded = AnimatePipeline(**components, mesh=mesh)(ref, poses, **kw).latents
-    np.testing.assert_allclose(sharded, single, atol=1e-4 * np.abs(single).max())
+    sharded = AnimatePipeline(**components, mesh=mesh)(ref, poses, **kw)
+    assert_close(sharded.latents, single.latents, MESH_TOL, "latents, 8 devices vs 1")
+    diff = np.abs(sharded.frames.astype(np.int16) - single.frames.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
 
 
 def test_same_seed_same_video_and_seed_matters(components, inputs):
