@@ -30,8 +30,8 @@ def _randomise(module, seed):
         var.value = jnp.asarray(rng.normal(0, 0.2, var.shape), var.dtype)
 
 
-@pytest.fixture(scope="module")
-def components():
+def tiny_components(dtype=jnp.float32) -> dict:
+    """The five tiny networks, every parameter random (float32), computing in ``dtype``."""
     unet = UNetConfig(
         block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, num_attention_heads=2,
@@ -39,17 +39,23 @@ def components():
     )
     rngs = nnx.Rngs(0)
     parts = dict(
-        denoiser=UNet2DConditionModel(unet, rngs=rngs),
-        reference_net=UNet2DConditionModel(unet, reference_net=True, rngs=rngs),
-        pose_guider=PoseGuider(16, (4, 8), rngs=rngs),  # 2x down, like the tiny VAE
-        vae=AutoencoderKL(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4), rngs=rngs),
+        denoiser=UNet2DConditionModel(unet, dtype=dtype, rngs=rngs),
+        reference_net=UNet2DConditionModel(unet, reference_net=True, dtype=dtype, rngs=rngs),
+        pose_guider=PoseGuider(16, (4, 8), dtype=dtype, rngs=rngs),  # 2x down, like the tiny VAE
+        vae=AutoencoderKL(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4), dtype=dtype,
+                          rngs=rngs),
         image_encoder=CLIPVisionModelWithProjection(
             CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                             image_size=16, patch_size=4, projection_dim=16), rngs=rngs),
+                             image_size=16, patch_size=4, projection_dim=16), dtype=dtype, rngs=rngs),
     )
     for i, m in enumerate(parts.values()):
         _randomise(m, i)  # zero-initialised layers (pose guider conv_out) must matter too
     return parts
+
+
+@pytest.fixture(scope="module")
+def components():
+    return tiny_components()
 
 
 @pytest.fixture(scope="module")
