@@ -14,6 +14,7 @@ from anim_jax.convert.loader import load_torch_state_dict
 from anim_jax.convert.mapping import CheckpointMismatchError, export_torch_state_dict, flat_params
 from anim_jax.convert.model_configs import clip_config_from_transformers
 from anim_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection, clip_preprocess
+from tolerance import Tol, assert_close
 
 CONFIGS = {
     "quick_gelu": dict(
@@ -57,11 +58,8 @@ def jax_clip(kw, seed=0) -> CLIPVisionModelWithProjection:
     return model
 
 
-def assert_close(ours, ref, rel=1e-4):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
-    assert err <= rel * scale, f"max abs err {err:.3g} > {rel} * max|ref| {scale:.3g}"
+# What our fp32 port reaches against the original on these configs, with a 10x margin (tolerance.py).
+CLIP_TOL = Tol(rtol=2e-5, atol=2e-5)
 
 
 encode = nnx.jit(CLIPVisionModelWithProjection.encode)
@@ -82,8 +80,8 @@ def test_parity(name):
         ref = tm(pixel_values=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
     out = encode(model, jnp.asarray(x))
     assert out.image_embeds.shape == (3, kw["projection_dim"])
-    assert_close(out.image_embeds, ref.image_embeds.numpy())
-    assert_close(out.last_hidden_state, ref.last_hidden_state.numpy())
+    assert_close(out.image_embeds, ref.image_embeds.numpy(), CLIP_TOL)
+    assert_close(out.last_hidden_state, ref.last_hidden_state.numpy(), CLIP_TOL)
     np.testing.assert_allclose(model(jnp.asarray(x)), out.image_embeds, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=f"{s}x{s}"):
         model(jnp.zeros((1, s + 2, s, 3)))
@@ -160,7 +158,7 @@ def test_export_round_trip():
     x = np.random.default_rng(1).standard_normal((2, 28, 28, 3)).astype(np.float32)
     with torch.no_grad():
         ref = tm(pixel_values=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).image_embeds
-    assert_close(encode(model, jnp.asarray(x)).image_embeds, ref.numpy())
+    assert_close(encode(model, jnp.asarray(x)).image_embeds, ref.numpy(), CLIP_TOL)
 
 
 def test_sharded_parity(devices):
@@ -175,4 +173,4 @@ def test_sharded_parity(devices):
     x = np.random.default_rng(2).standard_normal((2, 28, 28, 3)).astype(np.float32)
     with torch.no_grad():
         ref = tm(pixel_values=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).image_embeds
-    assert_close(encode(model, jnp.asarray(x)).image_embeds, ref.numpy())
+    assert_close(encode(model, jnp.asarray(x)).image_embeds, ref.numpy(), CLIP_TOL)

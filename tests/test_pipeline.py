@@ -20,6 +20,7 @@ from anim_jax.models.pose_guider import PoseGuider
 from anim_jax.models.unet import UNet2DConditionModel, UNetConfig
 from anim_jax.models.vae import AutoencoderKL, VAEConfig
 from anim_jax.pipeline import AnimatePipeline
+from tolerance import Tol, assert_close
 
 WIDTH, HEIGHT = 24, 32  # latent 12 x 16 with the 2x tiny VAE
 
@@ -30,8 +31,8 @@ def _randomise(module, seed):
         var.value = jnp.asarray(rng.normal(0, 0.2, var.shape), var.dtype)
 
 
-@pytest.fixture(scope="module")
-def components():
+def tiny_components(dtype=jnp.float32) -> dict:
+    """The five tiny networks, every parameter random (float32), computing in ``dtype``."""
     unet = UNetConfig(
         block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, num_attention_heads=2,
@@ -39,17 +40,23 @@ def components():
     )
     rngs = nnx.Rngs(0)
     parts = dict(
-        denoiser=UNet2DConditionModel(unet, rngs=rngs),
-        reference_net=UNet2DConditionModel(unet, reference_net=True, rngs=rngs),
-        pose_guider=PoseGuider(16, (4, 8), rngs=rngs),  # 2x down, like the tiny VAE
-        vae=AutoencoderKL(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4), rngs=rngs),
+        denoiser=UNet2DConditionModel(unet, dtype=dtype, rngs=rngs),
+        reference_net=UNet2DConditionModel(unet, reference_net=True, dtype=dtype, rngs=rngs),
+        pose_guider=PoseGuider(16, (4, 8), dtype=dtype, rngs=rngs),  # 2x down, like the tiny VAE
+        vae=AutoencoderKL(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4), dtype=dtype,
+                          rngs=rngs),
         image_encoder=CLIPVisionModelWithProjection(
             CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                             image_size=16, patch_size=4, projection_dim=16), rngs=rngs),
+                             image_size=16, patch_size=4, projection_dim=16), dtype=dtype, rngs=rngs),
     )
     for i, m in enumerate(parts.values()):
         _randomise(m, i)  # zero-initialised layers (pose guider conv_out) must matter too
     return parts
+
+
+@pytest.fixture(scope="module")
+def components():
+    return tiny_components()
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +105,21 @@ def test_batched_jitted_sampler_equals_per_window_loop(components, inputs):
     assert out.frames.shape == (10, HEIGHT, WIDTH, 3) and out.frames.dtype == np.uint8
 
 
+# Same seed on 1 and on 8 devices: only the reduction order of the sharded program differs.
+MESH_TOL = Tol(rtol=2e-5, atol=2e-5)
+
+
 def test_sharded_output_equals_single_device(components, inputs, devices):
+    """Mesh invariance: the same seed gives the same latents per element, and the same video up to
+    one uint8 level where a pixel sits on a rounding boundary."""
     ref, poses = inputs
-    kw = dict(width=WIDTH, height=HEIGHT, steps=2, seed=3, context_frames=4, context_overlap=1, output_type="latents")
-    single = AnimatePipeline(**components)(ref, poses, **kw).latents
+    kw = dict(width=WIDTH, height=HEIGHT, steps=2, seed=3, context_frames=4, context_overlap=1, output_type="both")
+    single = AnimatePipeline(**components)(ref, poses, **kw)
     mesh = parallel.make_mesh((8,), ("data",))
-    sharded = AnimatePipeline(**components, mesh=mesh)(ref, poses, **kw).latents
-    np.testing.assert_allclose(sharded, single, atol=1e-4 * np.abs(single).max())
+    sharded = AnimatePipeline(**components, mesh=mesh)(ref, poses, **kw)
+    assert_close(sharded.latents, single.latents, MESH_TOL, "latents, 8 devices vs 1")
+    diff = np.abs(sharded.frames.astype(np.int16) - single.frames.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
 
 
 def test_same_seed_same_video_and_seed_matters(components, inputs):

@@ -12,6 +12,7 @@ from anim_jax.convert.mapping import CheckpointMismatchError, export_torch_state
 from anim_jax.convert.model_configs import vae_config_from_diffusers
 from anim_jax.convert.vae_keys import VAE_KEYMAP, load_vae_state_dict, rename_legacy_vae_keys
 from anim_jax.models.vae import AutoencoderKL, VAEConfig
+from tolerance import Tol, assert_close
 
 CONFIGS = {
     # two levels, one resnet per encoder block, odd-ish 18x22 images
@@ -79,11 +80,8 @@ def jax_vae(tmodel, seed=1) -> AutoencoderKL:
     return random_model(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)), seed)
 
 
-def assert_close(ours, ref, rel=1e-4):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
-    assert err <= rel * scale, f"max abs err {err:.3g} > {rel} * max|ref| {scale:.3g}"
+# What our fp32 port reaches against the original on these configs, with a 10x margin (tolerance.py).
+VAE_TOL = Tol(rtol=4e-5, atol=4e-5)
 
 
 encode = nnx.jit(AutoencoderKL.encode)
@@ -112,8 +110,8 @@ def test_encode_decode_parity(name):
     with torch.no_grad():
         dist = tm.encode(nchw(x)).latent_dist
     mean, logvar = encode(model, jnp.asarray(x))
-    assert_close(mean, nhwc(dist.mean))
-    assert_close(logvar, nhwc(dist.logvar))
+    assert_close(mean, nhwc(dist.mean), VAE_TOL)
+    assert_close(logvar, nhwc(dist.logvar), VAE_TOL)
     if name == "c":
         assert float(logvar.max()) == 20.0 and float(logvar.min()) == -30.0
 
@@ -123,7 +121,7 @@ def test_encode_decode_parity(name):
         ref = tm.decode(nchw(z)).sample
     out = decode(model, jnp.asarray(z))
     assert out.shape == (b, h, w, 3)
-    assert_close(out, nhwc(ref))
+    assert_close(out, nhwc(ref), VAE_TOL)
 
 
 def test_video_axes_and_sample():
@@ -139,8 +137,8 @@ def test_video_axes_and_sample():
     with torch.no_grad():
         dist = tm.encode(nchw(video.reshape(6, 8, 12, 3))).latent_dist
         ref = tm.decode(dist.mean).sample
-    assert_close(mean.reshape(6, 4, 6, 4), nhwc(dist.mean))
-    assert_close(out.reshape(6, 8, 12, 3), nhwc(ref))
+    assert_close(mean.reshape(6, 4, 6, 4), nhwc(dist.mean), VAE_TOL)
+    assert_close(out.reshape(6, 8, 12, 3), nhwc(ref), VAE_TOL)
 
     key = jax.random.key(3)
     z = AutoencoderKL.sample(mean, logvar, key)
@@ -231,7 +229,7 @@ def test_export_round_trip():
     x = np.random.default_rng(2).uniform(-1, 1, (b, h, w, 3)).astype(np.float32)
     with torch.no_grad():
         ref = tm.encode(nchw(x)).latent_dist.mean
-    assert_close(encode(model, jnp.asarray(x))[0], nhwc(ref))
+    assert_close(encode(model, jnp.asarray(x))[0], nhwc(ref), VAE_TOL)
 
 
 def test_sharded_parity(devices):
@@ -245,4 +243,4 @@ def test_sharded_parity(devices):
     x = np.random.default_rng(4).uniform(-1, 1, (b, h, w, 3)).astype(np.float32)
     with torch.no_grad():
         ref = tm.encode(nchw(x)).latent_dist.mean
-    assert_close(encode(model, jnp.asarray(x))[0], nhwc(ref))
+    assert_close(encode(model, jnp.asarray(x))[0], nhwc(ref), VAE_TOL)

@@ -1,28 +1,17 @@
 """Long-video context windows: Moore's closed-loop `uniform` schedule and our open variant."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
 from anim_jax.diffusion import context_windows, window_weights, windows_array
 
 
-def _moore_uniform(num_frames, context_size=24, overlap=4, step=0, context_stride=1):
-    """Moore's src/pipelines/context.py `uniform` (closed_loop=True), transcribed with its general
-    step/context_stride arguments; the pipeline calls it with step=0 and context_stride=1."""
-
-    def ordered_halving(val):  # bit-reversed 64-bit value, as a fraction of 2**64
-        return int(f"{val:064b}"[::-1], 2) / (1 << 64)
-
-    if num_frames <= context_size:
-        return [list(range(num_frames))]
-    out = []
-    context_stride = min(context_stride, int(np.ceil(np.log2(num_frames / context_size))) + 1)
-    for context_step in 1 << np.arange(context_stride):
-        pad = int(round(num_frames * ordered_halving(step)))
-        first = int(ordered_halving(step) * context_step) + pad
-        for j in range(first, num_frames + pad, context_size * context_step - overlap):
-            out.append([int(e % num_frames) for e in range(j, j + context_size * context_step, context_step)])
-    return out
+# Moore-AnimateAnyone's own ``src/pipelines/context.py:uniform(0, 25, F, size, 1, overlap, True)``
+# (step 0, context_stride 1, closed loop: how its pipeline calls it), run on its pinned commit;
+# key "F_size_overlap" (tests/data/README.md).
+MOORE_WINDOWS = np.load(pathlib.Path(__file__).parent / "data" / "moore_context_windows.npz")
 
 
 def test_moore_documented_30_frames():
@@ -57,10 +46,11 @@ def test_short_videos_are_one_window(num_frames, closed_loop):
     assert windows_array(num_frames, closed_loop=closed_loop).shape == (1, num_frames)
 
 
-@pytest.mark.parametrize("num_frames", [1, 24, 25, 30, 43, 44, 45, 64, 100, 121, 333])
-@pytest.mark.parametrize("context_size,overlap", [(24, 4), (16, 0), (8, 7), (1, 0)])
-def test_closed_loop_is_moore_uniform(num_frames, context_size, overlap):
-    assert context_windows(num_frames, context_size, overlap) == _moore_uniform(num_frames, context_size, overlap)
+def test_closed_loop_is_moore_uniform():
+    assert len(MOORE_WINDOWS.files) == 84
+    for key in MOORE_WINDOWS.files:
+        num_frames, context_size, overlap = map(int, key.split("_"))
+        assert windows_array(num_frames, context_size, overlap).tolist() == MOORE_WINDOWS[key].tolist(), key
 
 
 @pytest.mark.parametrize("num_frames", [25, 30, 43, 44, 45, 64, 100, 121, 333])
