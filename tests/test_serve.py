@@ -1,0 +1,150 @@
+"""``anim-jax serve``'s request handler (``anim_jax.serve.Animator``) end to end with tiny random
+weights, its error paths, and the command's argument checks. The page in a real browser is
+tests/test_serve_browser.py."""
+
+import pathlib
+
+import av
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from anim_jax import cli, media
+from anim_jax.serve import MOTION_DEMO, MOTION_DRIVING_VIDEO, MOTION_POSE_VIDEO, Animator, RequestError, Settings
+
+SIZE = 32
+
+
+def _video_info(path):
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        n = sum(1 for _ in c.decode(s))
+        return s.width, s.height, n, float(s.average_rate)
+
+
+@pytest.fixture(scope="module")
+def animator(tiny_weights, tmp_path_factory):
+    return Animator(tiny_weights, workdir=tmp_path_factory.mktemp("serve_work"), max_frames=6, max_upload_mb=1)
+
+
+@pytest.fixture(scope="module")
+def uploads(animator):
+    """A reference image and a 5-frame pose video at 10 fps, placed where Gradio puts uploads (a
+    folder of their own under the work directory)."""
+    rng = np.random.default_rng(0)
+    folder = animator.workdir / "upload_1"
+    folder.mkdir()
+    ref = folder / "ref.png"
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(ref)
+    pose = folder / "pose.mp4"
+    media.write_mp4(pose, rng.integers(0, 256, (5, 36, 28, 3), dtype=np.uint8), fps=10)
+    return ref, pose
+
+
+def test_settings_come_from_the_weights(animator, tmp_path):
+    assert animator.settings == Settings(width=32, height=32, frames=4, steps=2, guidance_scale=2.0, seed=7, fps=8.0)
+    assert Settings.from_weights(tmp_path) == Settings()  # nothing recorded: Moore's defaults
+
+
+def test_image_and_pose_video_in_mp4_and_grid_out_one_compile(animator, uploads, tmp_path):
+    ref_path, pose_path = uploads
+    width, height, frames, steps = animator.check_size(SIZE, SIZE, 3, 2)
+    reference = animator.reference(str(ref_path), None, width, height)
+    assert reference.shape == (40, 30, 3)
+    poses, fps = animator.poses(reference, MOTION_POSE_VIDEO, str(pose_path), None, frames=frames, width=width,
+                                height=height)
+    assert poses.shape == (3, 36, 28, 3) and fps == 10.0
+    seen = []
+    result = animator.animate(reference, poses, fps, width=width, height=height, steps=steps, guidance_scale=2.0,
+                              seed=1, on_step=seen.append)
+    assert seen == [0, 1]  # one progress tick per denoising step, in order
+    assert _video_info(result.video) == (SIZE, SIZE, 3, 10.0)
+    assert _video_info(result.grid) == (3 * SIZE + 4, SIZE, 3, 10.0)
+    assert result.frames == 3
+    first = media.read_video_frames(result.video)[0]
+
+    # The same shape again (other seed and guidance): nothing is compiled, the output changes.
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _secs, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    seen.clear()
+    again = animator.animate(reference, poses, fps, width=width, height=height, steps=steps, guidance_scale=3.0,
+                             seed=2, on_step=seen.append)
+    assert compiles == [] and seen == [0, 1]
+    second = media.read_video_frames(again.video)[0]
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
+    assert pathlib_parent(again.video) != pathlib_parent(result.video)  # each request its own folder
+
+    preview = animator.preview(reference, poses, fps)
+    assert _video_info(preview) == (2 * 28 + 2, 36, 3, 10.0)
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"x")
+    animator.discard(str(ref_path), str(pose_path), str(outside))
+    assert not ref_path.exists() and not pose_path.exists() and not ref_path.parent.exists()
+    assert outside.exists()  # not under the work directory: never deleted
+
+
+def pathlib_parent(path):
+    return pathlib.Path(path).parent
+
+
+def test_demo_character_and_demo_motion(animator):
+    reference = animator.reference(None, 2, SIZE, SIZE)
+    assert reference.shape == (SIZE, SIZE, 3) and reference.dtype == np.uint8
+    poses, fps = animator.poses(reference, MOTION_DEMO, None, 1, frames=4, width=SIZE, height=SIZE)
+    assert poses.shape == (4, SIZE, SIZE, 3) and fps is None
+    assert poses.max() > 0 and not np.array_equal(poses[0], poses[-1])  # a visible, moving skeleton
+    other, _ = animator.poses(reference, MOTION_DEMO, None, 2, frames=4, width=SIZE, height=SIZE)
+    assert not np.array_equal(poses, other)
+
+
+def test_request_errors_are_one_clear_line(animator, tmp_path):
+    folder = animator.workdir / "upload_bad"
+    folder.mkdir()
+    garbage = folder / "broken.mp4"
+    garbage.write_bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    not_image = folder / "notes.png"
+    not_image.write_text("not an image")
+    big = folder / "big.mp4"
+    big.write_bytes(b"\0" * (2 * 1024 * 1024))
+    short = folder / "short.mp4"
+    media.write_mp4(short, np.zeros((2, 16, 16, 3), np.uint8), fps=8)
+    ref = np.zeros((SIZE, SIZE, 3), np.uint8)
+
+    def poses(kind, upload, frames=3, demo=None):
+        return animator.poses(ref, kind, upload, demo, frames=frames, width=SIZE, height=SIZE)
+
+    cases = [
+        (lambda: poses(MOTION_POSE_VIDEO, str(garbage)), "pose video could not be read"),
+        (lambda: poses(MOTION_POSE_VIDEO, str(big)), "at most 1 MB"),
+        (lambda: poses(MOTION_POSE_VIDEO, str(short)), "only 2"),
+        (lambda: poses(MOTION_POSE_VIDEO, None), "no pose video was given"),
+        (lambda: poses(MOTION_DRIVING_VIDEO, str(short)), "--pose-weights"),
+        (lambda: poses(MOTION_DEMO, None, demo=None), "pick a demo motion"),
+        (lambda: animator.reference(str(not_image), None, SIZE, SIZE), "reference image could not be read"),
+        (lambda: animator.reference(None, None, SIZE, SIZE), "no reference image"),
+        (lambda: animator.check_size(SIZE, SIZE, 7, 2), "frames must be between 1 and 6"),
+        (lambda: animator.check_size(33, SIZE, 3, 2), "width must be a multiple of 2"),
+        (lambda: animator.check_size(SIZE, 4096, 3, 2), "height must be a multiple of 2 between 2 and 1024"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RequestError, match=match) as info:
+            call()
+        assert "\n" not in str(info.value)
+    # The handler still serves after all of them.
+    result = animator.animate(ref, np.zeros((2, SIZE, SIZE, 3), np.uint8), None, width=SIZE, height=SIZE, steps=2,
+                              guidance_scale=1.0, seed=0)
+    assert _video_info(result.video)[2] == 2
+
+
+def test_serve_command_checks_its_arguments(tmp_path, capsys, monkeypatch):
+    import anim_jax.serve as serve
+
+    monkeypatch.setattr(serve, "packaged_demo_weights", lambda: tmp_path / "not_shipped")
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --weights" in err and "anim-jax demo" in err
+    assert cli.main(["serve", "--weights", str(tmp_path)]) == 2
+    assert "anim_jax.json is missing" in capsys.readouterr().err
