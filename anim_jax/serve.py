@@ -13,9 +13,10 @@ Serving rules:
   sampler compiles once per shape (size, frames, steps) and is reused by later requests;
 * requests run one at a time (the queue's concurrency is 1), so the model never runs twice at once;
 * a failing request raises ``gr.Error`` with one line saying what was wrong; the server keeps going;
-* uploads are capped (``--max-upload-mb``), land in the server's own temporary directory
-  (``GRADIO_TEMP_DIR``), are deleted once their request is done, and the whole directory is
-  removed when the server stops. Results are written there too; nothing else is read or written
+* uploads are capped (``--max-upload-mb``) and land in the server's own temporary directory
+  (``GRADIO_TEMP_DIR``); uploads and results older than an hour are deleted while serving (a page
+  may reuse its uploads for several requests until then), and the whole directory is removed when
+  the server stops. Results are written there too; nothing else is read or written
   because of a request.
 
 ``Animator`` is the request handler without any Gradio in it (the unit tests drive it directly);
@@ -32,6 +33,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from typing import Callable
 
@@ -40,6 +42,8 @@ DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 50
 DEFAULT_MAX_FRAMES = 64
 DEFAULT_MAX_SIDE = 1024
+# Uploads and results older than this are deleted while serving (all of them when the server stops).
+RESULT_MAX_AGE_S = 3600
 DEMO_CHARACTERS = 4  # the demo's held-out characters (anim_jax.demo.DemoSettings.heldout_videos)
 
 MOTION_POSE_VIDEO = "pose video"
@@ -217,7 +221,14 @@ class Animator:
     # -- the request -------------------------------------------------------------------------
 
     def new_folder(self) -> pathlib.Path:
-        folder = self.workdir / "results" / uuid.uuid4().hex
+        """A fresh folder for one request's files; folders older than ``RESULT_MAX_AGE_S`` go (Gradio
+        has served its own copies of them by then)."""
+        results = self.workdir / "results"
+        now = time.time()
+        for old in results.glob("*") if results.is_dir() else ():
+            if now - old.stat().st_mtime > RESULT_MAX_AGE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        folder = results / uuid.uuid4().hex
         folder.mkdir(parents=True)
         return folder
 
@@ -233,8 +244,6 @@ class Animator:
 
     def animate(self, reference, poses, fps, *, width: int, height: int, steps: int, guidance_scale: float, seed: int,
                 on_step: Callable[[int], None] | None = None) -> Result:
-        import time
-
         from anim_jax import media
 
         t0 = time.perf_counter()
@@ -253,20 +262,6 @@ class Animator:
         media.write_mp4(video, out.frames, fps=fps)
         media.write_mp4(grid, media.side_by_side([out.reference, out.poses, out.frames]), fps=fps)
         return Result(str(video), str(grid), frames, time.perf_counter() - t0)
-
-    def discard(self, *uploads) -> None:
-        """Deletes a request's uploads (only files inside the work directory)."""
-        root = self.workdir.resolve()
-        for upload in uploads:
-            if not upload:
-                continue
-            path = pathlib.Path(upload).resolve()
-            if path.is_relative_to(root) and path.is_file():
-                path.unlink(missing_ok=True)
-                try:
-                    path.parent.rmdir()  # Gradio keeps each upload in a folder of its own
-                except OSError:
-                    pass
 
 
 def _one_line(e: BaseException) -> str:
@@ -319,13 +314,11 @@ def build_app(animator: Animator, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
                                       guidance_scale=guidance, seed=seed, on_step=on_step)
         except RequestError as e:
             raise gr.Error(str(e), duration=None) from None
-        finally:
-            animator.discard(ref_upload, motion_upload)
         status = (f"{result.frames} frames, {width}x{height}, {steps} steps, guidance {float(guidance):g}, "
                   f"seed {int(seed)}: {result.seconds:.1f} s")
         return result.video, result.video, result.grid, status
 
-    with gr.Blocks(title="anim-jax", analytics_enabled=False, delete_cache=(600, 3600)) as app:
+    with gr.Blocks(title="anim-jax", analytics_enabled=False, delete_cache=(600, RESULT_MAX_AGE_S)) as app:
         gr.Markdown("# anim-jax: animate a character\nA reference image + a motion -> a video "
                     f"(uploads up to {max_upload_mb:g} MB, up to {animator.max_frames} frames).")
         with gr.Row():
@@ -364,6 +357,19 @@ def build_app(animator: Animator, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
         generate_button.click(generate, common + [guidance, seed], [result_video, download, grid, status],
                               concurrency_limit=1, concurrency_id="model")
     app.queue(default_concurrency_limit=1)
+    return app
+
+
+def launch(animator: Animator, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, block: bool = True):
+    """Serves the page; with ``block=False`` returns the running app at once (``app.close()`` stops it).
+    Gradio's uploads and served files go to ``animator.workdir``."""
+    os.environ["GRADIO_TEMP_DIR"] = str(animator.workdir)  # read by Gradio when the app is built
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    app = build_app(animator, max_upload_mb=max_upload_mb)
+    app.launch(server_name=host, server_port=port, max_file_size=f"{int(max_upload_mb * 1024)}kb", share=False,
+               inbrowser=False, show_error=True, quiet=True, allowed_paths=[str(animator.workdir)],
+               prevent_thread_lock=not block)
     return app
 
 
@@ -418,9 +424,6 @@ def run_serve(args: argparse.Namespace) -> int:
         return _fail("--max-upload-mb must be > 0 and --max-frames >= 1")
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="anim-jax-serve-"))
-    # Gradio keeps uploads and served files under GRADIO_TEMP_DIR, read when it is imported.
-    os.environ["GRADIO_TEMP_DIR"] = str(workdir)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import jax
 
@@ -433,10 +436,11 @@ def run_serve(args: argparse.Namespace) -> int:
                                 max_upload_mb=args.max_upload_mb, mesh=mesh)
         except (OSError, ValueError) as e:
             return _fail(f"could not load the weights: {_one_line(e)}")
-        app = build_app(animator, max_upload_mb=args.max_upload_mb)
         print(f"anim-jax serve: {weights} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-        app.launch(server_name=args.host, server_port=args.port, max_file_size=f"{int(args.max_upload_mb * 1024)}kb",
-                   share=False, inbrowser=False, show_error=True, quiet=True)
+        try:
+            launch(animator, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+        except OSError as e:  # the port is taken, the address is not this machine's, ...
+            return _fail(f"cannot listen on {args.host}:{args.port}: {_one_line(e)}")
         return 0
     except KeyboardInterrupt:
         return 0

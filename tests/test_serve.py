@@ -47,7 +47,7 @@ def test_settings_come_from_the_weights(animator, tmp_path):
     assert Settings.from_weights(tmp_path) == Settings()  # nothing recorded: Moore's defaults
 
 
-def test_image_and_pose_video_in_mp4_and_grid_out_one_compile(animator, uploads, tmp_path):
+def test_image_and_pose_video_in_mp4_and_grid_out_one_compile(animator, uploads):
     ref_path, pose_path = uploads
     width, height, frames, steps = animator.check_size(SIZE, SIZE, 3, 2)
     reference = animator.reference(str(ref_path), None, width, height)
@@ -78,12 +78,6 @@ def test_image_and_pose_video_in_mp4_and_grid_out_one_compile(animator, uploads,
 
     preview = animator.preview(reference, poses, fps)
     assert _video_info(preview) == (2 * 28 + 2, 36, 3, 10.0)
-
-    outside = tmp_path / "outside.png"
-    outside.write_bytes(b"x")
-    animator.discard(str(ref_path), str(pose_path), str(outside))
-    assert not ref_path.exists() and not pose_path.exists() and not ref_path.parent.exists()
-    assert outside.exists()  # not under the work directory: never deleted
 
 
 def pathlib_parent(path):
@@ -134,9 +128,9 @@ def test_request_errors_are_one_clear_line(animator, tmp_path):
             call()
         assert "\n" not in str(info.value)
     # The handler still serves after all of them.
-    result = animator.animate(ref, np.zeros((2, SIZE, SIZE, 3), np.uint8), None, width=SIZE, height=SIZE, steps=2,
+    result = animator.animate(ref, np.zeros((3, SIZE, SIZE, 3), np.uint8), None, width=SIZE, height=SIZE, steps=2,
                               guidance_scale=1.0, seed=0)
-    assert _video_info(result.video)[2] == 2
+    assert _video_info(result.video)[2] == 3  # (the shape compiled above)
 
 
 def test_serve_command_checks_its_arguments(tmp_path, capsys, monkeypatch):
@@ -148,3 +142,141 @@ def test_serve_command_checks_its_arguments(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1 and "pass --weights" in err and "anim-jax demo" in err
     assert cli.main(["serve", "--weights", str(tmp_path)]) == 2
     assert "anim_jax.json is missing" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# The page in a real browser (Chromium + chromedriver from the distribution, see .ci/run). The
+# server runs in this process on the module's Animator, so the shapes compiled above are reused.
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update", "--no-first-run")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def page(animator, tmp_path, monkeypatch):
+    """(driver, url): the served page open in headless Chromium; server and browser are stopped after."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from anim_jax.serve import launch
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(animator.workdir))
+    port = _free_port()
+    app = launch(animator, port=port, block=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    service = Service(CHROMEDRIVER)
+    driver = None
+    try:
+        driver = webdriver.Chrome(options=options, service=service)
+        driver.set_window_size(1300, 1500)
+        yield driver, f"http://127.0.0.1:{port}/"
+    finally:
+        if driver is not None:
+            driver.quit()
+        app.close()
+    assert service.process is None or service.process.poll() is not None  # chromedriver has exited
+    assert not _port_open(port)  # the server is gone
+
+
+def test_page_in_a_real_browser(page, uploads_for_browser, tmp_path):
+    from urllib.parse import urljoin
+    from urllib.request import urlopen
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, url = page
+    ref, pose, garbage = uploads_for_browser
+    wait = WebDriverWait(driver, 120)
+    driver.get(url)
+    wait.until(ec.element_to_be_clickable((By.ID, "generate")))
+
+    def css(selector):
+        return driver.find_element(By.CSS_SELECTOR, selector)
+
+    def upload_motion(path):
+        clear = driver.find_elements(By.CSS_SELECTOR, "#motion button[aria-label='Clear']")
+        if clear:
+            clear[0].click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#motion input[type=file]"))
+        css("#motion input[type=file]").send_keys(str(path))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#motion td.filename[aria-label='{path.name}']"))
+
+    def generate():
+        driver.find_element(By.ID, "generate").click()
+
+    css("#reference input[type=file]").send_keys(str(ref))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#reference img"))
+    css("#motion-kind input[value='pose video']").click()
+    upload_motion(pose)
+    frames = css("#frames input")
+    frames.send_keys(Keys.CONTROL, "a")
+    frames.send_keys("3", Keys.TAB)
+
+    driver.find_element(By.ID, "preview").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#pose-preview video[src]"))
+
+    generate()
+    wait.until(lambda d: "3 frames" in d.find_element(By.ID, "status").text)
+    first_src = css("#result video").get_attribute("src")
+    href = css("#download a[href]").get_attribute("href")
+    downloaded = tmp_path / "downloaded.mp4"
+    with urlopen(urljoin(url, href), timeout=30) as response:
+        downloaded.write_bytes(response.read())
+    assert _video_info(downloaded) == (SIZE, SIZE, 3, 10.0)
+
+    # A broken upload: the page says what is wrong; the server keeps serving.
+    upload_motion(garbage)
+    generate()
+    wait.until(lambda d: "could not be read" in d.find_element(By.TAG_NAME, "body").text)
+    for close in driver.find_elements(By.CSS_SELECTOR, "button.toast-close"):
+        close.click()
+    upload_motion(pose)
+    css("#seed input").send_keys(Keys.CONTROL, "a")
+    css("#seed input").send_keys("5", Keys.TAB)
+    generate()
+    wait.until(lambda d: "seed 5" in d.find_element(By.ID, "status").text)
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#result video").get_attribute("src") not in (None, first_src))
+    with urlopen(urljoin(url, css("#download a[href]").get_attribute("href")), timeout=30) as response:
+        downloaded.write_bytes(response.read())
+    assert _video_info(downloaded) == (SIZE, SIZE, 3, 10.0)
+    screenshot = tmp_path / "serve.png"
+    driver.save_screenshot(str(screenshot))
+    print(f"screenshot of the finished page: {screenshot}")
+    assert Image.open(screenshot).size[0] > 0
+
+
+@pytest.fixture
+def uploads_for_browser(tmp_path):
+    """Files the browser uploads (from outside the server's work directory, as a user's would be)."""
+    rng = np.random.default_rng(3)
+    ref = tmp_path / "reference.png"
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(ref)
+    pose = tmp_path / "poses.mp4"
+    media.write_mp4(pose, rng.integers(0, 256, (5, 36, 28, 3), dtype=np.uint8), fps=10)
+    garbage = tmp_path / "broken.mp4"
+    garbage.write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    return ref, pose, garbage
