@@ -101,10 +101,12 @@ class Animator:
     """The request handler: loads the models once; ``poses`` / ``animate`` serve one request each.
 
     ``workdir``: the only directory requests write to (results go to a fresh subfolder per request).
+    ``pose_weights`` (a converted DWPose directory) or a ready ``pose_extractor`` enables driving videos.
     """
 
     def __init__(self, weights, *, pose_weights=None, workdir, max_frames: int = DEFAULT_MAX_FRAMES,
-                 max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_side: int = DEFAULT_MAX_SIDE, mesh=None):
+                 max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_side: int = DEFAULT_MAX_SIDE, mesh=None,
+                 pose_extractor=None):
         from anim_jax.pipeline import AnimatePipeline
 
         self.workdir = pathlib.Path(workdir)
@@ -113,8 +115,8 @@ class Animator:
         self.max_side = max_side
         self.settings = Settings.from_weights(weights)
         self.pipe = AnimatePipeline.from_pretrained(weights, mesh=mesh)
-        self.extractor = None
-        if pose_weights is not None:
+        self.extractor = pose_extractor
+        if pose_extractor is None and pose_weights is not None:
             from anim_jax.pose.extract import PoseExtractor
 
             self.extractor = PoseExtractor.from_pretrained(pose_weights, mesh=mesh)
@@ -323,7 +325,7 @@ def build_app(animator: Animator, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
                     f"(uploads up to {max_upload_mb:g} MB, up to {animator.max_frames} frames).")
         with gr.Row():
             with gr.Column():
-                ref_upload = gr.Image(label="reference image", type="filepath", sources=["upload"],
+                ref_upload = gr.Image(label="reference image", type="filepath", sources=["upload"], height=240,
                                       elem_id="reference")
                 ref_demo = gr.Dropdown(demo_choices, value=0, label="or a demo character (used when no image is uploaded)",
                                        elem_id="demo-character")
@@ -345,10 +347,10 @@ def build_app(animator: Animator, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
             preview_button = gr.Button("Preview poses", elem_id="preview")
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
-            pose_preview = gr.Video(label="poses (reference | pose)", elem_id="pose-preview", interactive=False)
-            result_video = gr.Video(label="result", elem_id="result", interactive=False)
+            pose_preview = gr.Video(label="poses (reference | pose)", elem_id="pose-preview", interactive=False, height=300)
+            result_video = gr.Video(label="result", elem_id="result", interactive=False, height=300)
         with gr.Row():
-            grid = gr.Video(label="reference | pose | result", elem_id="grid", interactive=False)
+            grid = gr.Video(label="reference | pose | result", elem_id="grid", interactive=False, height=300)
             download = gr.File(label="download", elem_id="download", interactive=False)
         status = gr.Markdown(elem_id="status")
 

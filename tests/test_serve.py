@@ -94,6 +94,26 @@ def test_demo_character_and_demo_motion(animator):
     assert not np.array_equal(poses, other)
 
 
+def test_driving_video_poses_are_extracted_and_aligned_to_the_reference(tiny_weights, tmp_path):
+    from helpers import write_tiny_dwpose
+
+    from anim_jax.pose.extract import PoseExtractor
+
+    # Small detection sizes keep the tiny DWPose networks fast (DWPose's own are 512 and 640).
+    extractor = PoseExtractor.from_pretrained(write_tiny_dwpose(tmp_path / "dwpose"), batch_size=8,
+                                              detect_resolution=64, detector_input=(128, 128))
+    animator = Animator(tiny_weights, workdir=tmp_path / "work", pose_extractor=extractor)
+    rng = np.random.default_rng(4)
+    driving = tmp_path / "dance.mp4"
+    media.write_mp4(driving, rng.integers(0, 256, (4, 48, 64, 3), dtype=np.uint8), fps=12)
+    reference = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    poses, fps = animator.poses(reference, MOTION_DRIVING_VIDEO, str(driving), None, frames=3, width=SIZE,
+                                height=SIZE)
+    # Rendered on the reference's canvas (its pixels), one picture per requested frame.
+    assert poses.shape == (3, 40, 30, 3) and poses.dtype == np.uint8 and fps == 12.0
+    assert poses.max() > 0  # the tiny detector finds people, so skeletons are drawn
+
+
 def test_request_errors_are_one_clear_line(animator, tmp_path):
     folder = animator.workdir / "upload_bad"
     folder.mkdir()
@@ -189,7 +209,7 @@ def page(animator, tmp_path, monkeypatch):
     driver = None
     try:
         driver = webdriver.Chrome(options=options, service=service)
-        driver.set_window_size(1300, 1500)
+        driver.set_window_size(1300, 1700)
         yield driver, f"http://127.0.0.1:{port}/"
     finally:
         if driver is not None:
