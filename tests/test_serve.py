@@ -3,6 +3,7 @@ weights, its error paths, and the command's argument checks. The page in a real 
 tests/test_serve_browser.py."""
 
 import pathlib
+import time
 
 import av
 import jax
@@ -149,7 +150,7 @@ def test_request_errors_are_one_clear_line(animator, tmp_path):
         assert "\n" not in str(info.value)
     # The handler still serves after all of them.
     result = animator.animate(ref, np.zeros((3, SIZE, SIZE, 3), np.uint8), None, width=SIZE, height=SIZE, steps=2,
-                              guidance_scale=1.0, seed=0)
+                              guidance_scale=1.0, seed=0, on_step=lambda i: None)
     assert _video_info(result.video)[2] == 3  # (the shape compiled above)
 
 
@@ -219,7 +220,7 @@ def page(animator, tmp_path, monkeypatch):
     assert not _port_open(port)  # the server is gone
 
 
-def test_page_in_a_real_browser(page, uploads_for_browser, tmp_path):
+def test_page_in_a_real_browser(page, uploads_for_browser, animator, tmp_path):
     from urllib.parse import urljoin
     from urllib.request import urlopen
 
@@ -259,8 +260,23 @@ def test_page_in_a_real_browser(page, uploads_for_browser, tmp_path):
     driver.find_element(By.ID, "preview").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#pose-preview video[src]"))
 
-    generate()
-    wait.until(lambda d: "3 frames" in d.find_element(By.ID, "status").text)
+    # Slow steps (the tiny model takes milliseconds) so the page can be seen following them.
+    animate = animator.animate
+
+    def slow_animate(*args, on_step, **kwargs):
+        def slow_step(i):
+            time.sleep(1.5)
+            on_step(i)
+
+        return animate(*args, on_step=slow_step, **kwargs)
+
+    animator.animate = slow_animate
+    try:
+        generate()
+        wait.until(lambda d: "denoising" in d.find_element(By.ID, "result").text)
+        wait.until(lambda d: "3 frames" in d.find_element(By.ID, "status").text)
+    finally:
+        del animator.animate
     first_src = css("#result video").get_attribute("src")
     href = css("#download a[href]").get_attribute("href")
     downloaded = tmp_path / "downloaded.mp4"
