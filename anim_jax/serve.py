@@ -425,6 +425,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.max_upload_mb <= 0 or args.max_frames < 1:
         return _fail("--max-upload-mb must be > 0 and --max-frames >= 1")
 
+    import signal
+
+    # A stop by SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so the temp directory goes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="anim-jax-serve-"))
     try:
         import jax

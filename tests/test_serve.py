@@ -316,3 +316,34 @@ def uploads_for_browser(tmp_path):
     garbage = tmp_path / "broken.mp4"
     garbage.write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
     return ref, pose, garbage
+
+
+def test_serve_command_starts_serves_and_cleans_up_on_sigterm(tiny_weights, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from urllib.request import urlopen
+
+    port = _free_port()
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the server's temporary directory goes here
+    proc = subprocess.Popen([sys.executable, "-m", "anim_jax.cli", "serve", "--weights", str(tiny_weights),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not _port_open(port):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the server did not start listening"
+            time.sleep(0.5)
+        with urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as response:
+            assert response.status == 200 and b"Generate" in response.read()
+        assert [p.name.startswith("anim-jax-serve-") for p in tmp_path.iterdir()] == [True]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert f"http://127.0.0.1:{port}" in proc.stdout.read()
+    assert list(tmp_path.iterdir()) == []  # uploads/results directory removed on the way out
+    assert not _port_open(port)
