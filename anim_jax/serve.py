@@ -137,7 +137,8 @@ class Animator:
 
     def check_size(self, width: int, height: int, frames: int, steps: int) -> tuple[int, int, int, int]:
         factor = self.pipe.vae_downscale
-        width, height, frames, steps = int(width), int(height), int(frames), int(steps)
+        width, height, frames, steps = (_number(v, n, int) for v, n in
+                                        ((width, "width"), (height, "height"), (frames, "frames"), (steps, "steps")))
         for name, value in (("width", width), ("height", height)):
             if value <= 0 or value % factor or value > self.max_side:
                 raise RequestError(f"{name} must be a multiple of {factor} between {factor} and {self.max_side}, "
@@ -211,10 +212,10 @@ class Animator:
 
         from anim_jax.pose.align import align_poses
 
-        ref_poses = self.extractor(reference)
-        drv_poses = self.extractor(driving)
-        drv_poses.fps = fps
         try:
+            ref_poses = self.extractor(reference)
+            drv_poses = self.extractor(driving)
+            drv_poses.fps = fps
             aligned = align_poses(drv_poses, ref_poses)
         except ValueError as e:
             raise RequestError(_one_line(e)) from None
@@ -266,6 +267,17 @@ class Animator:
         return Result(str(video), str(grid), frames, time.perf_counter() - t0)
 
 
+def _number(value, name: str, kind=float):
+    """A page field as ``kind``; an empty or non-numeric field is the user's error, said in one line."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{name} must be a number, got {value!r}") from None
+    if kind is int and number != int(number):
+        raise RequestError(f"{name} must be a whole number, got {value!r}")
+    return kind(number)
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -303,6 +315,7 @@ def build_app(animator: Animator, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_M
                  guidance, seed, progress=gr.Progress()):
         try:
             progress(0, desc="preparing poses")
+            guidance, seed = _number(guidance, "guidance"), _number(seed, "seed", int)
             reference, poses, fps, (width, height, steps) = inputs(
                 ref_upload, ref_demo, motion_kind, motion_upload, motion_demo, width, height, frames, steps)
             # The sampler calls back from a JAX runtime thread; Gradio finds the request's progress

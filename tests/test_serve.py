@@ -142,6 +142,8 @@ def test_request_errors_are_one_clear_line(animator, tmp_path):
         (lambda: animator.reference(None, None, SIZE, SIZE), "no reference image"),
         (lambda: animator.check_size(SIZE, SIZE, 7, 2), "frames must be between 1 and 6"),
         (lambda: animator.check_size(33, SIZE, 3, 2), "width must be a multiple of 2"),
+        (lambda: animator.check_size(SIZE, SIZE, None, 2), "frames must be a number, got None"),
+        (lambda: animator.check_size(SIZE, SIZE, 3, 2.5), "steps must be a whole number"),
         (lambda: animator.check_size(SIZE, 4096, 3, 2), "height must be a multiple of 2 between 2 and 1024"),
     ]
     for call, match in cases:
