@@ -30,6 +30,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("anim_jax.pose.cli", "add_pose_parser"),
     ("anim_jax.train.cli", "add_train_parser"),
     ("anim_jax.demo", "add_demo_parser"),
+    ("anim_jax.serve", "add_serve_parser"),
 )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,7 @@ class AnimatePipeline:
         self.decode_batch_size = decode_batch_size
         self.batch_guidance = batch_guidance
         self._bar = None
+        self._on_step = None
 
     # ------------------------------------------------------------------------------ construction
 
@@ -118,9 +120,13 @@ class AnimatePipeline:
     def max_window(self) -> int | None:
         return self.model.max_window
 
-    def _tick(self, _):
+    # One bound method as the sampler's callback for every call (it is a static argument of the
+    # jitted sampler), so a changing per-call ``on_step`` does not recompile.
+    def _tick(self, i):
         if self._bar is not None:
             self._bar.update(1)
+        if self._on_step is not None:
+            self._on_step(int(i))
 
     # ------------------------------------------------------------------------------ the call
 
@@ -141,7 +147,10 @@ class AnimatePipeline:
         closed_loop: bool = True,
         output_type: str = "frames",
         progress: bool = False,
+        on_step: Callable[[int], None] | None = None,
     ) -> AnimateOutput:
+        """``on_step(i)``: called on the host after DDIM step ``i`` (0-based), e.g. to drive a
+        progress display other than the terminal bar of ``progress``."""
         factor = self.vae_downscale
         if width % factor or height % factor or width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive multiples of {factor}, got {width}x{height}")
@@ -178,18 +187,20 @@ class AnimatePipeline:
 
         windows = windows_array(num_frames, context_frames, context_overlap, closed_loop)
         self._bar = _progress_bar(steps, progress)
+        self._on_step = on_step
         try:
             x = sampling.sample(
                 self.model, x[None], reference=(ref_pixels.astype(np.float32) / 127.5 - 1.0)[None],
                 clip=clip_resize(reference, self.model.clip_size), poses=(pose_pixels.astype(np.float32) / 255.0)[None],
                 schedule=self.schedule, steps=steps, guidance_scale=guidance_scale, windows=windows, mesh=self.mesh,
-                batch_guidance=self.batch_guidance, callback=self._tick if progress else None,
+                batch_guidance=self.batch_guidance, callback=self._tick if (progress or on_step is not None) else None,
             )[0]
             x = jax.block_until_ready(x)
         finally:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
+            self._on_step = None
         frames = sampling.decode_frames(self.model, x, self.decode_batch_size) if output_type in ("frames", "both") else None
         lat = np.asarray(x) if output_type in ("latents", "both") else None
         return AnimateOutput(frames=frames, latents=lat, reference=ref_pixels, poses=pose_pixels, fps=fps)

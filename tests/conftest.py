@@ -28,3 +28,13 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, f"expected 8 fake CPU devices, got {len(devs)}: XLA_FLAGS was set too late"
     return devs
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A converted-weights directory of the tiny random model (tests/helpers.py), written once per
+    session; its recorded native settings are 32x32, 4 frames, 2 steps."""
+    from helpers import write_tiny_weights
+
+    return write_tiny_weights(tmp_path_factory.mktemp("tiny_weights") / "weights",
+                              inference=dict(width=32, height=32, frames=4, steps=2, guidance_scale=2.0, seed=7, fps=8))

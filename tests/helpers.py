@@ -1,0 +1,87 @@
+"""Test helpers shared by several test modules (one place, not copies)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def randomise(module, seed: int, scale: float = 0.2) -> None:
+    """Every parameter drawn from N(0, scale): zero-initialised layers (PoseGuider ``conv_out``)
+    must matter too."""
+    rng = np.random.default_rng(seed)
+    for _, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        var.value = jnp.asarray(rng.normal(0, scale, var.shape), var.dtype)
+
+
+def tiny_components(seed: int = 0) -> dict:
+    """The five networks at the smallest useful size (2x VAE, 2-level UNet), random weights."""
+    from anim_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from anim_jax.models.pose_guider import PoseGuider
+    from anim_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from anim_jax.models.vae import AutoencoderKL, VAEConfig
+
+    unet = UNetConfig(
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, num_attention_heads=2,
+        cross_attention_dim=16, norm_num_groups=8,
+    )
+    rngs = nnx.Rngs(seed)
+    parts = dict(
+        denoiser=UNet2DConditionModel(unet, rngs=rngs),
+        reference_net=UNet2DConditionModel(unet, reference_net=True, rngs=rngs),
+        pose_guider=PoseGuider(16, (4, 8), rngs=rngs),  # 2x down, like the tiny VAE
+        vae=AutoencoderKL(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4), rngs=rngs),
+        image_encoder=CLIPVisionModelWithProjection(
+            CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                             image_size=16, patch_size=4, projection_dim=16), rngs=rngs),
+    )
+    for i, m in enumerate(parts.values()):
+        randomise(m, seed + i)
+    return parts
+
+
+def write_tiny_weights(directory, *, seed: int = 0, inference: dict | None = None) -> pathlib.Path:
+    """A converted-weights directory (as ``anim-jax convert`` writes) of ``tiny_components``;
+    ``inference`` is recorded as the weights' native settings."""
+    from anim_jax.diffusion import moore_inference_schedule
+    from anim_jax.models import factory
+
+    directory = pathlib.Path(directory)
+    factory.save_components(directory, tiny_components(seed), schedule=moore_inference_schedule(),
+                            extra={"inference": inference} if inference else None)
+    return directory
+
+
+def random_module(build, seed):
+    """A network with uniform random parameters drawn in numpy (eager jax.random initialisation
+    compiles one program per parameter shape, seconds for nothing here)."""
+    module = nnx.eval_shape(build)
+    rng = np.random.default_rng(seed)
+    params = nnx.state(module, nnx.Param)
+    nnx.update(module, jax.tree.map(lambda v: jnp.asarray(rng.uniform(-0.3, 0.3, v.shape), jnp.float32), params))
+    return module
+
+
+def write_tiny_dwpose(directory) -> pathlib.Path:
+    """Tiny DWPose networks (``anim-jax convert-pose`` layout) whose detector is confident at the
+    stride-32 anchors, so every frame has several persons and the pose network runs."""
+    import dataclasses
+
+    from anim_jax.pose.networks import save_dwpose
+    from anim_jax.pose.rtmpose import RTMPose, RTMPoseConfig
+    from anim_jax.pose.yolox import YOLOX, YOLOXConfig
+
+    detector = random_module(lambda: YOLOX(YOLOXConfig.tiny(), rngs=nnx.Rngs(0)), 0)
+    for i, level in enumerate(detector.head.levels):
+        for pred in (level.obj_pred, level.cls_pred, level.reg_pred):
+            pred.kernel[...] = pred.kernel[...] * 0.05  # near-constant outputs, set by the biases
+        # Only the stride-32 level is confident; its boxes are large, so NMS leaves a few per frame.
+        level.obj_pred.bias[...] = jnp.full((1,), 3.0 if i == 2 else -8.0)
+        level.cls_pred.bias[...] = jnp.array([3.0, -3.0, -3.0])
+        level.reg_pred.bias[...] = jnp.array([0.5, 0.5, 1.5, 2.0])
+    pose = random_module(lambda: RTMPose(dataclasses.replace(RTMPoseConfig.tiny(), num_keypoints=133), rngs=nnx.Rngs(1)), 1)
+    return save_dwpose(pathlib.Path(directory), detector, pose)
