@@ -22,6 +22,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("anim_jax.metrics.cli", "add_convert_metric_parser"),
     ("anim_jax.convert.cli", "add_convert_parser"),
     ("anim_jax.convert.cli", "add_export_parser"),
+    ("anim_jax.convert.dwpose_cli", "add_convert_pose_parser"),
+    ("anim_jax.pose.cli", "add_pose_parser"),
     ("anim_jax.train.cli", "add_train_parser"),
     ("anim_jax.demo", "add_demo_parser"),
 )

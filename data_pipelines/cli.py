@@ -44,12 +44,25 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="also write the JSON report here")
     p.add_argument("--limit", type=int, default=None, help="use only the first N videos")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--extract-poses", action="store_true",
+                   help="SOURCEs are folders of raw videos: extract poses with DWPose on the device mesh, render "
+                        "them as Moore does and store the keypoints with the records (no ROOT_dwpose needed)")
+    p.add_argument("--pose-weights", default=None, metavar="DIR", help="converted DWPose directory (anim-jax convert-pose)")
+    p.add_argument("--pose-batch-size", type=int, default=8, metavar="N", help="frames per device batch for --extract-poses")
     p.set_defaults(func=run_prepare)
     return p
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     from data_pipelines.prepare import NoUsableVideos, prepare
+
+    if args.extract_poses and not args.pose_weights:
+        print("anim-jax prepare: --extract-poses needs --pose-weights DIR (convert DWPose with anim-jax convert-pose)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.pose_weights and not args.extract_poses:
+        print("anim-jax prepare: --pose-weights is only used with --extract-poses", file=sys.stderr)
+        return 2
 
     try:
         prepare(
@@ -64,6 +77,9 @@ def run_prepare(args: argparse.Namespace) -> int:
             report_path=args.report,
             limit=args.limit,
             progress=not args.no_progress,
+            extract_poses=args.extract_poses,
+            pose_weights=args.pose_weights,
+            pose_batch_size=args.pose_batch_size,
         )
     except (NoUsableVideos, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"anim-jax prepare: {e}", file=sys.stderr)

@@ -41,11 +41,16 @@ SPLIT = "train"
 REPORT_NAME = "prepare_report.json"
 
 
-def features() -> tfds.features.FeaturesDict:
+def features(keypoints: bool = False) -> tfds.features.FeaturesDict:
+    """The record format; ``keypoints`` adds the extracted poses (``anim-jax prepare --extract-poses``):
+    the bytes of an ``anim_jax.pose.extract.Poses.save`` .npz, so a change of rendering needs no
+    re-extraction."""
     encoded = tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))
     scalar = lambda dt: tfds.features.Scalar(dtype=dt)  # noqa: E731
+    extra = {"keypoints": tfds.features.Tensor(shape=(), dtype=np.object_)} if keypoints else {}
     return tfds.features.FeaturesDict(
         {
+            **extra,
             "id": tfds.features.Text(),
             "frames": encoded,
             "poses": encoded,
@@ -77,9 +82,10 @@ class AnimVideoDataset(tfds.core.GeneratorBasedBuilder):
         # (nor of tfds); the answer is simply this file.
         return epath.Path(__file__)
 
-    def __init__(self, *, examples: Iterable[Mapping] | None = None, description: str = "", **kwargs):
+    def __init__(self, *, examples: Iterable[Mapping] | None = None, description: str = "", keypoints: bool = False, **kwargs):
         self._examples = examples
         self._description = description
+        self._keypoints = keypoints
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
@@ -89,7 +95,7 @@ class AnimVideoDataset(tfds.core.GeneratorBasedBuilder):
         return _LocalDatasetInfo(
             builder=self,
             description=self._description or "Videos with rendered pose videos for Animate Anyone training.",
-            features=features(),
+            features=features(self._keypoints),
         )
 
     # TFDS announces the (temporary) build directory as the dataset's home; build_dataset reports
@@ -147,6 +153,7 @@ def build_dataset(
     report: Mapping | None = None,
     overwrite: bool = False,
     description: str = "",
+    keypoints: bool = False,
 ) -> str:
     """Writes ``examples`` as a dataset at ``path`` (a new directory), atomically.
 
@@ -164,7 +171,7 @@ def build_dataset(
     tfds.disable_progress_bar()  # the caller shows its own progress
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".incomplete-", dir=parent)
     try:
-        builder = AnimVideoDataset(examples=examples, description=description, data_dir=tmp)
+        builder = AnimVideoDataset(examples=examples, description=description, keypoints=keypoints, data_dir=tmp)
         builder.download_and_prepare(
             download_dir=os.path.join(tmp, "downloads"),
             download_config=tfds.download.DownloadConfig(

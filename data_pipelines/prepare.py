@@ -13,6 +13,15 @@ mismatches are skipped (mismatches are cut to the common length instead with
 ``on_mismatch="truncate"``); every one is listed in the report, which is printed at the end and
 written as JSON into the dataset (``prepare_report.json``) and to ``report_path`` if given.
 The dataset is written atomically (``dataset.build_dataset``).
+
+From raw videos (``extract_poses=True``, ``anim-jax prepare ROOT --extract-poses --pose-weights DIR``):
+no ``ROOT_dwpose`` is needed. DWPose runs first, on the device mesh (frames of all videos share
+sharded batches; in a multi-process run each process takes every N-th video), and leaves one keypoint
+file per video in ``OUTPUT.poses/`` (written atomically, so a rerun after an interruption extracts only
+the videos not done yet); the records are then written as usual, the pose frames rendered from those
+keypoints exactly as Moore renders its training poses (detection size, ``anim_jax.pose.render``) and
+stored as PNG, the keypoints themselves stored with each record (``keypoints``), so a change of
+rendering needs no re-extraction. ``OUTPUT.poses/`` is removed once the dataset is complete.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from typing import Iterator, Sequence
@@ -62,8 +72,26 @@ class PrepareOptions:
             raise ValueError(f"jpeg_subsampling must be one of {sorted(JPEG_SUBSAMPLING)}, got {self.jpeg_subsampling!r}")
 
 
+KEYPOINTS_SUFFIX = ".npz"  # a VideoTask whose kps_path ends so holds extracted keypoints, not a pose video
+
+
 # ----------------------------------------------------------------------------------------------
 # Finding the inputs
+
+
+def find_raw_videos(root: str | os.PathLike) -> list[VideoTask]:
+    """``ROOT/**/x.mp4`` without pose videos (for ``extract_poses``); ``kps_path`` is filled in later."""
+    root = os.path.abspath(os.fspath(root)).rstrip("/")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: not a directory")
+    tasks = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.lower().endswith(VIDEO_EXTENSIONS):
+                video = os.path.join(dirpath, name)
+                tasks.append(VideoTask(_strip_ext(os.path.relpath(video, root)).replace(os.sep, "/"), video, ""))
+    return tasks
 
 
 def _strip_ext(p: str) -> str:
@@ -132,13 +160,18 @@ def collect_tasks(sources: Sequence[str | os.PathLike]) -> tuple[list[VideoTask]
             t, p = find_videos(src)
             tasks += t
             problems += p
+    return collect_unique(tasks), problems
+
+
+def collect_unique(tasks: Sequence[VideoTask]) -> list[VideoTask]:
+    """Ids made unique with ``#k`` suffixes."""
     seen: dict[str, int] = {}
     unique = []
     for t in tasks:
         k = seen.get(t.id, 0)
         seen[t.id] = k + 1
         unique.append(t if k == 0 else dataclasses.replace(t, id=f"{t.id}#{k + 1}"))
-    return unique, problems
+    return unique
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,6 +200,23 @@ def _encode_stream(path: str, encode, size: tuple[int, int] | None, resample) ->
     return out, (hw or (0, 0))
 
 
+def _encode_keypoints(path: str, size: tuple[int, int] | None) -> tuple[list[bytes], tuple[int, int], dict]:
+    """Pose frames rendered from extracted keypoints as Moore renders them (detection size; resized
+    to ``size`` (h, w) bilinear if given, as pose videos are) and PNG-encoded; plus the record's
+    ``keypoints`` field."""
+    from anim_jax.pose.extract import Poses
+
+    poses = Poses.load(path)
+    out = []
+    for arr in poses.render("detect"):
+        if size is not None and arr.shape[:2] != size:
+            arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))
+        out.append(encode_png(arr))
+    with open(path, "rb") as f:
+        data = f.read()
+    return out, (size or tuple(poses.detect_size)), {"keypoints": data}
+
+
 def process_video(task: VideoTask, options: PrepareOptions) -> tuple[dict | None, dict | None]:
     """``(example, None)`` for a usable video, ``(None, problem)`` for a skipped one; a truncated video
     gives ``(example, note)``. Never raises for a bad input."""
@@ -174,7 +224,8 @@ def process_video(task: VideoTask, options: PrepareOptions) -> tuple[dict | None
     def problem(reason: str, **extra) -> dict:
         return {"id": task.id, "video_path": task.video_path, "kps_path": task.kps_path, "reason": reason, **extra}
 
-    for p, what in ((task.video_path, "video"), (task.kps_path, "pose video")):
+    from_keypoints = task.kps_path.endswith(KEYPOINTS_SUFFIX)
+    for p, what in ((task.video_path, "video"), (task.kps_path, "keypoints" if from_keypoints else "pose video")):
         if not os.path.isfile(p):
             return None, problem(f"missing {what}")
     try:
@@ -189,8 +240,12 @@ def process_video(task: VideoTask, options: PrepareOptions) -> tuple[dict | None
         return None, problem(f"unreadable video: {type(e).__name__}: {e}")
     if len(frames) < options.min_frames:
         return None, problem("empty video: no frames" if not frames else f"video has {len(frames)} frames < {options.min_frames}")
+    extra = {}
     try:
-        poses, (ph, pw) = _encode_stream(task.kps_path, encode_png, (h, w) if options.resize else None, Image.BILINEAR)
+        if from_keypoints:
+            poses, (ph, pw), extra = _encode_keypoints(task.kps_path, (h, w) if options.resize else None)
+        else:
+            poses, (ph, pw) = _encode_stream(task.kps_path, encode_png, (h, w) if options.resize else None, Image.BILINEAR)
     except EmptyVideoError as e:
         return None, problem(f"empty pose video: {e}")
     except Exception as e:  # noqa: BLE001
@@ -207,7 +262,7 @@ def process_video(task: VideoTask, options: PrepareOptions) -> tuple[dict | None
             return None, problem("frame-count mismatch", **counts)
         frames, poses = frames[:n], poses[:n]
         note = problem("frame-count mismatch, truncated", kept=n, **counts)
-    return dataset_lib.make_example(task.id, frames, poses, info["fps"], (h, w), (ph, pw)), note
+    return {**dataset_lib.make_example(task.id, frames, poses, info["fps"], (h, w), (ph, pw)), **extra}, note
 
 
 def _work(args):
@@ -265,6 +320,68 @@ class NoUsableVideos(RuntimeError):
     pass
 
 
+def keypoints_dir(output: str) -> str:
+    return os.path.abspath(os.fspath(output)) + ".poses"
+
+
+def extract_keypoints(
+    tasks: Sequence[VideoTask],
+    cache_dir: str,
+    pose_weights: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    **extractor_options,
+) -> tuple[list[VideoTask], list[dict]]:
+    """Runs DWPose over the videos that have no keypoint file in ``cache_dir`` yet (this process's
+    share of them in a multi-process run) and returns (tasks pointing at their keypoint files,
+    problems for the videos that could not be read)."""
+    from anim_jax.pose.extract import PoseExtractor
+
+    def kp_path(t):
+        return os.path.join(cache_dir, t.id + KEYPOINTS_SUFFIX)
+
+    def error_path(t):  # an unreadable video is remembered too, so a rerun does not retry it
+        return os.path.join(cache_dir, t.id + ".error")
+
+    def problem(t, reason):
+        return {"id": t.id, "video_path": t.video_path, "kps_path": "", "reason": reason}
+
+    todo = [t for t in tasks if not os.path.isfile(kp_path(t)) and not os.path.isfile(error_path(t))]
+    index, count = _process_share()
+    mine = todo[index::count]
+    if mine:
+        extractor = PoseExtractor.from_pretrained(pose_weights, batch_size=batch_size, **extractor_options)
+        by_path: dict[str, list[VideoTask]] = {}
+        for t in mine:
+            by_path.setdefault(os.fspath(t.video_path), []).append(t)
+        for path, poses in extractor.extract_videos(list(by_path), progress=progress, skip_errors=True):
+            for t in by_path[path]:
+                os.makedirs(os.path.dirname(kp_path(t)), exist_ok=True)
+                if isinstance(poses, Exception):
+                    dataset_lib.write_json(error_path(t), f"unreadable video: {poses}")
+                else:
+                    poses.save(kp_path(t))
+    if count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("anim-jax prepare: poses extracted")
+    done, problems = [], []
+    for t in tasks:
+        if os.path.isfile(kp_path(t)):
+            done.append(dataclasses.replace(t, kps_path=kp_path(t)))
+        else:
+            with open(error_path(t)) as f:
+                problems.append(problem(t, json.load(f)))
+    return done, problems
+
+
+def _process_share() -> tuple[int, int]:
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
 def prepare(
     sources: str | os.PathLike | Sequence[str | os.PathLike],
     output: str | os.PathLike,
@@ -279,12 +396,18 @@ def prepare(
     limit: int | None = None,
     progress: bool = True,
     verbose: bool = True,
+    extract_poses: bool = False,
+    pose_weights: str | os.PathLike | None = None,
+    pose_batch_size: int = 8,
+    pose_options: dict | None = None,
 ) -> dict:
     """Builds the dataset at ``output`` from video folders and/or meta JSON files; returns the report.
 
     ``workers``: processes decoding/encoding videos (default: all CPUs; 0 runs in this process).
     Raises ``NoUsableVideos`` (after printing and writing the report) when no video could be used;
     ``output`` is then left untouched.
+    ``extract_poses``: the sources are folders of raw videos; poses come from DWPose (``pose_weights``,
+    a converted directory), see the module docstring; ``pose_options``: more ``PoseExtractor`` settings.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -299,9 +422,26 @@ def prepare(
     if stale and verbose:
         print(f"prepare: found {len(stale)} unfinished build(s) next to {output} ({', '.join(stale)}); they are "
               "left over from interrupted runs (or belong to one still running) and can be deleted", file=sys.stderr)  # fmt: skip
-    tasks, problems = collect_tasks(sources)
+    if extract_poses:
+        if pose_weights is None or not os.path.isdir(pose_weights):
+            raise FileNotFoundError(f"pose weights {os.fspath(pose_weights) if pose_weights else None!r}: not a directory "
+                                    "(convert DWPose with anim-jax convert-pose)")  # fmt: skip
+        bad = [os.fspath(s) for s in sources if not os.path.isdir(s)]
+        if bad:
+            raise ValueError(f"--extract-poses takes folders of videos; not a folder: {', '.join(bad)}")
+        tasks, problems = [t for s in sources for t in find_raw_videos(s)], []
+        tasks = collect_unique(tasks)
+    else:
+        tasks, problems = collect_tasks(sources)
     if limit is not None:
         tasks = tasks[:limit]
+    if extract_poses:
+        tasks, extract_problems = extract_keypoints(
+            tasks, keypoints_dir(output), pose_weights, batch_size=pose_batch_size, progress=progress, **(pose_options or {})
+        )
+        problems = problems + extract_problems
+        if _process_share()[0] != 0:  # the first process writes the dataset
+            return {"output": output, "num_videos": 0, "skipped": problems}
     if workers is None:
         workers = os.cpu_count() or 1
     workers = min(workers, len(tasks))
@@ -317,10 +457,13 @@ def prepare(
     }
     collector = _Collector(tasks, options, workers, report, progress)
     try:
-        dataset_lib.build_dataset(output, collector, report=report, overwrite=overwrite, description=f"prepared from {report['sources']}")
+        dataset_lib.build_dataset(output, collector, report=report, overwrite=overwrite,
+                                  description=f"prepared from {report['sources']}", keypoints=extract_poses)  # fmt: skip
     except NoUsableVideos:
         _finish_report(report, report_path or output + "." + dataset_lib.REPORT_NAME, verbose)
         raise
+    if extract_poses:
+        shutil.rmtree(keypoints_dir(output), ignore_errors=True)  # now stored in the records
     _finish_report(report, report_path, verbose)
     return report
 

@@ -1,0 +1,255 @@
+"""DWPose's two networks: anim_jax (JAX) against onnxruntime's CPU provider, side by side.
+
+    python benchmarks/pose.py                          # CPU, batch 1, every core, 5 interleaved rounds
+    python benchmarks/pose.py --batch 4 --rounds 3 --threads 2
+    python benchmarks/pose.py --jax-only --batch 32    # on a GPU host: JAX alone (no torch/onnxruntime)
+    python benchmarks/pose.py --jax-only --batch 64 --dtype bfloat16
+
+Both engines run the full-size networks of DWPose (YOLOX-L on 640x640 letterboxed frames, RTMPose-L
+whole-body on 384x288 crops) with the same random weights: the PyTorch stand-ins of
+``tests/dwpose_torch.py`` are randomised, exported with ``torch.onnx.export`` (as DWPose's files
+were made: TorchScript exporter, BatchNorm folded) and converted with ``anim_jax.convert.dwpose``.
+Each engine lives in its own worker process pinned to the same CPUs (onnxruntime with that many
+intra-op threads, XLA's pool sized by the affinity), so peak memory (``ru_maxrss``) is per engine;
+the parent alternates timed batches between the two, so both see the same machine load.
+
+XLA_FLAGS and other environment variables reach the JAX worker unchanged (to try XLA:CPU options).
+A frame is one detector pass plus one pose pass (one person per frame, DWPose's usual case for
+dance videos). Letterboxing, NMS, crops and decoding (``anim_jax.pose.extract``) are not timed here.
+The first (warm-up) batch also compares the two engines' outputs, which checks the full-size
+conversion numerically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+from _hardware import cpu_name  # noqa: E402  (benchmarks run as scripts: their folder is on sys.path)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # dwpose_torch: the PyTorch stand-ins used as references
+
+DET_HW = (640, 640)
+
+
+def _inputs(batch: int, pose_hw, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    frames = rng.uniform(0, 255, (batch, *DET_HW, 3)).astype(np.float32)
+    crops = rng.standard_normal((batch, *pose_hw, 3)).astype(np.float32)
+    return frames, crops
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory. Not ``ru_maxrss``: Linux carries that across the
+    ``execve`` of a spawned worker, so each worker would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers (one process per engine)
+
+
+def _jax_worker(conn, args, weights_dir, cpus):
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    if args.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    dtype = None if args.dtype == "float32" else jnp.dtype(args.dtype)
+    if weights_dir:
+        from anim_jax.pose.networks import load_dwpose
+
+        detector, pose_net = load_dwpose(weights_dir, dtype=dtype)
+    else:  # --jax-only: random initialisation, no torch or onnxruntime needed
+        from anim_jax.pose.rtmpose import RTMPose, RTMPoseConfig
+        from anim_jax.pose.yolox import YOLOX, YOLOXConfig
+
+        detector = YOLOX(YOLOXConfig.yolox_l(), dtype=dtype, rngs=nnx.Rngs(0))
+        pose_net = RTMPose(RTMPoseConfig.dwpose_l_384(), dtype=dtype, rngs=nnx.Rngs(1))
+
+    def compiled(model):
+        graphdef, state = nnx.split(model)
+        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)), state
+
+    det_fn, det_state = compiled(detector)
+    pose_fn, pose_state = compiled(pose_net)
+    frames, crops = _inputs(args.batch, pose_net.config.input_size)
+    t0 = time.perf_counter()
+    det_out = jax.block_until_ready(det_fn(det_state, jnp.asarray(frames)))
+    pose_out = jax.block_until_ready(pose_fn(pose_state, jnp.asarray(crops)))
+    warm = time.perf_counter() - t0
+    conn.send(dict(warmup_s=warm, device=str(jax.devices()[0].device_kind),
+                   outputs=[np.asarray(det_out), *(np.asarray(o) for o in pose_out)]))
+    while conn.recv() == "run":
+        t0 = time.perf_counter()
+        jax.block_until_ready(det_fn(det_state, jnp.asarray(frames)))
+        t1 = time.perf_counter()
+        jax.block_until_ready(pose_fn(pose_state, jnp.asarray(crops)))
+        conn.send((t1 - t0, time.perf_counter() - t1))
+    stats = jax.devices()[0].memory_stats() or {}
+    conn.send(dict(peak_rss_mib=_peak_rss_mib(), device_peak_mib=stats.get("peak_bytes_in_use", 0) / 2**20))
+
+
+def _ort_worker(conn, args, onnx_paths, cpus):
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = len(cpus) if cpus else os.cpu_count()
+    opts.inter_op_num_threads = 1
+    sessions = [ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for p in onnx_paths]
+    det, pose = sessions
+    pose_hw = tuple(pose.get_inputs()[0].shape[2:4])
+    frames, crops = _inputs(args.batch, pose_hw)
+    frames = np.ascontiguousarray(frames.transpose(0, 3, 1, 2))  # DWPose feeds NCHW; not timed
+    crops = np.ascontiguousarray(crops.transpose(0, 3, 1, 2))
+    det_in, pose_in = det.get_inputs()[0].name, pose.get_inputs()[0].name
+    t0 = time.perf_counter()
+    det_out = det.run(None, {det_in: frames})
+    pose_out = pose.run(None, {pose_in: crops})
+    conn.send(dict(warmup_s=time.perf_counter() - t0, device="CPUExecutionProvider",
+                   outputs=[det_out[0], *pose_out]))
+    while conn.recv() == "run":
+        t0 = time.perf_counter()
+        det.run(None, {det_in: frames})
+        t1 = time.perf_counter()
+        pose.run(None, {pose_in: crops})
+        conn.send((t1 - t0, time.perf_counter() - t1))
+    conn.send(dict(peak_rss_mib=_peak_rss_mib(), device_peak_mib=0.0))
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _prepare(workdir: str) -> tuple[list[str], str, dict]:
+    """Full-size random stand-ins -> ONNX files -> converted directory."""
+    import torch
+    from dwpose_torch import TorchRTMPose, TorchYOLOX, export_onnx, randomize_
+
+    from anim_jax.convert.dwpose import convert_dwpose
+    from anim_jax.pose.rtmpose import RTMPoseConfig
+    from anim_jax.pose.yolox import YOLOXConfig
+
+    times = {}
+    t0 = time.perf_counter()
+    pose_cfg = RTMPoseConfig.dwpose_l_384()
+    det = export_onnx(randomize_(TorchYOLOX(YOLOXConfig.yolox_l()), seed=1), torch.zeros(1, 3, *DET_HW), ["output"])
+    pose = export_onnx(randomize_(TorchRTMPose(pose_cfg), seed=2), torch.zeros(1, 3, *pose_cfg.input_size),
+                       ["simcc_x", "simcc_y"])
+    paths = [os.path.join(workdir, "yolox_l.onnx"), os.path.join(workdir, "dw-ll_ucoco_384.onnx")]
+    for path, data in zip(paths, (det, pose)):
+        with open(path, "wb") as f:
+            f.write(data)
+    times["export_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = os.path.join(workdir, "dwpose")
+    convert_dwpose(paths[0], paths[1], out)
+    times["convert_s"] = time.perf_counter() - t0
+    return paths, out, times
+
+
+def _agreement(a, b) -> str:
+    import numpy as np
+
+    worst = 0.0
+    for x, y in zip(a, b):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        worst = max(worst, float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-12)))
+    return f"{worst:.1e}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=1, help="frames per batch (default 1; use >= 32 on a GPU)")
+    p.add_argument("--rounds", type=int, default=5, help="timed batches per engine, interleaved (default 5)")
+    p.add_argument("--threads", type=int, default=0, help="CPUs both engines are pinned to (default: all)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="JAX's platform (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="JAX compute dtype (parameters stay float32)")
+    p.add_argument("--jax-only", action="store_true",
+                   help="JAX alone with random weights: no torch export, no onnxruntime (GPU hosts)")
+    args = p.parse_args()
+
+    available = sorted(os.sched_getaffinity(0))
+    cpus = available[: args.threads] if args.threads else available
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="pose-bench-") as workdir:
+        prep = {}
+        if args.jax_only:
+            onnx_paths, weights = None, None
+        else:
+            onnx_paths, weights, prep = _prepare(workdir)
+        engines = {"anim_jax (JAX)": (_jax_worker, weights)}
+        if not args.jax_only:
+            engines["onnxruntime CPU"] = (_ort_worker, onnx_paths)
+        conns, procs, info = {}, {}, {}
+        for name, (fn, src) in engines.items():  # one at a time: warm-up/compile does not overlap
+            parent, child = ctx.Pipe()
+            procs[name] = ctx.Process(target=fn, args=(child, args, src, cpus if args.device == "cpu" else None))
+            procs[name].start()
+            conns[name] = parent
+            info[name] = parent.recv()
+        times = {name: [] for name in engines}
+        for r in range(args.rounds):
+            order = list(engines) if r % 2 == 0 else list(reversed(engines))
+            for name in order:
+                conns[name].send("run")
+                times[name].append(conns[name].recv())
+        for name in engines:
+            conns[name].send("stop")
+            info[name].update(conns[name].recv())
+            procs[name].join()
+
+    print(f"# DWPose networks, batch {args.batch}, {args.rounds} interleaved rounds, "
+          f"{len(cpus)} CPUs pinned ({cpu_name()}), JAX {args.device} {args.dtype}")
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.platform()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    if prep:
+        print(f"# export {prep['export_s']:.0f} s, convert {prep['convert_s']:.1f} s")
+    if len(engines) == 2:
+        a, b = (info[n]["outputs"] for n in engines)
+        print(f"# outputs agree: max |JAX - onnxruntime| / max |onnxruntime| = {_agreement(a, b)}")
+    print("| engine | detector ms/frame | pose ms/frame | frames/s (median) | frames/s (best) | warm-up s |"
+          " peak RSS MiB | device peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    fps = {}
+    for name in engines:
+        det = statistics.median(t[0] for t in times[name]) / args.batch
+        pose = statistics.median(t[1] for t in times[name]) / args.batch
+        totals = [(t[0] + t[1]) / args.batch for t in times[name]]
+        fps[name] = 1 / statistics.median(totals)
+        i = info[name]
+        print(f"| {name} | {det * 1e3:.0f} | {pose * 1e3:.0f} | {fps[name]:.3f} | {1 / min(totals):.3f} |"
+              f" {i['warmup_s']:.1f} | {i['peak_rss_mib']:.0f} | {i['device_peak_mib']:.0f} |")
+    if len(fps) == 2:
+        jax_fps, ort_fps = fps.values()
+        print(f"# ratio JAX / onnxruntime (median frames/s): {jax_fps / ort_fps:.2f}")
+
+
+if __name__ == "__main__":
+    main()
