@@ -6,6 +6,8 @@ import argparse
 import pathlib
 import sys
 
+from anim_jax import driving_cli
+
 
 def add_animate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -15,21 +17,27 @@ def add_animate_parser(subparsers) -> argparse.ArgumentParser:
         "using weights converted with `anim-jax convert`.",
     )
     p.add_argument("--weights", required=True, help="converted-weights directory (anim-jax convert)")
-    p.add_argument("--reference", required=True, help="reference image (png/jpg/...)")
-    p.add_argument("--pose", required=True, help="pose video or folder of pose images")
+    p.add_argument("--reference", required=True,
+                   help="reference image (png/jpg/...), or a video (its frame --reference-frame)")
+    p.add_argument("--pose", default=None, help="pose video or folder of pose images (or --driving-video)")
     p.add_argument("--out", required=True, help="output video path (.mp4)")
-    p.add_argument("--width", "-W", type=int, default=512)
-    p.add_argument("--height", "-H", type=int, default=768)
+    # None: the weights directory's native settings (anim_jax.native; Moore's 512x768, 25, 3.5, 24).
+    p.add_argument("--width", "-W", type=int, default=None, help="default: the weights' native width (Moore: 512)")
+    p.add_argument("--height", "-H", type=int, default=None, help="default: the weights' native height (Moore: 768)")
     p.add_argument("--frames", "-L", type=int, default=None, help="number of frames (default: all pose frames)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the weights' native, Moore: 25)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the weights' native, Moore: 3.5)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--context-frames", type=int, default=24, help="frames per context window")
-    p.add_argument("--context-overlap", type=int, default=4, help="frames shared by consecutive windows")
+    p.add_argument("--context-frames", type=int, default=None,
+                   help="frames per context window (default: the weights' native, Moore: 24)")
+    p.add_argument("--context-overlap", type=int, default=None,
+                   help="frames shared by consecutive windows (default 4, fewer for windows under 5 frames)")
     p.add_argument("--open-loop", action="store_true",
                    help="do not wrap the last window onto the first frames (Moore's default wraps)")
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the pose video's, else 8)")
-    p.add_argument("--grid", action="store_true", help="also write OUT_grid.mp4: reference | pose | result")
+    p.add_argument("--grid", action="store_true", help="also write OUT_grid.mp4: reference | pose | result "
+                   "(with --driving-video: reference | driving video | aligned pose | result, labelled)")
     p.add_argument("--gif", action="store_true", help="also write a GIF next to the mp4")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="compute dtype (parameters stay as stored)")
@@ -38,6 +46,7 @@ def add_animate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=None,
                    help="shard context windows over this many devices (default: all local devices)")
     p.add_argument("--no-progress", action="store_true")
+    driving_cli.add_arguments(p)
     p.set_defaults(func=run_animate)
     return p
 
@@ -54,6 +63,11 @@ def run_animate(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".mp4":
         print(f"error: --out must end in .mp4, got {str(out)!r}", file=sys.stderr)
         return 2
+    try:
+        driving_cli.check_args(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"anim-jax animate: error: {e}", file=sys.stderr)
+        return 2
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
     mesh = parallel.make_mesh((len(devices),), ("data",), devices=devices) if len(devices) > 1 else None
     try:
@@ -61,7 +75,7 @@ def run_animate(args: argparse.Namespace) -> int:
             args.weights, dtype=getattr(jnp, args.dtype), attention=AttentionConfig(args.attention), mesh=mesh
         )
         result = pipe(
-            args.reference, args.pose, width=args.width, height=args.height, num_frames=args.frames,
+            args.reference, args.pose, **driving_cli.pipeline_kwargs(args, devices), width=args.width, height=args.height, num_frames=args.frames,
             steps=args.steps, guidance_scale=args.guidance, seed=args.seed, context_frames=args.context_frames,
             context_overlap=args.context_overlap, closed_loop=not args.open_loop, progress=not args.no_progress,
         )
@@ -74,7 +88,8 @@ def run_animate(args: argparse.Namespace) -> int:
     if args.gif:
         media.write_gif(out.with_suffix(".gif"), result.frames, fps=fps)
         written.append(out.with_suffix(".gif"))
-    if args.grid:
+    written += driving_cli.write_extras(args, result, fps)
+    if args.grid and args.driving_video is None:
         grid = media.side_by_side([result.reference, result.poses, result.frames])
         grid_path = out.with_name(out.stem + "_grid.mp4")
         media.write_mp4(grid_path, grid, fps=fps)

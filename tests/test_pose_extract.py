@@ -5,24 +5,17 @@ batches, the video and folder paths, the files written and the errors. Exactness
 itself against Moore's code is ``test_pose_preprocess.py``.
 """
 
-import dataclasses
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pose_helpers as ph  # noqa: E402
 from anim_jax.parallel import make_mesh  # noqa: E402
 from anim_jax.pose.extract import PoseExtractor, PoseInputError, Poses, _compiled  # noqa: E402
-from anim_jax.pose.networks import save_dwpose  # noqa: E402
-from anim_jax.pose.rtmpose import RTMPose, RTMPoseConfig  # noqa: E402
-from anim_jax.pose.yolox import YOLOX, YOLOXConfig  # noqa: E402
 
 
 # Small detection sizes keep the tiny networks fast on CPU (DWPose's own are 512 and 640).
@@ -30,32 +23,9 @@ SMALL = dict(batch_size=8, detect_resolution=64, detector_input=(128, 128))
 CLI_SMALL = ("--detect-resolution", 64, "--detector-size", 128, "--no-progress")
 
 
-def _random(build, seed):
-    """A network with uniform random parameters drawn in numpy (eager jax.random initialisation
-    compiles one program per parameter shape, seconds for nothing here)."""
-    module = nnx.eval_shape(build)
-    rng = np.random.default_rng(seed)
-    params = nnx.state(module, nnx.Param)
-    nnx.update(module, jax.tree.map(lambda v: jnp.asarray(rng.uniform(-0.3, 0.3, v.shape), jnp.float32), params))
-    return module
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """Tiny DWPose networks whose detector is confident at the stride-32 anchors, so every frame has
-    several persons and the pose network runs."""
-    detector = _random(lambda: YOLOX(YOLOXConfig.tiny(), rngs=nnx.Rngs(0)), 0)
-    for i, level in enumerate(detector.head.levels):
-        for pred in (level.obj_pred, level.cls_pred, level.reg_pred):
-            pred.kernel[...] = pred.kernel[...] * 0.05  # near-constant outputs, set by the biases
-        # Only the stride-32 level is confident; its boxes are large, so NMS leaves a few per frame.
-        level.obj_pred.bias[...] = jnp.full((1,), 3.0 if i == 2 else -8.0)
-        level.cls_pred.bias[...] = jnp.array([3.0, -3.0, -3.0])
-        level.reg_pred.bias[...] = jnp.array([0.5, 0.5, 1.5, 2.0])
-    pose = _random(lambda: RTMPose(dataclasses.replace(RTMPoseConfig.tiny(), num_keypoints=133), rngs=nnx.Rngs(1)), 1)
-    out = tmp_path_factory.mktemp("dwpose") / "tiny"
-    save_dwpose(out, detector, pose)
-    return out
+    return ph.tiny_dwpose(tmp_path_factory.mktemp("dwpose") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from anim_jax import native
 from anim_jax.checkpoint import CheckpointManager
 from anim_jax.convert.store import atomic_write
 from anim_jax.models import factory
@@ -66,7 +67,8 @@ def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | N
     nnx.update(model, params)
     if jax.process_index() == 0:
         factory.save_components(out, model.components(), schedule=export_schedule(cfg),
-                                extra={"source": "anim-jax train", "stage": stage, "step": int(jax.device_get(state.step))})
+                                extra={"source": "anim-jax train", "stage": stage, "step": int(jax.device_get(state.step)),
+                                       native.KEY: native.from_training_config(cfg if cfg is not None else {}).to_json()})
     return out
 
 
