@@ -167,3 +167,22 @@ def test_bad_driving_arguments_one_line_exit_2(setup, tmp_path, capsys, problem)
                 "no_weights": "needs --pose-weights", "both": "either --pose", "neither": "either --pose"}[problem]
     assert __import__("re").search(expected, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.mp4"]  # nothing written
+
+
+def test_grid_panels_are_labelled_and_upscaled():
+    from anim_jax.driving import GRID_LABELS, grid
+
+    rng = np.random.default_rng(0)
+    ref, drive = rng.integers(0, 256, (40, 30, 3), np.uint8), rng.integers(0, 256, (3, 36, 48, 3), np.uint8)
+    poses, result = rng.integers(0, 256, (3, 32, 24, 3), np.uint8), rng.integers(0, 256, (3, 32, 24, 3), np.uint8)
+    g = grid(ref, drive, poses, result)
+    widths = [round(w * 256 / h) for h, w in (ref.shape[:2], drive.shape[1:3], poses.shape[1:3], result.shape[1:3])]
+    strip = g.shape[1] - 256
+    assert g.shape == (3, 256 + strip, sum(widths) + 3 * 4, 3) and strip >= 12
+    x = sum(widths[:3]) + 3 * 4  # the result panel, below its label strip
+    expected = np.asarray(Image.fromarray(result[1]).resize((widths[3], 256), Image.LANCZOS))
+    np.testing.assert_array_equal(g[1, strip:, x:], expected)
+    starts = np.cumsum([0] + [w + 4 for w in widths[:3]])
+    for (x0, w), label in zip(zip(starts, widths), GRID_LABELS):
+        label_area = g[:, :strip, x0:x0 + w]
+        assert (label_area > 200).any() and (label_area == 24).mean() > 0.5, label  # light text on a dark strip
