@@ -8,6 +8,8 @@ import os
 import pathlib
 import sys
 
+from anim_jax import driving_cli
+
 
 def _int_at_least(low: int):
     def parse(text: str) -> int:
@@ -43,28 +45,35 @@ def add_animate_parser(subparsers) -> argparse.ArgumentParser:
         "using weights converted with `anim-jax convert`.",
     )
     p.add_argument("--weights", required=True, help="converted-weights directory (anim-jax convert)")
-    p.add_argument("--reference", required=True, help="reference image (png/jpg/...)")
-    p.add_argument("--pose", required=True, help="pose video or folder of pose images")
+    p.add_argument("--reference", required=True,
+                   help="reference image (png/jpg/...), or a video (its frame --reference-frame)")
+    p.add_argument("--pose", default=None, help="pose video or folder of pose images (or --driving-video)")
     p.add_argument("--out", required=True, help="output video path (.mp4)")
-    p.add_argument("--width", "-W", type=_int_at_least(1), default=512)
-    p.add_argument("--height", "-H", type=_int_at_least(1), default=768)
+    # None: the weights directory's native settings (anim_jax.native; Moore's 512x768, 25, 3.5, 24).
+    p.add_argument("--width", "-W", type=_int_at_least(1), default=None,
+                   help="default: the weights' native width (Moore: 512)")
+    p.add_argument("--height", "-H", type=_int_at_least(1), default=None,
+                   help="default: the weights' native height (Moore: 768)")
     p.add_argument("--frames", "-L", type=_int_at_least(1), default=None,
                    help="number of frames (default: all pose frames)")
-    p.add_argument("--steps", type=_int_at_least(1), default=25)
-    p.add_argument("--guidance", type=_finite_float(low=0.0), default=3.5,
+    p.add_argument("--steps", type=_int_at_least(1), default=None, help="DDIM steps (default: the weights' native, Moore: 25)")
+    p.add_argument("--guidance", type=_finite_float(low=0.0), default=None,
                    help="classifier-free guidance scale, a finite number >= 0: result = uncond + guidance * "
                         "(cond - uncond); 1 uses the reference-conditioned prediction alone, 0 the unconditional "
-                        "one, > 1 follows the reference more strongly (default 3.5). Negative values, which push "
-                        "the video away from the reference, are refused")
+                        "one, > 1 follows the reference more strongly (default: the weights' native, Moore: 3.5). "
+                        "Negative values, which push the video away from the reference, are refused")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--context-frames", type=_int_at_least(1), default=24, help="frames per context window")
-    p.add_argument("--context-overlap", type=_int_at_least(0), default=4,
-                   help="frames shared by consecutive windows (less than --context-frames)")
+    p.add_argument("--context-frames", type=_int_at_least(1), default=None,
+                   help="frames per context window (default: the weights' native, Moore: 24)")
+    p.add_argument("--context-overlap", type=_int_at_least(0), default=None,
+                   help="frames shared by consecutive windows, less than --context-frames "
+                        "(default 4, fewer for windows under 5 frames)")
     p.add_argument("--open-loop", action="store_true",
                    help="do not wrap the last window onto the first frames (Moore's default wraps)")
     p.add_argument("--fps", type=_finite_float(low=0.0, strict=True), default=None,
                    help="output frame rate (default: the pose video's, else 8)")
-    p.add_argument("--grid", action="store_true", help="also write OUT_grid.mp4: reference | pose | result")
+    p.add_argument("--grid", action="store_true", help="also write OUT_grid.mp4: reference | pose | result "
+                   "(with --driving-video: reference | driving video | aligned pose | result, labelled)")
     p.add_argument("--gif", action="store_true", help="also write a GIF next to the mp4")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="compute dtype (parameters stay as stored)")
@@ -73,6 +82,7 @@ def add_animate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--devices", type=_int_at_least(1), default=None,
                    help="shard context windows over the first N devices, N >= 1 (default: all devices)")
     p.add_argument("--no-progress", action="store_true")
+    driving_cli.add_arguments(p)
     p.set_defaults(func=run_animate)
     return p
 
@@ -84,7 +94,7 @@ def output_paths(args: argparse.Namespace) -> list[pathlib.Path]:
         paths.append(out.with_suffix(".gif"))
     if args.grid:
         paths.append(out.with_name(out.stem + "_grid.mp4"))
-    return paths
+    return paths + driving_cli.output_paths(args)
 
 
 def check_output_path(path: pathlib.Path, flag: str = "--out") -> None:
@@ -113,10 +123,12 @@ def check_args(args: argparse.Namespace) -> None:
     if not pathlib.Path(args.weights).is_dir():
         raise FileNotFoundError(f"--weights {args.weights!r} is not a directory (expected `anim-jax convert` output)")
     for flag, value in (("--reference", args.reference), ("--pose", args.pose)):
-        if not pathlib.Path(value).exists():
+        if value is not None and not pathlib.Path(value).exists():
             raise FileNotFoundError(f"{flag} {value!r} does not exist")
-    if args.context_overlap >= args.context_frames:
+    if (args.context_overlap is not None and args.context_frames is not None
+            and args.context_overlap >= args.context_frames):
         raise ValueError(f"--context-overlap {args.context_overlap} must be less than --context-frames {args.context_frames}")
+    driving_cli.check_args(args)
 
 
 def run_animate(args: argparse.Namespace) -> int:
@@ -144,7 +156,7 @@ def run_animate(args: argparse.Namespace) -> int:
             args.weights, dtype=getattr(jnp, args.dtype), attention=AttentionConfig(args.attention), mesh=mesh
         )
         result = pipe(
-            args.reference, args.pose, width=args.width, height=args.height, num_frames=args.frames,
+            args.reference, args.pose, **driving_cli.pipeline_kwargs(args, devices), width=args.width, height=args.height, num_frames=args.frames,
             steps=args.steps, guidance_scale=args.guidance, seed=args.seed, context_frames=args.context_frames,
             context_overlap=args.context_overlap, closed_loop=not args.open_loop, progress=not args.no_progress,
         )
@@ -157,7 +169,8 @@ def run_animate(args: argparse.Namespace) -> int:
     if args.gif:
         media.write_gif(out.with_suffix(".gif"), result.frames, fps=fps)
         written.append(out.with_suffix(".gif"))
-    if args.grid:
+    written += driving_cli.write_extras(args, result, fps)
+    if args.grid and args.driving_video is None:
         grid = media.side_by_side([result.reference, result.poses, result.frames])
         grid_path = out.with_name(out.stem + "_grid.mp4")
         media.write_mp4(grid_path, grid, fps=fps)

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from anim_jax import media, parallel
+from anim_jax import media, native, parallel
 from anim_jax.diffusion import NoiseSchedule, moore_inference_schedule
 from anim_jax.diffusion import sampling
 from anim_jax.diffusion.windows import windows_array
@@ -40,6 +42,7 @@ class AnimateOutput:
     reference: np.ndarray  # (H, W, 3) uint8, the resized reference image
     poses: np.ndarray  # (F, H, W, 3) uint8, the resized pose frames
     fps: float | None
+    driving: "object | None" = None  # with driving_video=: anim_jax.driving.DrivingPoses (keypoints, pictures)
 
 
 class AnimatePipeline:
@@ -47,7 +50,8 @@ class AnimatePipeline:
     pose_guider=..., vae=..., image_encoder=...)``; ``schedule`` (default Moore's inference schedule)
     and ``mesh`` may be changed between calls: every call compiles for what it is given.
     ``batch_guidance``: conditional and unconditional branch in one denoiser call (see
-    benchmarks/RESULTS.md)."""
+    benchmarks/RESULTS.md). ``native``: the settings used where a call gives none (from the weights
+    directory with ``from_pretrained``; Moore's otherwise)."""
 
     def __init__(
         self,
@@ -57,6 +61,7 @@ class AnimatePipeline:
         mesh: jax.sharding.Mesh | None = None,
         decode_batch_size: int = 8,
         batch_guidance: bool = True,
+        native: native.NativeSettings = native.MOORE,
         **components,
     ):
         if model is None:
@@ -72,8 +77,10 @@ class AnimatePipeline:
         self.mesh = mesh
         self.decode_batch_size = decode_batch_size
         self.batch_guidance = batch_guidance
+        self.native = native
         self._bar = None
         self._on_step = None
+        self._compiled: set[tuple] = set()
 
     # ------------------------------------------------------------------------------ construction
 
@@ -90,6 +97,7 @@ class AnimatePipeline:
     ) -> "AnimatePipeline":
         """Loads a converted-weights directory (``anim-jax convert``). With a mesh, parameters are
         placed by the rules table (replicated where a dim does not divide)."""
+        from anim_jax import weights_dir
         from anim_jax.convert.components import load_components
 
         components = load_components(directory, dtype=dtype, attention=attention)
@@ -97,6 +105,7 @@ class AnimatePipeline:
         model = AnimateAnyone(**components)
         if mesh is not None:
             parallel.shard_model(model, mesh, rules)
+        kwargs.setdefault("native", native.from_config(weights_dir.read_config(directory)))
         return cls(model=model, schedule=schedule, mesh=mesh, **kwargs)
 
     # ------------------------------------------------------------------------------ properties
@@ -133,24 +142,51 @@ class AnimatePipeline:
     def __call__(
         self,
         reference_image,
-        pose_frames,
+        pose_frames=None,
         *,
-        width: int,
-        height: int,
+        width: int | None = None,
+        height: int | None = None,
         num_frames: int | None = None,
-        steps: int = 25,
-        guidance_scale: float = 3.5,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int = 42,
         latents: np.ndarray | None = None,
-        context_frames: int = 24,
-        context_overlap: int = 4,
+        context_frames: int | None = None,
+        context_overlap: int | None = None,
         closed_loop: bool = True,
         output_type: str = "frames",
         progress: bool = False,
+        driving_video=None,
+        pose_extractor=None,
+        align: bool = True,
+        reference_frame: int = 0,
         on_step: Callable[[int], None] | None = None,
     ) -> AnimateOutput:
-        """``on_step(i)``: called on the host after DDIM step ``i`` (0-based), e.g. to drive a
-        progress display other than the terminal bar of ``progress``."""
+        """``pose_frames``: rendered pose pictures (a video, a folder of images, an array); or, instead,
+        ``driving_video`` (a video of a person, a path or (F, H, W, 3) frames) with ``pose_extractor``
+        (a ``PoseExtractor`` or a converted DWPose directory): its poses are extracted, aligned to the
+        reference's body unless ``align=False`` (``anim_jax.pose.align``), and drawn as Moore draws them.
+        ``reference_image`` may be a video path (its frame ``reference_frame``). Sizes, steps, guidance
+        and context frames left at None are the pipeline's ``native`` settings; ``context_overlap`` None
+        is Moore's 4 frames (fewer when a window is shorter). ``on_step(i)``: called on the host after
+        DDIM step ``i`` (0-based), e.g. to drive a progress display other than the terminal bar of
+        ``progress``."""
+        from anim_jax import driving as driving_lib
+
+        width = self.native.width if width is None else width
+        height = self.native.height if height is None else height
+        steps = self.native.steps if steps is None else steps
+        guidance_scale = self.native.guidance_scale if guidance_scale is None else guidance_scale
+        context_frames = self.native.context_frames if context_frames is None else context_frames
+        if (pose_frames is None) == (driving_video is None):
+            raise ValueError("give either pose_frames (rendered poses) or driving_video (with pose_extractor)")
+        reference_image = driving_lib.reference_image(reference_image, reference_frame)
+        drive = None
+        if driving_video is not None:
+            drive = driving_lib.driving_poses(
+                driving_video, reference_image, pose_extractor, align=align, max_frames=num_frames, progress=progress
+            )
+            pose_frames = drive.pictures
         factor = self.vae_downscale
         if width % factor or height % factor or width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive multiples of {factor}, got {width}x{height}")
@@ -185,7 +221,10 @@ class AnimatePipeline:
             if x.shape != (num_frames, h, w, channels):
                 raise ValueError(f"latents have shape {x.shape}; expected {(num_frames, h, w, channels)}")
 
+        if context_overlap is None:  # Moore's 4, or less where a window is shorter than 5 frames
+            context_overlap = min(4, window - 1)
         windows = windows_array(num_frames, context_frames, context_overlap, closed_loop)
+        self._say_compiling((width, height, window, num_frames, steps, guidance_scale != 1.0), progress)
         self._bar = _progress_bar(steps, progress)
         self._on_step = on_step
         try:
@@ -196,6 +235,8 @@ class AnimatePipeline:
                 batch_guidance=self.batch_guidance, callback=self._tick if (progress or on_step is not None) else None,
             )[0]
             x = jax.block_until_ready(x)
+            if progress:
+                jax.effects_barrier()  # every step's (unordered) progress callback has run
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -203,7 +244,30 @@ class AnimatePipeline:
             self._on_step = None
         frames = sampling.decode_frames(self.model, x, self.decode_batch_size) if output_type in ("frames", "both") else None
         lat = np.asarray(x) if output_type in ("latents", "both") else None
-        return AnimateOutput(frames=frames, latents=lat, reference=ref_pixels, poses=pose_pixels, fps=fps)
+        if drive is not None and fps is None:
+            fps = drive.fps
+        return AnimateOutput(frames=frames, latents=lat, reference=ref_pixels, poses=pose_pixels, fps=fps, driving=drive)
+
+    def _say_compiling(self, key: tuple, enabled: bool) -> None:
+        """The first call for a size waits for XLA to compile the sampler; say so, with a rough time."""
+        if key in self._compiled:
+            return
+        self._compiled.add(key)
+        if not enabled:
+            return
+        width, height, window = key[:3]
+        backend = jax.default_backend()
+        print(f"compiling the sampler for {width}x{height}x{window} (first call for this size; "
+              f"{_compile_estimate(self.model, backend)} on {backend.upper()})...", file=sys.stderr, flush=True)
+
+
+def _compile_estimate(model, backend: str) -> str:
+    """A rough compile time from the denoiser's size: XLA's compile time grows with the number of
+    operations, which tracks the UNet's size far more than the frame size."""
+    params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model.denoiser, nnx.Param)))
+    if params < 50e6:
+        return "~10-60 s"
+    return "~1-3 min" if backend == "gpu" else "~3-10 min"
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import shutil
@@ -36,6 +35,8 @@ import tempfile
 import time
 import uuid
 from typing import Callable
+
+from anim_jax import native, weights_dir
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -63,30 +64,25 @@ def packaged_demo_weights() -> pathlib.Path:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The page's starting values: the weights' native settings when their ``anim_jax.json`` records
-    them under ``"inference"``, else Moore-AnimateAnyone's inference defaults."""
+    """The page's starting values: the weights' native settings (``anim_jax.native``, recorded by
+    ``anim-jax convert`` and training exports; Moore-AnimateAnyone's where none are recorded)."""
 
-    width: int = 512
-    height: int = 768
-    frames: int = 24
-    steps: int = 25
-    guidance_scale: float = 3.5
+    width: int = native.MOORE.width
+    height: int = native.MOORE.height
+    frames: int = native.MOORE.context_frames
+    steps: int = native.MOORE.steps
+    guidance_scale: float = native.MOORE.guidance_scale
     seed: int = 42
     fps: float = 8.0
 
     @classmethod
     def from_weights(cls, directory) -> "Settings":
-        path = pathlib.Path(directory) / "anim_jax.json"
         try:
-            recorded = json.loads(path.read_text()).get("inference", {})
+            recorded = native.from_config(weights_dir.read_config(directory))
         except (OSError, ValueError):
-            recorded = {}
-        known = {f.name: f.type for f in dataclasses.fields(cls)}
-        values = {}
-        for name, value in recorded.items():
-            if name in known:
-                values[name] = float(value) if name in ("guidance_scale", "fps") else int(value)
-        return cls(**values)
+            recorded = native.MOORE
+        return cls(width=recorded.width, height=recorded.height, frames=recorded.context_frames,
+                   steps=recorded.steps, guidance_scale=recorded.guidance_scale)
 
 
 @dataclasses.dataclass

@@ -37,4 +37,4 @@ def tiny_weights(tmp_path_factory):
     from helpers import write_tiny_weights
 
     return write_tiny_weights(tmp_path_factory.mktemp("tiny_weights") / "weights",
-                              inference=dict(width=32, height=32, frames=4, steps=2, guidance_scale=2.0, seed=7, fps=8))
+                              native=dict(width=32, height=32, steps=2, guidance_scale=2.0, context_frames=4))

@@ -44,44 +44,14 @@ def tiny_components(seed: int = 0) -> dict:
     return parts
 
 
-def write_tiny_weights(directory, *, seed: int = 0, inference: dict | None = None) -> pathlib.Path:
+def write_tiny_weights(directory, *, seed: int = 0, native: dict | None = None) -> pathlib.Path:
     """A converted-weights directory (as ``anim-jax convert`` writes) of ``tiny_components``;
-    ``inference`` is recorded as the weights' native settings."""
+    ``native`` is recorded as the weights' native settings (``anim_jax.native``)."""
+    from anim_jax import native as native_lib
+    from anim_jax.convert.components import save_components
     from anim_jax.diffusion import moore_inference_schedule
-    from anim_jax.models import factory
 
     directory = pathlib.Path(directory)
-    factory.save_components(directory, tiny_components(seed), schedule=moore_inference_schedule(),
-                            extra={"inference": inference} if inference else None)
+    save_components(directory, tiny_components(seed), schedule=moore_inference_schedule(),
+                    extra={native_lib.KEY: native} if native else None)
     return directory
-
-
-def random_module(build, seed):
-    """A network with uniform random parameters drawn in numpy (eager jax.random initialisation
-    compiles one program per parameter shape, seconds for nothing here)."""
-    module = nnx.eval_shape(build)
-    rng = np.random.default_rng(seed)
-    params = nnx.state(module, nnx.Param)
-    nnx.update(module, jax.tree.map(lambda v: jnp.asarray(rng.uniform(-0.3, 0.3, v.shape), jnp.float32), params))
-    return module
-
-
-def write_tiny_dwpose(directory) -> pathlib.Path:
-    """Tiny DWPose networks (``anim-jax convert-pose`` layout) whose detector is confident at the
-    stride-32 anchors, so every frame has several persons and the pose network runs."""
-    import dataclasses
-
-    from anim_jax.pose.networks import save_dwpose
-    from anim_jax.pose.rtmpose import RTMPose, RTMPoseConfig
-    from anim_jax.pose.yolox import YOLOX, YOLOXConfig
-
-    detector = random_module(lambda: YOLOX(YOLOXConfig.tiny(), rngs=nnx.Rngs(0)), 0)
-    for i, level in enumerate(detector.head.levels):
-        for pred in (level.obj_pred, level.cls_pred, level.reg_pred):
-            pred.kernel[...] = pred.kernel[...] * 0.05  # near-constant outputs, set by the biases
-        # Only the stride-32 level is confident; its boxes are large, so NMS leaves a few per frame.
-        level.obj_pred.bias[...] = jnp.full((1,), 3.0 if i == 2 else -8.0)
-        level.cls_pred.bias[...] = jnp.array([3.0, -3.0, -3.0])
-        level.reg_pred.bias[...] = jnp.array([0.5, 0.5, 1.5, 2.0])
-    pose = random_module(lambda: RTMPose(dataclasses.replace(RTMPoseConfig.tiny(), num_keypoints=133), rngs=nnx.Rngs(1)), 1)
-    return save_dwpose(pathlib.Path(directory), detector, pose)

@@ -144,3 +144,48 @@ def draw_case(seed: str) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
     if seed.endswith(("0", "7")):
         sc[:, 5:7] = 0.9  # both shoulders: the neck is drawn
     return (h, w), kp, sc
+
+
+def _random_network(build, seed):
+    """A network with uniform random parameters drawn in numpy (eager jax.random initialisation
+    compiles one program per parameter shape, seconds for nothing here)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    module = nnx.eval_shape(build)
+    rng = np.random.default_rng(seed)
+    params = nnx.state(module, nnx.Param)
+    nnx.update(module, jax.tree.map(lambda v: jnp.asarray(rng.uniform(-0.3, 0.3, v.shape), jnp.float32), params))
+    return module
+
+
+def tiny_dwpose(out, *, confident_keypoints: bool = False):
+    """Writes tiny random DWPose networks to ``out`` (a converted directory) and returns it. The
+    detector is confident at the stride-32 anchors, so every frame has several persons and the pose
+    network runs. ``confident_keypoints``: SimCC logits scaled up so every keypoint's score (the
+    maximum of hundreds of random logits) is far above 0.3: every joint is visible (alignment needs
+    a neck)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from anim_jax.pose.networks import save_dwpose
+    from anim_jax.pose.rtmpose import RTMPose, RTMPoseConfig
+    from anim_jax.pose.yolox import YOLOX, YOLOXConfig
+
+    detector = _random_network(lambda: YOLOX(YOLOXConfig.tiny(), rngs=nnx.Rngs(0)), 0)
+    for i, level in enumerate(detector.head.levels):
+        for pred in (level.obj_pred, level.cls_pred, level.reg_pred):
+            pred.kernel[...] = pred.kernel[...] * 0.05  # near-constant outputs, set by the biases
+        # Only the stride-32 level is confident; its boxes are large, so NMS leaves a few per frame.
+        level.obj_pred.bias[...] = jnp.full((1,), 3.0 if i == 2 else -8.0)
+        level.cls_pred.bias[...] = jnp.array([3.0, -3.0, -3.0])
+        level.reg_pred.bias[...] = jnp.array([0.5, 0.5, 1.5, 2.0])
+    pose = _random_network(lambda: RTMPose(dataclasses.replace(RTMPoseConfig.tiny(), num_keypoints=133), rngs=nnx.Rngs(1)), 1)
+    if confident_keypoints:
+        for cls in (pose.head.cls_x, pose.head.cls_y):
+            cls.kernel[...] = cls.kernel[...] * 100.0
+    save_dwpose(out, detector, pose)
+    return out

@@ -202,6 +202,7 @@ def test_summary_and_config(moore_set, converted):
     assert config["reference_net"]["motion"] is None
     assert config["pose_guider"] == {"conditioning_embedding_channels": 32, "block_out_channels": list(POSE_CHANNELS)}
     assert NoiseSchedule.from_config(config["schedule"]) == moore_inference_schedule()
+    assert config["native"] == {"width": 512, "height": 768, "steps": 25, "guidance_scale": 3.5, "context_frames": 24}
     assert config["conversion"]["sources"]["denoiser"] == [str(moore_set.moore / "denoising_unet.pth"),
                                                            str(moore_set.moore / "motion_module.pth")]
     assert sorted(p.name for p in out.iterdir()) == sorted([store.CONFIG_NAME] + [f"{c}.safetensors" for c in factory.COMPONENTS])

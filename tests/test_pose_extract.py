@@ -8,13 +8,11 @@ itself against Moore's code is ``test_pose_preprocess.py``.
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import helpers  # noqa: E402
 import pose_helpers as ph  # noqa: E402
 from anim_jax.parallel import make_mesh  # noqa: E402
 from anim_jax.pose.extract import PoseExtractor, PoseInputError, Poses, _compiled  # noqa: E402
@@ -29,7 +27,7 @@ CLI_SMALL = ("--detect-resolution", 64, "--detector-size", 128, "--no-progress")
 def weights(tmp_path_factory):
     """Tiny DWPose networks whose detector is confident at the stride-32 anchors, so every frame has
     several persons and the pose network runs."""
-    return helpers.write_tiny_dwpose(tmp_path_factory.mktemp("dwpose") / "tiny")
+    return ph.tiny_dwpose(tmp_path_factory.mktemp("dwpose") / "tiny")
 
 
 @pytest.fixture(scope="module")

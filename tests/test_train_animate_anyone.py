@@ -306,6 +306,11 @@ def test_cli_trains_checkpoints_logs_validates_and_exports(stage1_run):
     from anim_jax.diffusion import NoiseSchedule, moore_inference_schedule
 
     assert NoiseSchedule.from_config(store.read_config(workdir / "export")["schedule"]) == moore_inference_schedule()
+    # The export records what it was trained at (tiny stage 1: 64x64, one frame) and validated with.
+    from anim_jax import native
+
+    assert native.from_config(store.read_config(workdir / "export")) == native.NativeSettings(
+        width=64, height=64, steps=3, guidance_scale=3.5, context_frames=24)
 
 
 def test_diffusion_config_sets_the_training_and_export_schedules(devices):

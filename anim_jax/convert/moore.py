@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from anim_jax import native
 from anim_jax.atomic import atomic_dir
 from anim_jax.convert import layout, model_configs, readers
 from anim_jax.convert.loader import check_keys, expected_torch_shapes
@@ -668,6 +669,7 @@ def convert(
                     written += (tmp / f"{plan.name}.safetensors").stat().st_size
                 config: dict[str, Any] = {p.name: p.config for p in plans}
                 config["schedule"] = to_json(moore_inference_schedule())
+                config[native.KEY] = native.MOORE.to_json()  # what animate uses when given no size/steps/guidance
                 config["conversion"] = {
                     "tool": f"anim-jax {__version__} convert",
                     "dtype": dtype,

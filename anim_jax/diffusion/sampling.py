@@ -100,7 +100,8 @@ def denoise(model, noise: jax.Array, cond: Conditioning, windows: jax.Array, win
         u, c = average(uncond), average(cond_)
         x = ddim_step(schedule, u + guidance_scale * (c - u), t, x, steps)
         if callback is not None:
-            jax.debug.callback(callback, i, ordered=True)
+            # Unordered: ordered effects are refused on more than one device, and a step counter needs no order.
+            jax.debug.callback(callback, i, ordered=False)
         return x, None
 
     timesteps = jnp.asarray(schedule.inference_timesteps(steps), jnp.int32)

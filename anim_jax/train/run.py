@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from anim_jax import native
 from anim_jax.checkpoint import CheckpointManager
 from anim_jax import atomic
 from anim_jax.convert.components import save_components
@@ -65,7 +66,8 @@ def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | N
     nnx.update(model, params)
     if jax.process_index() == 0:
         save_components(out, model.components(), schedule=export_schedule(cfg),
-                                extra={"source": "anim-jax train", "stage": stage, "step": int(jax.device_get(state.step))})
+                        extra={"source": "anim-jax train", "stage": stage, "step": int(jax.device_get(state.step)),
+                               native.KEY: native.from_training_config(cfg if cfg is not None else {}).to_json()})
     return out
 
 
