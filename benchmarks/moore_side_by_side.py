@@ -5,7 +5,7 @@
 
 Fetches nothing. ``--moore`` is a checkout of MooreThreads/Moore-AnimateAnyone (measured at a914ef3);
 ``--moore-venv`` a virtual environment with its pinned dependencies (diffusers 0.24.0, transformers
-4.30.2, einops 0.4.1, omegaconf 2.2.3, huggingface_hub < 0.26 and a CPU torch). torchvision is not
+4.30.2, einops 0.4.1, pyyaml, huggingface_hub < 0.26 and a CPU torch). torchvision is not
 needed: only ``src/models`` and ``src/pipelines`` are imported, and neither imports it.
 
 What it does:
@@ -99,7 +99,23 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _inference_config(moore: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((pathlib.Path(moore) / "configs/inference/inference_v2.yaml").read_text())
+
+
 def _moore_import(moore: str):
+    # transformers 4.30 refuses to import beside a tokenizers newer than 0.13 (its version check runs
+    # only when tokenizers is installed). The CLIP image encoder and processor need no tokenizer, so
+    # where a newer one is installed (the GPU image), hide it from this worker process.
+    try:
+        import importlib.metadata as md
+
+        if tuple(int(x) for x in md.version("tokenizers").split(".")[:2]) >= (0, 14):
+            sys.modules["tokenizers"] = None
+    except md.PackageNotFoundError:
+        pass
     sys.path.insert(0, moore)
     from src.models.pose_guider import PoseGuider
     from src.models.unet_2d_condition import UNet2DConditionModel
@@ -112,7 +128,6 @@ def worker_make_weights(moore: str, out: str) -> None:
     """Moore venv: the tiny set, saved as Moore distributes its weights."""
     import torch
     from diffusers import AutoencoderKL
-    from omegaconf import OmegaConf
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     PoseGuider, UNet2D, UNet3D = _moore_import(moore)
@@ -132,7 +147,7 @@ def worker_make_weights(moore: str, out: str) -> None:
     torch.save(ref_full.state_dict(), out / "sd" / "unet" / "diffusion_pytorch_model.bin")
     torch.save(ref_full.state_dict(), out / "reference_unet.pth")
 
-    mm_kwargs = OmegaConf.load(pathlib.Path(moore) / "configs/inference/inference_v2.yaml").unet_additional_kwargs
+    mm_kwargs = _inference_config(moore)["unet_additional_kwargs"]
     den = UNet3D.from_pretrained_2d(out / "sd", out / "missing.pth", subfolder="unet", unet_additional_kwargs=mm_kwargs)
     with torch.no_grad():  # a denoiser of its own, not a copy of the reference net
         for p in den.parameters():
@@ -153,50 +168,89 @@ def worker_make_weights(moore: str, out: str) -> None:
     enc.save_pretrained(out / "image_encoder", safe_serialization=True)
 
 
-def worker_moore(moore: str, weights: str, width: int, height: int, frames: int, steps: int, guidance: float,
-                 threads: int) -> dict:
+SD15_UNET = dict(
+    UNET, attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
+    layers_per_block=2, norm_num_groups=32, sample_size=64,
+)
+SD15_VAE = dict(VAE, block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32, sample_size=512)
+SD15_CLIP = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                 image_size=224, patch_size=14, projection_dim=768)
+SD15_POSE_GUIDER = dict(conditioning_embedding_channels=320, block_out_channels=(16, 32, 96, 256))
+
+
+def _moore_models(moore: str, weights: str | None, random_size: str = "sd15"):
+    """Moore's models as scripts/pose2vid.py builds them: from the tiny weights folder, or (weights
+    None) with random values at ``random_size`` ("sd15" or "tiny"; timing does not depend on values)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler
-    from omegaconf import OmegaConf
-    from PIL import Image
-    from transformers import CLIPVisionModelWithProjection
+    from diffusers import AutoencoderKL
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    torch.set_num_threads(threads)
     PoseGuider, UNet2D, UNet3D = _moore_import(moore)
-    from src.pipelines.pipeline_pose2vid_long import Pose2VideoPipeline
-
+    mm_kwargs = _inference_config(moore)["unet_additional_kwargs"]
+    if weights is None:
+        unet, vae, clip, guider = ((SD15_UNET, SD15_VAE, SD15_CLIP, SD15_POSE_GUIDER) if random_size == "sd15"
+                                   else (UNET, VAE, CLIP, POSE_GUIDER))
+        # UNet3DConditionModel.from_pretrained_2d's block-type swap, without a weights file
+        cfg3d = dict(unet, _class_name="UNet3DConditionModel",
+                     down_block_types=["CrossAttnDownBlock3D"] * 3 + ["DownBlock3D"],
+                     up_block_types=["UpBlock3D"] + ["CrossAttnUpBlock3D"] * 3, mid_block_type="UNetMidBlock3DCrossAttn")
+        return dict(vae=AutoencoderKL(**vae), reference_unet=UNet2D.from_config(unet),
+                    denoising_unet=UNet3D.from_config(cfg3d, **mm_kwargs), pose_guider=PoseGuider(**guider),
+                    image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**clip)))
     w = pathlib.Path(weights)
-    infer = OmegaConf.load(pathlib.Path(moore) / "configs/inference/inference_v2.yaml")
-    # as scripts/pose2vid.py builds it, in float32
     vae = AutoencoderKL.from_pretrained(w / "vae")
     reference_unet = UNet2D.from_pretrained(w / "sd", subfolder="unet")
     denoising_unet = UNet3D.from_pretrained_2d(w / "sd", w / "motion_module.pth", subfolder="unet",
-                                               unet_additional_kwargs=infer.unet_additional_kwargs)
+                                               unet_additional_kwargs=mm_kwargs)
     pose_guider = PoseGuider(**POSE_GUIDER)
     image_enc = CLIPVisionModelWithProjection.from_pretrained(w / "image_encoder")
     denoising_unet.load_state_dict(torch.load(w / "denoising_unet.pth", map_location="cpu"), strict=False)
     reference_unet.load_state_dict(torch.load(w / "reference_unet.pth", map_location="cpu"))
     pose_guider.load_state_dict(torch.load(w / "pose_guider.pth", map_location="cpu"))
-    scheduler = DDIMScheduler(**OmegaConf.to_container(infer.noise_scheduler_kwargs))
-    pipe = Pose2VideoPipeline(vae=vae, image_encoder=image_enc, reference_unet=reference_unet,
-                              denoising_unet=denoising_unet, pose_guider=pose_guider, scheduler=scheduler)
+    return dict(vae=vae, reference_unet=reference_unet, denoising_unet=denoising_unet, pose_guider=pose_guider,
+                image_encoder=image_enc)
+
+
+def worker_moore(moore: str, weights: str | None, width: int, height: int, frames: int, steps: int,
+                 guidance: float, threads: int, device: str = "cpu", dtype: str = "float32",
+                 random_size: str = "sd15") -> dict:
+    import torch
+    from diffusers import DDIMScheduler
+    from PIL import Image
+
+    torch.set_num_threads(threads)
+    models = _moore_models(moore, weights, random_size)
+    from src.pipelines.pipeline_pose2vid_long import Pose2VideoPipeline
+
+    scheduler = DDIMScheduler(**_inference_config(moore)["noise_scheduler_kwargs"])
+    pipe = Pose2VideoPipeline(**models, scheduler=scheduler).to(device, dtype=getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)
     ref, poses = _inputs(width, height, frames)
     ref_pil, pose_pils = Image.fromarray(ref), [Image.fromarray(p) for p in poses]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def call(n_steps):
         with torch.no_grad():
-            return pipe(ref_pil, pose_pils, width, height, frames, n_steps, guidance,
-                        generator=torch.manual_seed(42)).videos
+            out = pipe(ref_pil, pose_pils, width, height, frames, n_steps, guidance,
+                       generator=torch.manual_seed(42)).videos
+        sync()
+        return out
 
     t0 = time.perf_counter()
     call(1)
     first = time.perf_counter() - t0
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     video = call(steps)
     seconds = time.perf_counter() - t0
     assert tuple(video.shape) == (1, 3, frames, height, width), video.shape
-    return dict(seconds=seconds, first_call_s=first, peak_rss_mib=_peak_rss_mib(), torch=torch.__version__)
+    res = dict(seconds=seconds, first_call_s=first, peak_rss_mib=_peak_rss_mib(), torch=torch.__version__,
+               device=device, dtype=dtype)
+    if device.startswith("cuda"):
+        res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        res["gpu"] = torch.cuda.get_device_name()
+    return res
 
 
 def worker_ours(weights: str, width: int, height: int, frames: int, steps: int, guidance: float,
@@ -276,18 +330,27 @@ def main(argv=None) -> int:
         ap.add_argument("side", choices=("make-weights", "moore", "ours"))
         for name in ("--moore", "--weights", "--out", "--attention"):
             ap.add_argument(name)
+        ap.add_argument("--device", default="cpu")
+        ap.add_argument("--dtype", default="float32")
+        ap.add_argument("--random", default="sd15", choices=("sd15", "tiny"),
+                        help="without --weights: random models of this size")
         for name in ("--width", "--height", "--frames", "--steps", "--threads"):
             ap.add_argument(name, type=int, default=1)
         ap.add_argument("--guidance", type=float)
+        ap.add_argument("--json-out", help="also write the result here")
         a = ap.parse_args(argv[1:])
         _pin(a.threads)
         if a.side == "make-weights":
             worker_make_weights(a.moore, a.out)
             return 0
         if a.side == "moore":
-            res = worker_moore(a.moore, a.weights, a.width, a.height, a.frames, a.steps, a.guidance, a.threads)
+            res = worker_moore(a.moore, a.weights, a.width, a.height, a.frames, a.steps, a.guidance, a.threads,
+                               a.device, a.dtype, a.random)
         else:
             res = worker_ours(a.weights, a.width, a.height, a.frames, a.steps, a.guidance, a.attention)
+        res.update(width=a.width, height=a.height, frames=a.frames, steps=a.steps, guidance=a.guidance)
+        if a.json_out:
+            pathlib.Path(a.json_out).write_text(json.dumps(res, indent=1))
         print(json.dumps(res))
         return 0
 
