@@ -105,7 +105,7 @@ def _inference_config(moore: str) -> dict:
     return yaml.safe_load((pathlib.Path(moore) / "configs/inference/inference_v2.yaml").read_text())
 
 
-def _moore_import(moore: str):
+def _hide_new_tokenizers() -> None:
     # transformers 4.30 refuses to import beside a tokenizers newer than 0.13 (its version check runs
     # only when tokenizers is installed). The CLIP image encoder and processor need no tokenizer, so
     # where a newer one is installed (the GPU image), hide it from this worker process.
@@ -116,6 +116,9 @@ def _moore_import(moore: str):
             sys.modules["tokenizers"] = None
     except md.PackageNotFoundError:
         pass
+
+
+def _moore_import(moore: str):
     sys.path.insert(0, moore)
     from src.models.pose_guider import PoseGuider
     from src.models.unet_2d_condition import UNet2DConditionModel
@@ -340,6 +343,8 @@ def main(argv=None) -> int:
         ap.add_argument("--json-out", help="also write the result here")
         a = ap.parse_args(argv[1:])
         _pin(a.threads)
+        if a.side != "ours":
+            _hide_new_tokenizers()  # before anything imports transformers
         if a.side == "make-weights":
             worker_make_weights(a.moore, a.out)
             return 0
