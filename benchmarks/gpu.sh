@@ -61,11 +61,17 @@ part() {  # part NAME NEEDS_S LIMIT_S command...
   tail -n 3 "$W/$name.log"
 }
 
+# Moore's pinned pure-Python packages, for the Moore process only
+site=${TMPDIR:-/tmp}/moore_site
+rm -rf "$site"
+"$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$CARRY"/wheels/*.whl \
+  >"$W/moore_pip.log" 2>&1 || echo "pip install of the Moore wheels failed (see moore_pip.log)"
+
 if ((REDUCED)); then
   size=(--width 64 --height 64 --frames 24 --steps 4)
   part ours 60 300 "$PY" benchmarks/animate.py "${size[@]}" --repeats 1 --attention auto --step-tflop 0.0035 \
     --json "$W/ours.json"
-  part moore 30 200 "$PY" benchmarks/moore_side_by_side.py --worker moore --moore "$CARRY/moore" --random tiny \
+  part moore 30 200 env PYTHONPATH="$site:$PYTHONPATH" "$PY" benchmarks/moore_side_by_side.py --worker moore --moore "$CARRY/moore" --random tiny \
     --device cpu --dtype float32 "${size[@]}" --guidance 3.5 --threads 2 --json-out "$W/moore.json"
   part train1 60 300 "$PY" benchmarks/train.py --stage 1 --steps 2 --json "$W/train.jsonl"
   part train2 60 300 "$PY" benchmarks/train.py --stage 2 --steps 2 --json "$W/train.jsonl"
@@ -73,9 +79,6 @@ if ((REDUCED)); then
     --json "$W/ours_alt.json"
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$W/gpu.txt" 2>&1
-  site=/tmp/moore_site
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$CARRY"/wheels/*.whl \
-    >"$W/moore_pip.log" 2>&1 || echo "pip install of the Moore wheels failed (see moore_pip.log)"
   size=(--width 512 --height 768 --frames 24 --steps 25)
   part ours 150 240 "$PY" benchmarks/animate.py --full "${size[@]}" --repeats 2 --attention auto \
     --step-tflop "$STEP_TFLOP" --json "$W/ours.json"
