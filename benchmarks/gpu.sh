@@ -80,8 +80,11 @@ if ((REDUCED)); then
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$W/gpu.txt" 2>&1
   size=(--width 512 --height 768 --frames 24 --steps 25)
-  part ours 150 240 "$PY" benchmarks/animate.py --full "${size[@]}" --repeats 2 --attention auto \
+  # the sampling loop's optimised GPU HLO comes back in logs.tar.gz (benchmarks/hlo_step.py --analyse reads it)
+  part ours 150 240 env XLA_FLAGS="--xla_dump_to=$W/xla_dump --xla_dump_hlo_module_re=.*(run|sampl|denois).*" \
+    "$PY" benchmarks/animate.py --full "${size[@]}" --repeats 2 --attention auto \
     --step-tflop "$STEP_TFLOP" --json "$W/ours.json"
+  find "$W/xla_dump" -type f ! -name '*after_optimizations.txt' -delete 2>/dev/null
   part moore 60 150 env PYTHONPATH="$site:$PYTHONPATH" "$PY" benchmarks/moore_side_by_side.py --worker moore \
     --moore "$CARRY/moore" --random sd15 --device cuda --dtype float16 "${size[@]}" --guidance 3.5 --threads 16 \
     --json-out "$W/moore.json"

@@ -126,7 +126,16 @@ def main():
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
     ap.add_argument("--attention", default="xla", choices=("xla", "chunked", "flash", "auto"))
     ap.add_argument("--out", help="write the optimised HLO text here")
+    ap.add_argument("--analyse", metavar="HLO_TXT", help="only analyse this optimised HLO text (e.g. a GPU dump)")
     args = ap.parse_args()
+    if args.analyse:
+        try:
+            text = open(args.analyse).read()
+        except OSError as e:
+            print(f"error: --analyse {args.analyse}: {e.strerror}", file=sys.stderr)
+            return 2
+        report(analyse(text))
+        return 0
     width = args.width or (512 if args.full else 64)
     height = args.height or (768 if args.full else 64)
     dtype = getattr(jnp, args.dtype or ("bfloat16" if args.full else "float32"))
@@ -142,13 +151,17 @@ def main():
         os.replace(args.out + ".part", args.out)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    res = analyse(text)
-    total = sum(res["by_kind"].values())
     print(f"{'SD1.5' if args.full else 'reduced'} {width}x{height}, {args.frames} frames, {jnp.dtype(dtype).name}, "
           f"attention={args.attention}: lowered in {t1 - t0:.0f} s, compiled for CPU in {t2 - t1:.0f} s")
     if cost:
         print(f"XLA cost analysis: {cost.get('flops', 0) / 1e12:.2f} TFLOP, "
               f"{cost.get('bytes accessed', 0) / 2**30:.1f} GiB accessed")
+    report(analyse(text))
+    return 0
+
+
+def report(res: dict) -> None:
+    total = sum(res["by_kind"].values())
     print(f"buffers written outside fusions: {total / 2**30:.2f} GiB")
     print("| producer | count | GiB written | share |\n|---|---|---|---|")
     for kind, b in res["by_kind"].most_common(14):
@@ -162,4 +175,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
