@@ -81,18 +81,19 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$W/gpu.txt" 2>&1
   size=(--width 512 --height 768 --frames 24 --steps 25)
   # the sampling loop's optimised GPU HLO comes back in logs.tar.gz (benchmarks/hlo_step.py --analyse reads it)
-  part ours 150 240 env XLA_FLAGS="--xla_dump_to=$W/xla_dump --xla_dump_hlo_module_re=.*(run|sampl|denois).*" \
+  part ours 150 300 env XLA_FLAGS="--xla_dump_to=$W/xla_dump --xla_dump_hlo_module_re=.*(run|sampl|denois).*" \
     "$PY" benchmarks/animate.py --full "${size[@]}" --repeats 2 --attention auto \
     --step-tflop "$STEP_TFLOP" --json "$W/ours.json"
   find "$W/xla_dump" -type f ! -name '*after_optimizations.txt' -delete 2>/dev/null
   part moore 60 150 env PYTHONPATH="$site:$PYTHONPATH" "$PY" benchmarks/moore_side_by_side.py --worker moore \
     --moore "$CARRY/moore" --random sd15 --device cuda --dtype float16 "${size[@]}" --guidance 3.5 --threads 16 \
     --json-out "$W/moore.json"
-  part train1 120 200 "$PY" benchmarks/train.py --full --stage 1 --steps 5 --counts benchmarks/gpu_train_counts.jsonl \
-    --json "$W/train.jsonl"
-  part train2 120 200 "$PY" benchmarks/train.py --full --stage 2 --steps 5 --counts benchmarks/gpu_train_counts.jsonl \
-    --json "$W/train.jsonl"
-  part ours_alt 130 200 "$PY" benchmarks/animate.py --full "${size[@]}" --repeats 2 --attention cudnn \
+  # FLOPs per training step, counted on a CPU host (python benchmarks/train.py --full --count-only --json ...)
+  counts=()
+  [[ -f benchmarks/gpu_train_counts.jsonl ]] && counts=(--counts benchmarks/gpu_train_counts.jsonl)
+  part train1 100 150 "$PY" benchmarks/train.py --full --stage 1 --steps 5 "${counts[@]}" --json "$W/train.jsonl"
+  part train2 100 150 "$PY" benchmarks/train.py --full --stage 2 --steps 5 "${counts[@]}" --json "$W/train.jsonl"
+  part ours_alt 200 240 "$PY" benchmarks/animate.py --full "${size[@]}" --repeats 2 --attention cudnn \
     --step-tflop "$STEP_TFLOP" --json "$W/ours_alt.json"
 fi
 
