@@ -15,8 +15,9 @@ What it does:
    ``configs/inference/inference_v2.yaml``'s motion-module settings, ``PoseGuider``; diffusers'
    ``AutoencoderKL``; transformers' ``CLIPVisionModelWithProjection``) and saves it the way Moore's
    weights are distributed: the four ``.pth`` files, an SD-style ``unet/config.json``, a VAE folder and
-   an image-encoder folder. Parameters that their constructors zero (motion-module ``proj_out``, the
-   pose guider's ``conv_out``) are drawn at random too, so every layer does real work.
+   an image-encoder folder. Parameters that are all zero after construction (motion-module ``proj_out``,
+   the pose guider's ``conv_out``, norm biases) are drawn at random too, so every layer does real work;
+   the denoiser's 2-D weights are the reference net's plus noise, so the two nets differ.
 2. ``anim-jax convert`` turns them into a converted-weights directory (both sides run the same weights).
 3. For every row (size x frames) and thread count, runs Moore's pipeline and ours in fresh processes,
    alternating which goes first, ``--repeats`` times. Each process pins itself to N cores (and sets
