@@ -89,10 +89,14 @@ else
     --moore "$CARRY/moore" --random sd15 --device cuda --dtype float16 "${size[@]}" --guidance 3.5 --threads 16 \
     --json-out "$W/moore.json"
   # FLOPs per training step, counted on a CPU host (python benchmarks/train.py --full --count-only --json ...)
-  counts=()
-  [[ -f benchmarks/gpu_train_counts.jsonl ]] && counts=(--counts benchmarks/gpu_train_counts.jsonl)
-  part train1 100 150 "$PY" benchmarks/train.py --full --stage 1 --steps 5 "${counts[@]}" --json "$W/train.jsonl"
-  part train2 100 150 "$PY" benchmarks/train.py --full --stage 2 --steps 5 "${counts[@]}" --json "$W/train.jsonl"
+  counts() {  # --counts FILE where FILE has this stage's line (else train.py counts, or reports no MFU)
+    grep -q "\"stage\": $1," benchmarks/gpu_train_counts.jsonl 2>/dev/null &&
+      echo --counts benchmarks/gpu_train_counts.jsonl
+  }
+  # shellcheck disable=SC2046
+  part train1 100 150 "$PY" benchmarks/train.py --full --stage 1 --steps 5 $(counts 1) --json "$W/train.jsonl"
+  # shellcheck disable=SC2046
+  part train2 100 150 "$PY" benchmarks/train.py --full --stage 2 --steps 5 $(counts 2) --json "$W/train.jsonl"
   part ours_alt 200 240 "$PY" benchmarks/animate.py --full "${size[@]}" --repeats 2 --attention cudnn \
     --step-tflop "$STEP_TFLOP" --json "$W/ours_alt.json"
 fi
