@@ -60,20 +60,23 @@ def main(argv=None) -> int:
     print("| part | exit | seconds |\n|---|---|---|")
     for name, p in parts.items():
         print(f"| {name} | {p['rc']} | {p['seconds']} |")
-    print("\n| inference (24 frames 512x768, 25 steps, guidance 3.5) | first call (s) | video (s) | loop (s) "
-          "| peak GPU memory (GiB) | MFU |\n|---|---|---|---|---|---|")
+    size = lambda r: f"{r['width']}x{r['height']}, {r['frames']} frames, {r['steps']} steps"  # noqa: E731
+    print("\n| inference (guidance 3.5) | size | first call (s) | video (s) | loop (s) "
+          "| peak GPU memory (GiB) | MFU |\n|---|---|---|---|---|---|---|")
     for label, r in (("anim_jax, auto attention", ours), ("anim_jax, cuDNN everywhere", alt)):
         if r:
             mem = r.get("peak_memory_gib")
-            print(f"| {label} ({r['dtype']}) | {r['first_call_s']} | {r['video_s']} | {r['loop_s']} | "
+            print(f"| {label} ({r['dtype']}) | {size(r)} | {r['first_call_s']} | {r['video_s']} | {r['loop_s']} | "
                   f"{mem if mem is not None else '-'} | {r.get('mfu', '-')} |")
         else:
-            print(f"| {label} | not run | | | | |")
+            print(f"| {label} | not run | | | | | |")
     if moore:
-        print(f"| Moore Pose2VideoPipeline ({moore['dtype']}, torch {moore['torch']}) | {moore['first_call_s']:.1f} "
-              f"(1 step) | {moore['seconds']:.2f} | - | {moore.get('peak_gpu_gib', float('nan')):.2f} | - |")
+        gib = moore.get("peak_gpu_gib")
+        print(f"| Moore Pose2VideoPipeline ({moore['dtype']}, torch {moore['torch']}) | {size(moore)} | "
+              f"{moore['first_call_s']:.1f} (1 step) | {moore['seconds']:.2f} | - | "
+              f"{'-' if gib is None else f'{gib:.2f}'} | - |")
     else:
-        print("| Moore Pose2VideoPipeline | not run | | | | |")
+        print("| Moore Pose2VideoPipeline | not run | | | | | |")
     if "moore_over_ours" in res:
         print(f"\nMoore / anim_jax (whole video): {res['moore_over_ours']:.2f}x")
     if train:
