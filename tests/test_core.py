@@ -41,9 +41,9 @@ def test_chunked_attention_gradients_equal_plain():
     np.testing.assert_allclose(np.asarray(jax.grad(loss("chunked"))(q)), np.asarray(jax.grad(loss("xla"))(q)), atol=1e-5)
 
 
-def test_auto_attention_picks_chunked_for_large_scores_on_cpu():
-    q, k, v = _qkv(3, lq=40, lk=40)
-    cfg = AttentionConfig("auto", query_chunk_size=16, chunk_threshold=100)
+def test_auto_attention_on_cpu_equals_plain_when_it_tiles():
+    q, k, v = _qkv(3, lq=40, lk=40)  # auto's CPU policy picks flash here (test_attention_flash.py)
+    cfg = AttentionConfig("auto", fused_min_kv_length=16, flash_min_elements=100, flash_query_block=16)
     np.testing.assert_allclose(
         np.asarray(dot_product_attention(q, k, v, cfg)), np.asarray(dot_product_attention(q, k, v)), atol=1e-6
     )

@@ -7,12 +7,23 @@ Layout is ``(batch, length, heads, head_dim)`` for q, k and v (the layout of
 * ``"chunked"``: the same maths over query chunks (``jax.lax.map``), so the score matrix held at
   once is ``chunk x Lk`` instead of ``Lq x Lk``. This is what makes the reference-concat
   self-attention at the top UNet level fit (one unfused score matrix there is tens of GB).
+* ``"flash"``: online softmax over tiles (flash-attention's order of work written with XLA loops):
+  a loop over tiles of (batch x head) groups and query blocks, and inside it a loop over key blocks
+  that keeps a running max, denominator and output. The score tile held at once is at most
+  ``flash_tile_elements`` (plus a whole key block of one query block if that is larger), so it stays
+  in the CPU's caches however long the sequences are; the backward recomputes each tile.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (fused flash attention on
   NVIDIA GPUs; needs fp16/bf16 inputs).
-* ``"auto"``: on GPU, cuDNN for half-precision inputs whose key sequence is at least
-  ``fused_min_kv_length`` long (short ones — the 24-frame temporal attention, the single CLIP
-  token — are cheaper as plain XLA than as a fused kernel launch per tiny problem); otherwise chunked
-  once the score matrix would exceed ``chunk_threshold`` elements per batch-head, otherwise xla.
+* ``"auto"``, by backend:
+
+  - GPU: cuDNN for half-precision inputs whose key sequence is at least ``fused_min_kv_length``
+    long (short ones — the 24-frame temporal attention, the single CLIP token — are cheaper as plain
+    XLA than as a fused kernel launch per tiny problem); otherwise chunked once the score matrix
+    would exceed ``chunk_threshold`` elements per batch-head, otherwise xla.
+  - CPU: flash once the key sequence is at least ``fused_min_kv_length`` long and the whole score
+    matrix (all batches and heads) would exceed ``flash_min_elements``; otherwise xla. Short key
+    sequences keep the plain path: their score matrix is no larger than q, k and v themselves.
+  - other backends: as GPU without the cuDNN case.
 
 ``kv_lengths`` (optional, int (B,)) makes batch row b attend only to its first ``kv_lengths[b]``
 keys: the others get a -inf logit, i.e. probability exactly 0. Training uses it to switch reference
@@ -27,7 +38,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "auto")
+IMPLEMENTATIONS = ("xla", "chunked", "flash", "cudnn", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +48,14 @@ class AttentionConfig:
     # "auto" switches to the chunked path above this many score elements per (batch, head).
     chunk_threshold: int = 4096 * 4096
     fused_min_kv_length: int = 128
+    # "flash": queries per block, keys per block, and the most score elements one tile may hold
+    # (4 bytes each in float32: 2**18 is 1 MiB, half a core's L2 on the CPUs measured).
+    flash_query_block: int = 128
+    flash_kv_block: int = 4096
+    flash_tile_elements: int = 2**18
+    # "auto" on CPU switches to flash above this many score elements in one call (1 MiB in fp32):
+    # measured faster than the plain path from there on (benchmarks/RESULTS.md).
+    flash_min_elements: int = 2**18
 
     def __post_init__(self):
         if self.implementation not in IMPLEMENTATIONS:
@@ -45,6 +64,25 @@ class AttentionConfig:
             )
         if self.query_chunk_size <= 0:
             raise ValueError(f"attention query_chunk_size must be positive, got {self.query_chunk_size}")
+        for name in ("flash_query_block", "flash_kv_block", "flash_tile_elements"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"attention {name} must be positive, got {getattr(self, name)}")
+
+
+def _auto_implementation(q, k, config: AttentionConfig, backend: str) -> str:
+    """What "auto" runs for these shapes on ``backend`` (see the module docstring)."""
+    lk = k.shape[1]
+    if backend == "cpu":
+        score_elements = q.shape[0] * q.shape[2] * q.shape[1] * lk
+        if lk >= config.fused_min_kv_length and score_elements > config.flash_min_elements:
+            return "flash"
+        return "xla"
+    fusable = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+    if backend == "gpu" and fusable and lk >= config.fused_min_kv_length:
+        return "cudnn"
+    if q.shape[1] * lk > config.chunk_threshold:
+        return "chunked"
+    return "xla"
 
 
 def _xla_attention(q, k, v, scale, kv_lengths=None):
@@ -70,6 +108,80 @@ def _chunked_attention(q, k, v, scale, chunk, kv_lengths=None):
     return out[:, :lq]
 
 
+def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
+    # Hand-written: jax.nn.dot_product_attention has no tiled XLA path (only "xla", which builds
+    # the whole score matrix, and "cudnn", GPU only), and no maintained JAX library offers a
+    # CPU-friendly tiled attention with per-row key lengths.
+    b, lq, h, d = q.shape
+    lk, dv = k.shape[1], v.shape[-1]
+    g = b * h
+    groups = lambda t: t.transpose(0, 2, 1, 3).reshape(g, t.shape[1], t.shape[3])  # (B*H, L, D)
+    qg, kg, vg = groups(q), groups(k), groups(v)
+    lens = None if kv_lengths is None else jnp.repeat(kv_lengths, h)
+
+    kb = min(config.flash_kv_block, lk)
+    nk = -(-lk // kb)
+    if nk * kb != lk:  # padded keys are masked out like keys past kv_lengths
+        kg = jnp.pad(kg, ((0, 0), (0, nk * kb - lk), (0, 0)))
+        vg = jnp.pad(vg, ((0, 0), (0, nk * kb - lk), (0, 0)))
+        lens = jnp.full((g,), lk, jnp.int32) if lens is None else lens
+    qb = min(config.flash_query_block, lq)
+    nq = -(-lq // qb)
+    gt = max(1, min(g, config.flash_tile_elements // (qb * kb)))  # groups per tile
+    ng = -(-g // gt)
+    qg = jnp.pad(qg, ((0, ng * gt - g), (0, nq * qb - lq), (0, 0)))
+    kg = jnp.pad(kg, ((0, ng * gt - g), (0, 0), (0, 0)))
+    vg = jnp.pad(vg, ((0, ng * gt - g), (0, 0), (0, 0)))
+    if lens is not None:
+        lens = jnp.pad(lens, (0, ng * gt - g), constant_values=lk)
+
+    def scores(qt, kt, start, lt):
+        s = jnp.einsum("gqd,gkd->gqk", qt, kt, preferred_element_type=jnp.float32) * scale
+        if lt is None:
+            return s
+        valid = (start + jnp.arange(kt.shape[1]))[None, :] < lt[:, None]
+        return jnp.where(valid[:, None, :], s, -jnp.inf)
+
+    def one_query_block(qt, kt, vt, lt):
+        """qt (gt, qb, d); kt, vt (gt, nk*kb, d); lt (gt,) or None -> (gt, qb, dv)."""
+        if nk == 1:
+            p = jax.nn.softmax(scores(qt, kt, 0, lt), axis=-1).astype(vt.dtype)
+            return jnp.einsum("gqk,gkd->gqd", p, vt)
+
+        def step(carry, j):
+            m, l, acc = carry
+            ks = jax.lax.dynamic_slice_in_dim(kt, j * kb, kb, axis=1)
+            vs = jax.lax.dynamic_slice_in_dim(vt, j * kb, kb, axis=1)
+            s = scores(qt, ks, j * kb, lt)
+            m_new = jnp.maximum(m, s.max(-1))
+            # Key 0 is always valid (kv_lengths >= 1) and block 0 comes first, so m_new is finite
+            # from the first block on and a fully masked later block contributes exp(-inf) = 0.
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            l = l * corr + p.sum(-1)
+            pv = jnp.einsum("gqk,gkd->gqd", p.astype(vt.dtype), vs, preferred_element_type=jnp.float32)
+            return (m_new, l, acc * corr[..., None] + pv), None
+
+        init = (jnp.full(qt.shape[:2], -jnp.inf, jnp.float32), jnp.zeros(qt.shape[:2], jnp.float32),
+                jnp.zeros(qt.shape[:2] + (dv,), jnp.float32))
+        (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nk))
+        return (acc / l[..., None]).astype(vt.dtype)
+
+    # remat each tile so the backward pass also holds only one tile's scores.
+    one_query_block = jax.checkpoint(one_query_block)
+
+    def one_group_tile(xs):
+        qt, kt, vt, lt = xs  # (gt, nq*qb, d), (gt, Lk', d), (gt, Lk', dv), (gt,) or None
+        qblocks = qt.reshape(gt, nq, qb, d).swapaxes(0, 1)
+        out = jax.lax.map(lambda qi: one_query_block(qi, kt, vt, lt), qblocks)  # (nq, gt, qb, dv)
+        return out.swapaxes(0, 1).reshape(gt, nq * qb, dv)
+
+    tiles = lambda t: t.reshape((ng, gt) + t.shape[1:])
+    out = jax.lax.map(one_group_tile, (tiles(qg), tiles(kg), tiles(vg), None if lens is None else tiles(lens)))
+    out = out.reshape(ng * gt, nq * qb, dv)[:g, :lq]
+    return out.reshape(b, h, lq, dv).transpose(0, 2, 1, 3)
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, config: AttentionConfig | None = None, *, kv_lengths=None
 ) -> jax.Array:
@@ -83,14 +195,7 @@ def dot_product_attention(
     scale = q.shape[-1] ** -0.5
     impl = config.implementation
     if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        fusable = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
-        if on_gpu and fusable and k.shape[1] >= config.fused_min_kv_length:
-            impl = "cudnn"
-        elif q.shape[1] * k.shape[1] > config.chunk_threshold:
-            impl = "chunked"
-        else:
-            impl = "xla"
+        impl = _auto_implementation(q, k, config, jax.default_backend())
     if kv_lengths is not None:
         kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
         if kv_lengths.shape != (q.shape[0],):
@@ -99,6 +204,8 @@ def dot_product_attention(
         return _xla_attention(q, k, v, scale, kv_lengths)
     if impl == "chunked":
         return _chunked_attention(q, k, v, scale, config.query_chunk_size, kv_lengths)
+    if impl == "flash":
+        return _flash_attention(q, k, v, scale, config, kv_lengths)
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, key_value_seq_lengths=kv_lengths, implementation="cudnn"
     )

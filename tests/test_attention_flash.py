@@ -1,0 +1,116 @@
+"""The flash (tiled, online-softmax) attention equals the plain path, never builds the score
+matrix, and is what ``auto`` picks for long key sequences on the CPU."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from anim_jax.models.attention_ops import AttentionConfig, _auto_implementation, dot_product_attention
+from anim_jax.models.transformer import Attention, ReferenceKV
+
+# Float32 differences reached: up to 4e-6 absolute on outputs of order 1 with several key blocks
+# (the online softmax rescales its running sums per block and divides once at the end).
+ATOL, RTOL = 8e-6, 1e-5
+
+
+def _qkv(seed, b, lq, lk, h, d, dv=None):
+    r = np.random.default_rng(seed)
+    shapes = ((b, lq, h, d), (b, lk, h, d), (b, lk, h, dv or d))
+    return tuple(jnp.asarray(r.standard_normal(s) * 2, jnp.float32) for s in shapes)
+
+
+def _close(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    bad = np.abs(got - want) > ATOL + RTOL * np.abs(want)
+    assert not bad.any(), f"{bad.sum()} of {bad.size} elements differ; max {np.abs(got - want).max():.3g}"
+
+
+# (b, lq, lk, h, d, dv, query block, kv block, tile elements): one block each way; odd lengths
+# padded in queries, keys and groups; several key blocks with a ragged last one; value width
+# different from the key width.
+SHAPES = [
+    (2, 37, 53, 3, 8, None, 128, 4096, 2**18),
+    (3, 37, 53, 2, 8, None, 8, 16, 300),
+    (1, 50, 129, 5, 16, None, 7, 32, 7 * 32 * 2),
+    (2, 24, 24, 4, 8, 12, 5, 10, 1),
+]
+
+
+@pytest.mark.parametrize("b,lq,lk,h,d,dv,qb,kb,tile", SHAPES)
+def test_flash_equals_plain(b, lq, lk, h, d, dv, qb, kb, tile):
+    q, k, v = _qkv(lq + lk, b, lq, lk, h, d, dv)
+    cfg = AttentionConfig("flash", flash_query_block=qb, flash_kv_block=kb, flash_tile_elements=tile)
+    lengths = jnp.asarray(np.random.default_rng(lk).integers(1, lk + 1, b))  # includes short rows
+    for kv_lengths in (None, lengths):
+        want = dot_product_attention(q, k, v, AttentionConfig("xla"), kv_lengths=kv_lengths)
+        got = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, cfg, kv_lengths=kv_lengths))(q, k, v)
+        _close(got, want)
+
+
+def test_flash_reference_concat_with_per_video_switch_equals_plain():
+    """The denoiser's reference attention as training and CFG use it: 2 videos x 3 frames, each
+    frame's keys are its 20 tokens + the video's 20 reference tokens, the second video's reference
+    masked off. Key blocks of 16 split the frame/reference boundary and the mask."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 20, 16)), jnp.float32)
+    ref = jnp.asarray(np.random.default_rng(1).standard_normal((2, 20, 16)), jnp.float32)
+    outs = {}
+    for name, cfg in (("xla", AttentionConfig("xla")),
+                      ("flash", AttentionConfig("flash", flash_query_block=8, flash_kv_block=16, flash_tile_elements=256))):
+        attn = Attention(16, heads=2, dim_head=8, attention=cfg, rngs=nnx.Rngs(0))
+        kv = attn.project_kv(ref)
+        outs[name] = attn(x, num_frames=3, extra_kv=ReferenceKV(kv.k, kv.v, jnp.asarray([True, False])))
+    _close(outs["flash"], outs["xla"])
+
+
+def test_flash_gradients_equal_plain():
+    q, k, v = _qkv(5, 2, 20, 45, 2, 8)
+    lengths = jnp.asarray([45, 17])
+    cfg = AttentionConfig("flash", flash_query_block=6, flash_kv_block=16, flash_tile_elements=100)
+
+    def loss(c):
+        return lambda q, k, v: (dot_product_attention(q, k, v, c, kv_lengths=lengths) ** 2).sum()
+
+    got = jax.jit(jax.grad(loss(cfg), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(AttentionConfig("xla")), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-4, rtol=1e-4)
+
+
+def _largest_f32_buffer(fn, *args) -> int:
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return max(math.prod(int(n) for n in dims.split(",")) for dims in re.findall(r"f32\[([\d,]+)\]", text))
+
+
+def test_flash_never_holds_the_score_matrix():
+    s = jax.ShapeDtypeStruct
+    q, kv = s((4, 512, 2, 16), jnp.float32), s((4, 1024, 2, 16), jnp.float32)
+    scores = 4 * 2 * 512 * 1024
+    plain = _largest_f32_buffer(lambda q, k, v: dot_product_attention(q, k, v, AttentionConfig("xla")), q, kv, kv)
+    assert plain >= scores  # the plain path does build it: the check below can see one
+    cfg = AttentionConfig("flash", flash_query_block=64, flash_kv_block=256, flash_tile_elements=2**14)
+    flash = _largest_f32_buffer(lambda q, k, v: dot_product_attention(q, k, v, cfg), q, kv, kv)
+    assert flash <= 4 * 1024 * 2 * 16  # nothing larger than k or v themselves
+
+
+def test_auto_policy_by_backend_and_size():
+    s = jax.ShapeDtypeStruct
+    cfg = AttentionConfig("auto")
+    big_q, big_k = s((24, 1024, 2, 16), jnp.float32), s((24, 2048, 2, 16), jnp.float32)
+    temporal = s((8192, 24, 2, 32), jnp.float32)  # many short sequences: scores no larger than q
+    assert _auto_implementation(big_q, big_k, cfg, "cpu") == "flash"
+    assert _auto_implementation(temporal, temporal, cfg, "cpu") == "xla"
+    assert _auto_implementation(s((1, 16, 2, 16), jnp.float32), s((1, 128, 2, 16), jnp.float32), cfg, "cpu") == "xla"
+    half = s((24, 1024, 2, 16), jnp.bfloat16)
+    assert _auto_implementation(half, s((24, 2048, 2, 16), jnp.bfloat16), cfg, "gpu") == "cudnn"
+    assert _auto_implementation(big_q, big_k, cfg, "gpu") == "xla"
+
+
+@pytest.mark.parametrize("field", ["flash_query_block", "flash_kv_block", "flash_tile_elements"])
+def test_flash_config_rejects_non_positive_blocks(field):
+    with pytest.raises(ValueError, match=field):
+        AttentionConfig("flash", **{field: 0})
