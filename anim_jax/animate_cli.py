@@ -77,8 +77,9 @@ def add_animate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gif", action="store_true", help="also write a GIF next to the mp4")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="compute dtype (parameters stay as stored)")
-    p.add_argument("--attention", choices=("xla", "chunked", "cudnn", "auto"), default="auto",
-                   help="attention implementation (auto: cuDNN on GPU in half precision, chunked when large)")
+    p.add_argument("--attention", choices=("xla", "chunked", "flash", "cudnn", "auto"), default="auto",
+                   help="attention implementation (auto: cuDNN on GPU in half precision; on CPU flash, "
+                        "tiled with an online softmax, when the score matrix is large)")
     p.add_argument("--devices", type=_int_at_least(1), default=None,
                    help="shard context windows over the first N devices, N >= 1 (default: all devices)")
     p.add_argument("--no-progress", action="store_true")
