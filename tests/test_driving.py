@@ -22,7 +22,7 @@ import pose_helpers as ph  # noqa: E402
 from test_pipeline import components  # noqa: E402,F401  (the tiny Animate Anyone model, a fixture)
 
 from anim_jax import cli, media, native  # noqa: E402
-from anim_jax.models import factory  # noqa: E402
+from anim_jax.convert.components import save_components  # noqa: E402
 from anim_jax.pipeline import AnimatePipeline  # noqa: E402
 from anim_jax.pose.align import align_poses  # noqa: E402
 from anim_jax.pose.extract import PoseExtractor  # noqa: E402
@@ -68,8 +68,8 @@ def frame_size(path) -> tuple[int, int]:
 def setup(components, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("driving")
     weights = root / "weights"
-    factory.save_components(weights, components, schedule=AnimatePipeline(**components).schedule,
-                            extra={native.KEY: TINY_NATIVE.to_json()})
+    save_components(weights, components, schedule=AnimatePipeline(**components).schedule,
+                    extra={native.KEY: TINY_NATIVE.to_json()})
     dwpose = ph.tiny_dwpose(root / "dwpose", confident_keypoints=True)
     video = dancer(FRAMES)
     media.write_mp4(root / "dance.mp4", video, fps=10)
