@@ -126,9 +126,17 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--reference", args.reference), ("--pose", args.pose)):
         if value is not None and not pathlib.Path(value).exists():
             raise FileNotFoundError(f"{flag} {value!r} does not exist")
-    if (args.context_overlap is not None and args.context_frames is not None
-            and args.context_overlap >= args.context_frames):
-        raise ValueError(f"--context-overlap {args.context_overlap} must be less than --context-frames {args.context_frames}")
+    if args.context_overlap is not None:
+        frames = args.context_frames
+        if frames is None:  # the weights' native window (a cheap read of anim_jax.json), else Moore's
+            from anim_jax import native, weights_dir
+
+            try:
+                frames = native.from_config(weights_dir.read_config(args.weights)).context_frames
+            except (OSError, ValueError):
+                frames = native.MOORE.context_frames
+        if args.context_overlap >= frames:
+            raise ValueError(f"--context-overlap {args.context_overlap} must be less than --context-frames {frames}")
     driving_cli.check_args(args)
 
 

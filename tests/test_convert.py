@@ -241,7 +241,7 @@ def test_reference_net_matches_torch(moore_set, converted):
     feats = nnx.jit(lambda m, x, t, c: m(x, t, c))(comps["reference_net"], jnp.asarray(x), jnp.zeros(t.shape),
                                                    jnp.asarray(ctx))
     assert len(feats) == len(ref_feats) == 6
-    for ours, ref in zip(feats, ref_feats):
+    for ours, ref in zip(feats.values(), ref_feats):
         assert_close(ours, ref, UNET_TOL)
 
 

@@ -33,7 +33,7 @@ import test_reference_attention as refattn_t
 import test_unet_parity as unet_t
 import test_vae_parity as vae_t
 from anim_jax.convert.clip_keys import CLIP_KEYMAP
-from anim_jax.convert.mapping import load_torch_state_dict
+from anim_jax.convert.loader import load_torch_state_dict
 from anim_jax.convert.motion_keys import MOTION_KEYMAP_DIFFUSERS
 from anim_jax.models import clip as clip_m
 from anim_jax.models import layers

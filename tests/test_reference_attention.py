@@ -22,7 +22,7 @@ import torch
 from flax import nnx
 
 import seeded
-from anim_jax.convert.mapping import expected_torch_shapes
+from anim_jax.convert.loader import expected_torch_shapes
 from anim_jax.convert.unet_keys import UNET_KEYMAP
 from anim_jax.models.unet import UNetConfig
 from test_unet_parity import (

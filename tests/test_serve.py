@@ -101,7 +101,7 @@ def test_driving_video_poses_are_extracted_and_aligned_to_the_reference(tiny_wei
     from anim_jax.pose.extract import PoseExtractor
 
     # Small detection sizes keep the tiny DWPose networks fast (DWPose's own are 512 and 640).
-    extractor = PoseExtractor.from_pretrained(tiny_dwpose(tmp_path / "dwpose"), batch_size=8,
+    extractor = PoseExtractor.from_pretrained(tiny_dwpose(tmp_path / "dwpose", confident_keypoints=True), batch_size=8,
                                               detect_resolution=64, detector_input=(128, 128))
     animator = Animator(tiny_weights, workdir=tmp_path / "work", pose_extractor=extractor)
     rng = np.random.default_rng(4)
