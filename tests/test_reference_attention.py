@@ -23,6 +23,7 @@ from flax import nnx
 
 import seeded
 from anim_jax.convert.loader import expected_torch_shapes
+from anim_jax.convert.model_configs import unet_config_from_diffusers
 from anim_jax.convert.unet_keys import UNET_KEYMAP
 from anim_jax.models.unet import UNetConfig
 from test_unet_parity import (
@@ -135,7 +136,7 @@ def test_matches_moore_reference_attention_control():
     """Moore's writer (UNet2DConditionModel, mode "write") and reader (UNet3DConditionModel with
     inflated GroupNorm, no motion modules, mode "read"), fusion_blocks "full", its default float16
     bank copy, pose features added after conv_in; both UNets seeded (tests/seeded.py, 11 and 12)."""
-    abstract = nnx.merge(*_abstract_unet(UNetConfig.from_diffusers(CONFIG), False))
+    abstract = nnx.merge(*_abstract_unet(unet_config_from_diffusers(CONFIG), False))
     shapes = {k: s for k, (_, s) in expected_torch_shapes(abstract, UNET_KEYMAP).items()}
     ref_net = jax_unet(CONFIG, seeded.state_dict(11, shapes), reference_net=True)
     den = jax_unet(CONFIG, seeded.state_dict(12, shapes), reference_fp16_rounding=True)
