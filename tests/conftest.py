@@ -38,3 +38,10 @@ def tiny_weights(tmp_path_factory):
 
     return write_tiny_weights(tmp_path_factory.mktemp("tiny_weights") / "weights",
                               native=dict(width=32, height=32, steps=2, guidance_scale=2.0, context_frames=4))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``longest`` run first: with ``pytest -n 2 --dist loadfile`` a file that takes
+    minutes (the demo's two training stages) then overlaps the rest of the suite instead of
+    running alone at its end."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)

@@ -15,11 +15,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.longest
 def test_quick_demo_learns(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ)
