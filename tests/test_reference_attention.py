@@ -25,7 +25,6 @@ import seeded
 from anim_jax.convert.loader import expected_torch_shapes
 from anim_jax.convert.model_configs import unet_config_from_diffusers
 from anim_jax.convert.unet_keys import UNET_KEYMAP
-from anim_jax.models.unet import UNetConfig
 from test_unet_parity import (
     TINY_2L,
     UNET_TOL,
@@ -149,7 +148,7 @@ def test_matches_moore_reference_attention_control():
     frames_last = lambda v: jnp.asarray(v.transpose(0, 2, 3, 4, 1).reshape(-1, *HW, v.shape[1]))  # noqa: E731
 
     feats = ref_net(jnp.asarray(ref_latent.transpose(0, 2, 3, 1)), jnp.zeros((BATCH,)), jnp.asarray(ctx))
-    out = den(frames_last(noisy), jnp.asarray(t), jnp.asarray(ctx), num_frames=FRAMES, reference=feats,
+    out = den(frames_last(noisy), jnp.asarray(t), jnp.asarray(ctx), num_frames=FRAMES, reference=den.reference_kv(feats),
               pose_features=frames_last(pose))
     want = np.load(pathlib.Path(__file__).parent / "data" / "moore_reference_attention.npz")["output"]
     assert_close(out, np.asarray(frames_last(want)), REFERENCE_TOL)
