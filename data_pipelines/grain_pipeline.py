@@ -51,7 +51,6 @@ import grain
 import numpy as np
 from PIL import Image
 
-from data_pipelines import dataset as dataset_lib
 from data_pipelines.video_io import decode_pil
 
 STAGE1_CROP_SCALE = (0.9, 1.0)
@@ -330,6 +329,9 @@ def make_map_dataset(
     """
     config = data_config(config)
     if source is None:
+        # imported here: TFDS is needed only to open a dataset directory, not for an in-memory source
+        from data_pipelines import dataset as dataset_lib
+
         source = dataset_lib.open_dataset(config.path)
     process_index, process_count = _process_info(process_index, process_count)
     n = len(source)

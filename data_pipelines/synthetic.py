@@ -25,7 +25,6 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_pipelines import dataset as dataset_lib
 from data_pipelines.video_io import encode_jpeg, encode_png, write_video
 
 # OpenPose-18 keypoints: 0 nose, 1 neck, 2 r-shoulder, 3 r-elbow, 4 r-wrist, 5 l-shoulder, 6 l-elbow,
@@ -46,6 +45,27 @@ COLORS = (
 # Background kinds; the default draw leaves out "plain" (the demo uses it alone: anim_jax/recipes/demo.py).
 BACKGROUNDS = ("vgradient", "hgradient", "floor", "checks", "plain")
 DEFAULT_BACKGROUNDS = BACKGROUNDS[:4]
+
+# The demo's palette mode (``palette="train"`` / ``"heldout"``): tops and bottoms in clearly different
+# named colours, so keeping the reference's look is something a small model can learn and a metric can
+# check. A (top, bottom) colour pair is either a training pair or a held-out pair (``heldout_pair``),
+# so held-out characters wear combinations no training video shows.
+PALETTE = (
+    ("red", (220, 40, 40)), ("orange", (245, 140, 25)), ("yellow", (240, 215, 40)), ("green", (40, 165, 60)),
+    ("cyan", (35, 190, 215)), ("blue", (45, 70, 215)), ("purple", (135, 55, 200)), ("pink", (240, 115, 180)),
+    ("white", (240, 240, 240)), ("black", (35, 35, 35)),
+)  # fmt: skip
+PALETTE_MODES = ("train", "heldout")
+
+# Body-part labels of ``render_character(..., with_parts=True)`` (for per-part colour errors).
+PARTS = ("background", "skin", "hair", "top", "bottom", "shoes")
+PART_INDEX = {name: i for i, name in enumerate(PARTS)}
+
+
+def heldout_pair(top: int, bottom: int) -> bool:
+    """Whether the (top, bottom) palette pair is reserved for held-out characters (about one in
+    seven pairs; every colour still appears as a top and as a bottom in training)."""
+    return (3 * top + bottom) % 7 == 0
 
 
 def check_backgrounds(backgrounds) -> tuple[str, ...] | None:
@@ -72,9 +92,10 @@ def _color(rng, lo=0, hi=255) -> tuple[int, int, int]:
     return tuple(int(x) for x in rng.integers(lo, hi + 1, 3))
 
 
-def make_character(rng: np.random.Generator, backgrounds=None) -> dict:
+def make_character(rng: np.random.Generator, backgrounds=None, palette: str | None = None) -> dict:
     """Random proportions, colours, textures and motion parameters (lengths in units of body height);
-    the background kind is drawn from ``backgrounds`` (None: ``DEFAULT_BACKGROUNDS``)."""
+    the background kind is drawn from ``backgrounds`` (None: ``DEFAULT_BACKGROUNDS``). ``palette``
+    ("train" or "heldout"): clothes from ``PALETTE`` instead (see ``apply_palette``)."""
     u = lambda a, b: float(rng.uniform(a, b))  # noqa: E731
     skin_tones = np.array([[255, 224, 196], [241, 194, 125], [224, 172, 105], [198, 134, 66], [141, 85, 36], [92, 56, 30]])
     skin = np.clip(skin_tones[rng.integers(len(skin_tones))] + rng.integers(-15, 16, 3), 0, 255)
@@ -132,7 +153,35 @@ def make_character(rng: np.random.Generator, backgrounds=None) -> dict:
     if backgrounds is not None:
         # drawn last, so everything else about the character is the default draw's
         char["bg_pattern"] = str(rng.choice(list(check_backgrounds(backgrounds))))
+    if palette is not None:
+        apply_palette(char, rng, palette)
     return char
+
+
+def apply_palette(char: dict, rng: np.random.Generator, mode: str) -> None:
+    """Clothes in two different ``PALETTE`` colours (a training or a held-out pair, by ``mode``),
+    patterns in a darker shade of the same colour (the part keeps its colour on average), dark
+    shoes, natural hair, a light grey background. Drawn after everything else, so proportions and
+    motion are the default draw's."""
+    if mode not in PALETTE_MODES:
+        raise ValueError(f"palette must be one of {PALETTE_MODES} or None, got {mode!r}")
+    n = len(PALETTE)
+    pairs = [(a, b) for a in range(n) for b in range(n) if a != b and heldout_pair(a, b) == (mode == "heldout")]
+    top, bottom = pairs[int(rng.integers(len(pairs)))]
+    shade = lambda c, f: tuple(int(round(x * f)) for x in c)  # noqa: E731
+    char["top"], char["bottom"] = PALETTE[top][1], PALETTE[bottom][1]
+    char["top2"], char["bottom2"] = shade(char["top"], 0.6), shade(char["bottom"], 0.6)
+    char["palette"] = (PALETTE[top][0], PALETTE[bottom][0])
+    char["top_pattern"] = str(rng.choice(["plain", "hstripes", "vstripes"]))
+    char["bottom_pattern"] = str(rng.choice(["plain", "vstripes"]))
+    char["pattern_period"] = float(rng.uniform(0.06, 0.1))
+    char["hair"] = ((25, 20, 15), (95, 60, 30), (205, 170, 90), (150, 50, 25))[int(rng.integers(4))]
+    char["shoes"] = ((20, 20, 20), (70, 45, 30), (60, 60, 70))[int(rng.integers(3))]
+    grey = int(rng.integers(190, 231))
+    char["bg"] = tuple(int(np.clip(grey + d, 0, 255)) for d in rng.integers(-8, 9, 3))
+    char["bg2"] = char["bg"]
+    char["bg_pattern"] = "plain"
+    char["skirt"] = False
 
 
 def _angle(spec, t: float) -> float:
@@ -228,8 +277,12 @@ def _capsule(draw: ImageDraw.ImageDraw, a, b, width: float, fill) -> None:
         draw.ellipse([p[0] - r, p[1] - r, p[0] + r, p[1] + r], fill=fill)
 
 
-def render_character(char: dict, kp: np.ndarray, height: int, width: int, background: np.ndarray) -> np.ndarray:
-    """The character at keypoints ``kp`` over ``background`` (rendered at ``_supersample``x), uint8."""
+def render_character(char: dict, kp: np.ndarray, height: int, width: int, background: np.ndarray,
+                     with_parts: bool = False):
+    """The character at keypoints ``kp`` over ``background`` (rendered at ``_supersample``x), uint8.
+
+    ``with_parts``: also its body-part map, (height, width) uint8 indices into ``PARTS`` (the label
+    drawn last at each pixel's centre, by the same shapes as the picture)."""
     s = _supersample(height, width)
     H, W = height * s, width * s
     k = kp * s
@@ -237,6 +290,8 @@ def render_character(char: dict, kp: np.ndarray, height: int, width: int, backgr
     period = char["pattern_period"] * L
     origin = (k[1] + k[8] + k[11]) / 3
     canvas = Image.fromarray(background)
+    parts = Image.new("L", (W, H), PART_INDEX["background"])
+    lab = ImageDraw.Draw(parts)
     top = Image.fromarray(np.ascontiguousarray(_pattern(char["top_pattern"], H, W, char["top"], char["top2"], period, origin)))
     bottom = Image.fromarray(
         np.ascontiguousarray(_pattern(char["bottom_pattern"], H, W, char["bottom"], char["bottom2"], period, origin))
@@ -256,11 +311,13 @@ def render_character(char: dict, kp: np.ndarray, height: int, width: int, backgr
         d.polygon([tuple(k[8] - [leg_w * 0.5, 0]), tuple(k[11] + [leg_w * 0.5, 0]),
                    (hip_c[0] + half * 1.5, knee_y), (hip_c[0] - half * 1.5, knee_y)], fill=255)  # fmt: skip
     canvas.paste(bottom, (0, 0), mask)
+    parts.paste(PART_INDEX["bottom"], (0, 0), mask)
     d = ImageDraw.Draw(canvas)
     for knee, ankle in ((9, 10), (12, 13)):
         v = k[ankle] - k[knee]
         foot = k[ankle] + v / (np.linalg.norm(v) + 1e-6) * leg_w * 0.3
-        _capsule(d, k[ankle], foot + [0, 0.01], leg_w * 1.1, char["shoes"])
+        for draw, fill in ((d, char["shoes"]), (lab, PART_INDEX["shoes"])):
+            _capsule(draw, k[ankle], foot + [0, 0.01], leg_w * 1.1, fill)
 
     # torso (top texture) with upper arms as sleeves
     mask = Image.new("L", (W, H), 0)
@@ -271,23 +328,31 @@ def render_character(char: dict, kp: np.ndarray, height: int, width: int, backgr
     for sh, el in ((2, 3), (5, 6)):
         _capsule(d, k[sh], k[el], arm_w, 255)
     canvas.paste(top, (0, 0), mask)
+    parts.paste(PART_INDEX["top"], (0, 0), mask)
 
     d = ImageDraw.Draw(canvas)
+    skin = PART_INDEX["skin"]
     for el, wr in ((3, 4), (6, 7)):  # forearms and hands (skin)
-        _capsule(d, k[el], k[wr], arm_w * 0.8, char["skin"])
         r = arm_w * 0.6
-        d.ellipse([k[wr][0] - r, k[wr][1] - r, k[wr][0] + r, k[wr][1] + r], fill=char["skin"])
+        for draw, fill in ((d, char["skin"]), (lab, skin)):
+            _capsule(draw, k[el], k[wr], arm_w * 0.8, fill)
+            draw.ellipse([k[wr][0] - r, k[wr][1] - r, k[wr][0] + r, k[wr][1] + r], fill=fill)
     # neck and head
     head_c = (k[16] + k[17]) / 2
-    _capsule(d, k[1], head_c, arm_w * 0.8, char["skin"])
     r = char["head_r"] * L
-    d.ellipse([head_c[0] - r, head_c[1] - r * 1.1, head_c[0] + r, head_c[1] + r * 1.1], fill=char["skin"])
-    d.chord([head_c[0] - r * 1.05, head_c[1] - r * 1.2, head_c[0] + r * 1.05, head_c[1] + r * 0.9], 180, 360, fill=char["hair"])
-    for eye in (14, 15):
+    for draw, face, hair in ((d, char["skin"], char["hair"]), (lab, skin, PART_INDEX["hair"])):
+        _capsule(draw, k[1], head_c, arm_w * 0.8, face)
+        draw.ellipse([head_c[0] - r, head_c[1] - r * 1.1, head_c[0] + r, head_c[1] + r * 1.1], fill=face)
+        draw.chord([head_c[0] - r * 1.05, head_c[1] - r * 1.2, head_c[0] + r * 1.05, head_c[1] + r * 0.9], 180, 360,
+                   fill=hair)
+    for eye in (14, 15):  # the eyes count as skin (the face) in the part map
         e = k[eye]
         er = max(r * 0.12, 1.0)
         d.ellipse([e[0] - er, e[1] - er, e[0] + er, e[1] + er], fill=(20, 20, 20))
-    return np.asarray(canvas.resize((width, height), Image.BOX))
+    frame = np.asarray(canvas.resize((width, height), Image.BOX))
+    if not with_parts:
+        return frame
+    return frame, np.asarray(parts.resize((width, height), Image.NEAREST))
 
 
 def _ellipse_polygon(center, half_len: float, half_width: float, angle: float, n: int = 24) -> list:
@@ -324,25 +389,43 @@ def render_pose(kp: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def render_video(
-    seed: int, index: int = 0, num_frames: int = 48, height: int = 64, width: int = 64, backgrounds=None
+    seed: int, index: int = 0, num_frames: int = 48, height: int = 64, width: int = 64, backgrounds=None,
+    palette: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Synthetic video ``index`` of ``seed``: frames (T,H,W,3) uint8, poses (T,H,W,3) uint8, keypoints (T,18,2)."""
     frames, poses, kps = [], [], []
-    for frame, pose, kp in iter_video(seed, index, num_frames, height, width, backgrounds):
+    for frame, pose, kp in iter_video(seed, index, num_frames, height, width, backgrounds, palette):
         frames.append(frame)
         poses.append(pose)
         kps.append(kp)
     return np.stack(frames), np.stack(poses), np.stack(kps)
 
 
-def iter_video(seed: int, index: int, num_frames: int, height: int, width: int, backgrounds=None) -> Iterator[tuple]:
+def iter_video(seed: int, index: int, num_frames: int, height: int, width: int, backgrounds=None,
+               palette: str | None = None) -> Iterator[tuple]:
     """Frame by frame: ``(frame, pose, keypoints)``."""
-    char = make_character(_rng(seed, index), backgrounds)
+    char = make_character(_rng(seed, index), backgrounds, palette)
     s = _supersample(height, width)
     bg = _background(char, height * s, width * s)
     for t in range(num_frames):
         kp = keypoints(char, float(t), height, width)
         yield render_character(char, kp, height, width, bg), render_pose(kp, height, width), kp
+
+
+def performance(char: dict, motion: dict, num_frames: int, height: int, width: int, start: int = 0) -> dict:
+    """``char`` (its look and body proportions) performing ``motion``'s movement (another
+    character's joint-angle waves, drift and position), frames ``start .. start + num_frames - 1``:
+    ``frames``, ``poses`` (T, H, W, 3) uint8, ``parts`` (T, H, W) uint8 (``PARTS``), ``keypoints`` (T, 18, 2)."""
+    actor = dict(char, motion=motion["motion"], x=motion["x"])
+    s = _supersample(height, width)
+    bg = _background(actor, height * s, width * s)
+    out = {"frames": [], "poses": [], "parts": [], "keypoints": []}
+    for t in range(start, start + num_frames):
+        kp = keypoints(actor, float(t), height, width)
+        frame, parts = render_character(actor, kp, height, width, bg, with_parts=True)
+        for key, value in (("frames", frame), ("poses", render_pose(kp, height, width)), ("parts", parts), ("keypoints", kp)):
+            out[key].append(value)
+    return {k: np.stack(v) for k, v in out.items()}
 
 
 def video_name(index: int) -> str:
@@ -383,7 +466,7 @@ def write_synthetic_videos(
 
 def synthetic_examples(
     num_videos: int, *, seed: int = 0, num_frames: int = 48, height: int = 64, width: int = 64, fps: float = 8.0,
-    jpeg_quality: int = 95, noise: float = 0.0, backgrounds=None,
+    jpeg_quality: int = 95, noise: float = 0.0, backgrounds=None, palette: str | None = None,
 ) -> Iterator[dict]:  # fmt: skip
     """Dataset records (see ``dataset.py``) of synthetic videos, without writing video files.
 
@@ -394,11 +477,13 @@ def synthetic_examples(
     rng = np.random.default_rng(seed)
     for i in range(num_videos):
         frames, poses = [], []
-        for frame, pose, _ in iter_video(seed, i, num_frames, height, width, backgrounds):
+        for frame, pose, _ in iter_video(seed, i, num_frames, height, width, backgrounds, palette):
             if noise:
                 frame = np.clip(frame + rng.normal(0, noise, frame.shape), 0, 255).astype(np.uint8)
             frames.append(encode_jpeg(frame, jpeg_quality))
             poses.append(encode_png(pose))
+        from data_pipelines import dataset as dataset_lib
+
         yield dataset_lib.make_example(video_name(i), frames, poses, fps, (height, width), (height, width))
 
 
@@ -413,11 +498,15 @@ def write_synthetic_dataset(
     fps: float = 8.0,
     overwrite: bool = False,
     backgrounds=None,
+    palette: str | None = None,
 ) -> str:
-    """The prepared dataset of ``num_videos`` synthetic videos at ``path`` (as ``anim-jax prepare`` writes it)."""
+    """The prepared dataset of ``num_videos`` synthetic videos at ``path`` (as ``anim-jax prepare`` writes it);
+    ``palette``: the characters' clothes colours (``make_character``)."""
     backgrounds = check_backgrounds(backgrounds)  # before anything is written
+    if palette is not None and palette not in PALETTE_MODES:
+        raise ValueError(f"palette must be one of {PALETTE_MODES} or None, got {palette!r}")
     examples = synthetic_examples(num_videos, seed=seed, num_frames=num_frames, height=height, width=width, fps=fps,
-                                  backgrounds=backgrounds)
+                                  backgrounds=backgrounds, palette=palette)
     report = {
         "source": "synthetic",
         "seed": seed,
@@ -426,4 +515,36 @@ def write_synthetic_dataset(
         "skipped": [],
         "truncated": [],
     }
+    from data_pipelines import dataset as dataset_lib
+
     return dataset_lib.build_dataset(path, examples, report=report, overwrite=overwrite, description="anim_jax synthetic characters")
+
+
+def _palette_record(args) -> dict:
+    seed, index, num_frames, height, width, palette = args
+    frames, poses = [], []
+    for frame, pose, _ in iter_video(seed, index, num_frames, height, width, ("plain",), palette):
+        frames.append(encode_jpeg(frame, 95))
+        poses.append(encode_png(pose))
+    # The record format of ``dataset.make_example`` (tests/test_demo.py checks they agree), built here
+    # so that an in-memory training set needs no TFDS.
+    return {"id": video_name(index), "frames": frames, "poses": poses, "num_frames": num_frames, "fps": 8.0,
+            "height": height, "width": width, "pose_height": height, "pose_width": width}
+
+
+def palette_records(num_videos: int, *, seed: int = 0, num_frames: int = 24, height: int = 64, width: int = 64,
+                    palette: str = "train", workers: int = 1) -> list[dict]:
+    """Dataset records (``dataset.make_example``'s format, JPEG frames and PNG poses) of palette-mode
+    characters on plain backgrounds, in memory: a random-access training source for
+    ``grain_pipeline.make_map_dataset(source=...)``. ``workers`` > 1 renders videos in that many
+    processes (rendering is CPU-bound Python, ~40 ms per 64x64 frame)."""
+    if palette not in PALETTE_MODES:
+        raise ValueError(f"palette must be one of {PALETTE_MODES}, got {palette!r}")
+    jobs = [(seed, i, num_frames, height, width, palette) for i in range(num_videos)]
+    if workers <= 1:
+        return [_palette_record(j) for j in jobs]
+    import multiprocessing
+
+    # spawn: the caller may already run JAX threads, which fork would copy half-alive
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return pool.map(_palette_record, jobs, chunksize=max(1, num_videos // (4 * workers)))

@@ -14,7 +14,8 @@ import os
 from fractions import Fraction
 from typing import Iterable, Iterator
 
-import av
+# PyAV is imported where a video file is read or written: decoding stored JPEG/PNG frames (the
+# training data path) needs only PIL, so it runs where PyAV is not installed.
 import numpy as np
 from PIL import Image
 
@@ -37,6 +38,8 @@ def video_info(path: str | os.PathLike) -> dict:
     """``{"fps", "num_frames" (container estimate, may be 0), "width", "height"}`` of the first video stream."""
     if os.path.getsize(path) == 0:
         raise EmptyVideoError(f"{path}: empty file")
+    import av
+
     with av.open(str(path)) as c:
         s = _video_stream(c, path)
         rate = s.average_rate or s.guessed_rate or s.base_rate
@@ -56,6 +59,8 @@ def iter_video_frames(path: str | os.PathLike, threads: bool = True) -> Iterator
     """
     if os.path.getsize(path) == 0:
         raise EmptyVideoError(f"{path}: empty file")
+    import av
+
     with av.open(str(path)) as c:
         s = _video_stream(c, path)
         if threads:
@@ -93,6 +98,8 @@ def write_video(
         raise ValueError(f"write_video({path!r}): no frames")
     h, w = first.shape[:2]
     ext = os.path.splitext(path)[1]
+    import av
+
     with atomic.atomic_file(path) as tmp, av.open(str(tmp), mode="w") as out:
         if lossless and ext == ".mkv":
             st = out.add_stream("ffv1", rate=rate)

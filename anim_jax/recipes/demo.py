@@ -1,37 +1,32 @@
-"""The built-in demo (``anim-jax demo``): the tiny stage configs with a pixel-unshuffle autoencoder.
+"""The built-in demo's training recipe (``anim-jax demo --train``): a small Animate Anyone at 64x64.
 
 The exact pixel-unshuffle autoencoder (anim_jax/models/pixel_autoencoder.py) replaces the SD VAE,
 so the demo needs no pretrained weights and its pixel metrics measure the denoiser alone. It
-downsamples by 2 (32x32 frames -> 16x16 x 12 latents), so the PoseGuider has one stride-2 conv
-instead of three and the UNet reads and writes 3 * 2 * 2 = 12 latent channels; everything else is
-the tiny architecture of ``anim_jax.recipes.tiny``. The factor is 2, not 4: with 4 the 48 latent channels
-would pass through the UNet's 32-channel first level, which cannot carry the per-pixel noise the
-denoiser has to predict at low noise levels, and the samples stay noisy.
+downsamples by 2 (64x64 frames -> 32x32 x 12 latents), so the PoseGuider has one stride-2 conv
+instead of three. The factor is 2, not 4: with 4 the 48 latent channels would pass through the
+UNet's first level, which cannot carry the per-pixel detail the denoiser has to predict at low
+noise levels, and the samples stay noisy.
 
-The training recipe departs from Moore's where a from-scratch model of this size, trained for a
-few CPU minutes, cannot follow it. Held-out PSNR after stage 1 alone (4 videos x 8 frames, 1-step
-sampling; copy-the-reference: 21.72 dB with the default backgrounds, 21.35 with plain ones):
+The data are the synthetic characters of ``data_pipelines.synthetic`` in palette mode (clothes in
+named colours, training colour pairs only; the held-out characters wear the held-out pairs and
+perform motions of another seed, see ``anim_jax.demo``), on plain light backgrounds.
 
-| stage 1 (batch 8)                                    | default backgrounds | plain backgrounds |
-|------------------------------------------------------|--------------------:|------------------:|
-| Moore: v-prediction, min-SNR 5, constant lr 2e-3, 600 steps | 16.5        |                   |
-| x0-prediction, plain MSE, constant lr 2e-3, 600 steps | 17.3               | 19.3              |
-| x0, cosine lr 3e-3 (warm-up 30), 600 steps            | 17.3               | 21.6              |
-| x0, cosine lr 3e-3 (warm-up 30), 900 steps (this config) |                 | 22.3              |
+Where the recipe departs from Moore's (a from-scratch model of this size, trained for minutes):
 
 * x0-prediction (``diffusion.prediction_type="sample"``) with a plain MSE: v- and eps-prediction
-  ask the network to reproduce the exact per-pixel noise, which a 32-channel first level learns
-  far too slowly, and the samples stay noisy;
-* a cosine learning-rate decay after a short warm-up instead of Moore's constant rate;
-* the export keeps the training betas (scaled_linear) for inference instead of Moore's linear ones;
-* plain backgrounds (``data_pipelines.synthetic`` ``backgrounds=("plain",)``): the copy-the-reference
-  baseline gets a static background right for free, while the SD UNet's attention has no position
-  signal besides zero padding, so copying a textured background pixel-exactly is what a tiny
-  model learns last (with gradients and checks it stays ~4 dB behind the baseline).
+  ask a small network to reproduce the exact per-pixel noise, which it learns far too slowly, and
+  its samples stay noisy;
+* a cosine learning-rate decay after a short warm-up instead of Moore's constant rate, and a
+  learning rate ~100x Moore's (from scratch, not fine-tuning SD);
+* the export keeps the training betas (scaled_linear) for inference instead of Moore's linear ones.
 
-``get_config("stage1")`` / ``get_config("stage2")``; a ``,quick`` suffix (``"stage1,quick"``) is
-the shortened run of the test suite. The demo sets ``data.dataset`` and, for stage 2,
-``init.weights_dir`` (the stage-1 export).
+Variants (``get_config("stage1")``, ``"stage2"``, with a suffix):
+
+* none: the shipped model (``anim_jax/demo_weights``), sized for one GPU (large batches, a few
+  thousand steps; on 2 CPU cores it takes hours, see NOTES);
+* ``,cpu``: the same model and data with smaller batches and fewer steps (about an hour on 2 CPU cores);
+* ``,quick``: the test suite's short run: a smaller model at 32x32 for a few hundred steps; it
+  shows learning (loss falls, the trained model beats the untrained one), not appearance transfer.
 """
 
 from __future__ import annotations
@@ -40,48 +35,83 @@ import ml_collections
 
 from anim_jax.recipes import stage1, stage2, tiny
 
-FACTOR = 2  # pixel-unshuffle factor: 32x32 frames -> 16x16 x 12 latents
-RESOLUTION = (32, 32)
+FACTOR = 2  # pixel-unshuffle factor: 64x64 frames -> 32x32 x 12 latents
 NUM_FRAMES = 4  # stage-2 clip length
+BACKGROUNDS = ("plain",)  # synthetic background kinds of the demo's videos
+PALETTE = "train"  # the training videos' clothes colours (data_pipelines.synthetic.PALETTE pairs)
 
-BACKGROUNDS = ("plain",)  # synthetic background kinds of the demo's training and held-out videos
+VARIANTS = ("full", "cpu", "quick")
 
-# Training length (steps) and peak learning rate per stage, full demo vs the test suite's quick run.
-# Stage 1 does the learning that the demo's metrics show, so the quick run shortens stage 2 only.
+# The shipped model's UNet (denoiser and ReferenceNet): three levels at 32, 16 and 8 latent pixels,
+# reference attention at the first two and the mid block. ~2.2M parameters each (the denoiser's
+# motion modules ~0.9M more); all weights ~10 MB in float16 (the package limit is 12 MB).
+UNET = dict(
+    block_out_channels=(32, 64, 96),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    num_attention_heads=4,
+    cross_attention_dim=64,
+    norm_num_groups=16,
+)
+IMAGE_ENCODER = dict(tiny.IMAGE_ENCODER, hidden_size=64, intermediate_size=128, projection_dim=64)
+MOTION = dict(tiny.MOTION, num_attention_heads=4, norm_num_groups=16, levels=(1, 2), use_mid_block=False)
+
+# Per variant: resolution, model, and per stage (steps, global batch, peak lr); stage 2's batch counts clips.
 SCHEDULE = {
-    "full": dict(stage1_steps=900, stage2_steps=50, stage1_lr=3e-3, stage2_lr=1e-3),
-    "quick": dict(stage1_steps=900, stage2_steps=10, stage1_lr=3e-3, stage2_lr=1e-3),
+    "full": dict(resolution=(64, 64), stage1=(4000, 64, 2e-3), stage2=(600, 16, 5e-4), workers=8),
+    "cpu": dict(resolution=(64, 64), stage1=(1800, 8, 2e-3), stage2=(150, 4, 5e-4), workers=0),
+    "quick": dict(resolution=(32, 32), stage1=(150, 8, 3e-3), stage2=(10, 4, 1e-3), workers=0),
 }
+# The synthetic training set per variant: videos x frames (the full run's is generated in parallel).
+DATA = {"full": (400, 24), "cpu": (160, 24), "quick": (16, 24)}
 
 
-def components() -> dict:
-    unet = dict(tiny.UNET, in_channels=3 * FACTOR**2, out_channels=3 * FACTOR**2)
+def variant_of(arg: str | None) -> tuple[str, str]:
+    """``"stage1,cpu"`` -> ("stage1", "cpu"); checks the names."""
+    parts = [p for p in (arg or "stage1").split(",") if p]
+    stage_name, extra = parts[0], parts[1:]
+    if stage_name not in ("stage1", "stage2") or len(extra) > 1 or any(p not in VARIANTS for p in extra):
+        raise ValueError(f"the demo config: expected 'stage1' or 'stage2' with an optional ',cpu' or ',quick', got {arg!r}")
+    return stage_name, (extra[0] if extra else "full")
+
+
+def components(variant: str = "full") -> dict:
+    if variant == "quick":
+        unet = dict(tiny.UNET, in_channels=3 * FACTOR**2, out_channels=3 * FACTOR**2)
+        encoder = dict(tiny.IMAGE_ENCODER)
+    else:
+        unet = dict(UNET, in_channels=3 * FACTOR**2, out_channels=3 * FACTOR**2)
+        encoder = dict(IMAGE_ENCODER)
     return dict(
         unet=unet,
         vae=dict(kind="pixel_unshuffle", factor=FACTOR),
-        image_encoder=dict(tiny.IMAGE_ENCODER),
+        image_encoder=encoder,
         pose_guider=dict(conditioning_embedding_channels=unet["block_out_channels"][0], block_out_channels=(16, 32)),
     )
 
 
+def resolution(variant: str = "full") -> tuple[int, int]:
+    return tuple(SCHEDULE[variant]["resolution"])
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    parts = [p for p in (arg or "stage1").split(",") if p]
-    stage_name, variant = parts[0], ("quick" if "quick" in parts[1:] else "full")
-    if stage_name not in ("stage1", "stage2") or any(p != "quick" for p in parts[1:]):
-        raise ValueError(f"the demo config: expected 'stage1' or 'stage2' with an optional ',quick', got {arg!r}")
+    stage_name, variant = variant_of(arg)
     stage = 1 if stage_name == "stage1" else 2
     sched = SCHEDULE[variant]
+    steps, batch, lr = sched[stage_name]
     c = (stage1 if stage == 1 else stage2).get_config("tiny")
-    c.model.components = ml_collections.ConfigDict(components())
-    c.data.update(resolution=RESOLUTION, batch_size=8, num_workers=0, sample_margin=8)
+    c.model.components = ml_collections.ConfigDict(components(variant))
+    if stage == 2 and variant != "quick":
+        c.model.motion = ml_collections.ConfigDict(dict(MOTION))
+    c.data.update(resolution=resolution(variant), batch_size=batch, num_workers=sched["workers"], sample_margin=8,
+                  clip_size=c.model.components.image_encoder.image_size)
     if stage == 2:
-        c.data.update(n_frames=NUM_FRAMES, batch_size=4, sample_rate=2)
-    steps = sched[f"stage{stage}_steps"]
-    c.optimizer.update(lr=sched[f"stage{stage}_lr"], total_steps=steps, schedule="cosine",
-                       warmup_steps=min(30, max(1, steps // 10)))
+        c.data.update(n_frames=NUM_FRAMES, sample_rate=3)
+    c.optimizer.update(lr=lr, total_steps=steps, schedule="cosine", warmup_steps=min(100, max(1, steps // 10)))
     c.diffusion.update(prediction_type="sample", export_beta_schedule="scaled_linear")
     c.loss.snr_gamma = None
-    c.train.update(num_steps=steps, log_every=1, save_every=steps, max_to_keep=1, async_save=False,
-                   compute_flops=False)
-    c.validation.every = 0
+    c.train.update(num_steps=steps, log_every=1 if variant == "quick" else 10, save_every=steps, max_to_keep=1,
+                   async_save=False, compute_flops=False)
+    c.validation.update(every=0, num_inference_steps=8, guidance_scale=1.0)
     return c

@@ -5,9 +5,9 @@ from __future__ import annotations
 from data_pipelines import grain_pipeline
 
 
-def data_config(cfg, global_batch: int, *, seed_offset: int = 0, batch_size: int | None = None):
+def data_config(cfg, global_batch: int, *, seed_offset: int = 0, batch_size: int | None = None, in_memory: bool = False):
     d = cfg.data
-    if not d.dataset:
+    if not d.dataset and not in_memory:
         raise ValueError("config.data.dataset is not set: pass --config.data.dataset=DIR (a dataset from `anim-jax prepare`)")
     return grain_pipeline.data_config(
         path=str(d.dataset), stage=int(cfg.stage), resolution=tuple(d.resolution), sample_margin=int(d.sample_margin),
@@ -22,9 +22,12 @@ class DeviceBatches:
     """This host's Grain batches as global, sharded ``jax.Array``s (without ``index``);
     ``get_state``/``set_state`` are Grain's, so the checkpoint holds the position."""
 
-    def __init__(self, cfg, trainer):
+    def __init__(self, cfg, trainer, source=None):
+        """``source``: records in memory (``grain_pipeline.make_map_dataset``'s ``source``) instead
+        of the dataset directory ``cfg.data.dataset``."""
         self.trainer = trainer
-        self._it = iter(grain_pipeline.make_iter_dataset(data_config(cfg, trainer.global_batch_size)))
+        config = data_config(cfg, trainer.global_batch_size, in_memory=source is not None)
+        self._it = iter(grain_pipeline.make_iter_dataset(config, source))
 
     def __iter__(self):
         return self

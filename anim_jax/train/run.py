@@ -71,8 +71,9 @@ def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | N
     return out
 
 
-def train(cfg, workdir) -> "object":
-    """One training run (see the module docstring); returns the loop's ``LoopResult``."""
+def train(cfg, workdir, *, source=None) -> "object":
+    """One training run (see the module docstring); returns the loop's ``LoopResult``. ``source``:
+    training records in memory instead of the dataset directory ``cfg.data.dataset`` (the demo's)."""
     workdir = pathlib.Path(workdir).absolute()
     is_main = jax.process_index() == 0
     if is_main:
@@ -87,7 +88,7 @@ def train(cfg, workdir) -> "object":
     flops = None
     if tc.get("compute_flops", True):
         flops = count_step_flops(trainer, cfg)
-    data = DeviceBatches(cfg, trainer)
+    data = DeviceBatches(cfg, trainer, source)
     writer = metrics_lib.MetricWriter(workdir / "logs", enabled=is_main)
     hooks = []
     if int(cfg.validation.every) > 0:
