@@ -421,7 +421,7 @@ def run_serve(args: argparse.Namespace) -> int:
         weights = packaged_demo_weights()
         if not (weights / "anim_jax.json").is_file():
             return _fail("no demo weights are installed with this package: pass --weights DIR (a converted-weights "
-                         "directory), or run `anim-jax demo` and pass --weights demo_out/runs/stage2/export")
+                         "directory), or train the demo model with `anim-jax demo --train` and pass --weights demo_out/weights")
     else:
         weights = pathlib.Path(args.weights)
         if not (weights / "anim_jax.json").is_file():
