@@ -83,7 +83,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true",
                    help="train the demo model from scratch (stage 1 then stage 2) and use it; writes OUT/weights")
     p.add_argument("--quick", action="store_true",
-                   help="with --train: the test suite's short run, a smaller model at 32x32 for 150 + 10 steps on 16 "
+                   help="with --train: the test suite's short run, a smaller model at 32x32 for 100 + 4 steps on 16 "
                         "videos (shows learning, not appearance transfer), and 4-step sampling")
     p.add_argument("--recipe", choices=("full", "cpu"), default="full",
                    help="with --train: 'full' reproduces the shipped model (sized for a GPU; hours on 2 CPU cores), "

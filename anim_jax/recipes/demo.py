@@ -26,7 +26,7 @@ Variants (``get_config("stage1")``, ``"stage2"``, with a suffix):
   thousand steps; on 2 CPU cores it takes hours, see NOTES);
 * ``,cpu``: the same model and data with smaller batches and far fewer steps (the CPU fallback; it
   learns less);
-* ``,quick``: the test suite's short run: a smaller model at 32x32 for a few hundred steps; it
+* ``,quick``: the test suite's short run: a smaller model at 32x32 for 100 + 4 steps; it
   shows learning (loss falls, the trained model beats the untrained one), not appearance transfer.
 """
 
@@ -61,11 +61,11 @@ MOTION = dict(tiny.MOTION, num_attention_heads=4, norm_num_groups=16, levels=(1,
 # Per variant: resolution, model, and per stage (steps, global batch, peak lr); stage 2's batch counts clips.
 SCHEDULE = {
     "full": dict(resolution=(64, 64), stage1=(3000, 64, 2e-3), stage2=(400, 16, 5e-4), workers=8),
-    "cpu": dict(resolution=(64, 64), stage1=(600, 8, 2e-3), stage2=(40, 4, 5e-4), workers=0),
-    "quick": dict(resolution=(32, 32), stage1=(150, 8, 3e-3), stage2=(10, 4, 1e-3), workers=0),
+    "cpu": dict(resolution=(64, 64), stage1=(200, 8, 2e-3), stage2=(10, 4, 5e-4), workers=0),
+    "quick": dict(resolution=(32, 32), stage1=(100, 8, 3e-3), stage2=(4, 4, 1e-3), workers=0),
 }
 # The synthetic training set per variant: videos x frames (the full run's is generated in parallel).
-DATA = {"full": (320, 24), "cpu": (96, 24), "quick": (16, 24)}
+DATA = {"full": (320, 24), "cpu": (48, 24), "quick": (16, 24)}
 
 
 def variant_of(arg: str | None) -> tuple[str, str]:
