@@ -130,3 +130,23 @@ def test_background_kinds_can_be_restricted():
     with pytest.raises(ValueError, match="subset"):
         synthetic.check_backgrounds(["stripes"])
     assert cli.main(["make-synthetic", "-n", "1", "--dataset", os.devnull + "x", "--backgrounds", "plain,wavy"]) == 2
+
+
+def test_part_maps_match_the_picture():
+    """The part map labels each pixel with the part whose colour it shows (palette mode, plain clothes)."""
+    char = synthetic.make_character(synthetic._rng(0, 5), ("plain",), "train")
+    char["top_pattern"] = char["bottom_pattern"] = "plain"
+    motion = synthetic.make_character(synthetic._rng(1, 7), ("plain",), "train")
+    perf = synthetic.performance(char, motion, 2, 64, 64, start=3)
+    assert perf["frames"].shape == (2, 64, 64, 3) and perf["parts"].shape == (2, 64, 64)
+    frame, parts = perf["frames"][1], perf["parts"][1]
+    colours = {"top": char["top"], "bottom": char["bottom"], "skin": char["skin"], "background": char["bg"]}
+    for name, colour in colours.items():
+        mask = parts == synthetic.PART_INDEX[name]
+        # edges are box-filtered (anti-aliased) while the map is sampled at pixel centres: most, not all,
+        # labelled pixels carry the part's exact colour, and its median is that colour
+        close = np.abs(frame[mask].astype(int) - np.array(colour)).max(axis=1) <= 16
+        assert mask.sum() >= 6 and close.mean() > 0.6, (name, mask.sum(), close.mean())
+        np.testing.assert_allclose(np.median(frame[mask], axis=0), colour, atol=6)
+    # the motion is the other character's: same keypoints as that character at those times
+    np.testing.assert_allclose(perf["keypoints"][0], synthetic.keypoints(dict(char, motion=motion["motion"], x=motion["x"]), 3.0, 64, 64))
