@@ -537,7 +537,7 @@ def animate_command(weights, reference, poses, output) -> str:
     import shlex
 
     return " ".join(["anim-jax", "animate", "--weights", shlex.quote(str(weights)), "--reference",
-                     shlex.quote(str(reference)), "--poses", shlex.quote(str(poses)), "--output", shlex.quote(str(output))])
+                     shlex.quote(str(reference)), "--pose", shlex.quote(str(poses)), "--out", shlex.quote(str(output))])
 
 
 def metrics_table(record: dict, heldout: list[dict]) -> str:
