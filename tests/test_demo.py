@@ -106,13 +106,15 @@ def test_train_quick_learns(tmp_path):
         assert im.size[0] > 100 and np.asarray(im.convert("L")).std() > 0
 
 
-def test_usage_errors_are_one_line(tmp_path):
+def test_usage_errors_are_one_line(tmp_path, capsys):
     from anim_jax.cli import main
 
-    for args in (["--quick"], ["--train", "--weights", str(tmp_path)], ["--weights", str(tmp_path)]):
-        with pytest.raises(SystemExit) as e:
-            sys.exit(main(["demo", "--out", str(tmp_path / "o"), *args]))
-        assert e.value.code == 2
+    for args, says in ((["--quick"], "only apply with --train"), (["--train", "--weights", str(tmp_path)], "not both"),
+                       (["--weights", str(tmp_path)], "anim_jax.json is missing")):
+        assert main(["demo", "--out", str(tmp_path / "o"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "o").exists()  # nothing written before the checks pass
 
 
 def test_in_memory_records_match_the_dataset_format():
