@@ -217,6 +217,12 @@ def train_model(out: pathlib.Path, settings: DemoSettings, *, weights_out=None, 
     from anim_jax.train.metrics import scalar_series
     from data_pipelines.synthetic import palette_records
 
+    from absl import flags
+
+    # Grain's worker processes (the full recipe's data.num_workers) read absl flags, which fail as
+    # "not parsed" in a program that never ran absl's app.run (the GPU run of GPU_TRAIN.md did).
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
     runs = out / "runs"
     stage1, stage2 = stage_configs(settings, runs / "stage1" / "export")
     n_videos, n_frames = recipe.DATA[settings.variant]
