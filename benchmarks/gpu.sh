@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu.sh              # on the GPU machine (SD1.5 size, bf16 / Moore in fp16)
 #   bash benchmarks/gpu.sh --reduced    # rehearsal of every part on a CPU at reduced size
+#   PARTS="moore train1" bash benchmarks/gpu.sh   # only the parts named
 #
 # Parts, in order of importance; each runs under `timeout` and is skipped when less time is left than it
 # needs, so the whole run ends inside the budget and a slow part cannot starve the summary:
@@ -47,6 +48,9 @@ status_file=$W/parts.tsv
 part() {  # part NAME NEEDS_S LIMIT_S command...
   local name=$1 needs=$2 limit=$3
   shift 3
+  if [[ -n "${PARTS:-}" && " $PARTS " != *" $name "* ]]; then
+    return  # PARTS="moore train1": run only those
+  fi
   local left=$((deadline - SECONDS))
   if ((left < needs)); then
     echo "== $name: skipped ($left s left, needs $needs)"

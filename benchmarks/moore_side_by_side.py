@@ -218,10 +218,14 @@ def _moore_models(moore: str, weights: str | None, random_size: str = "sd15"):
 def worker_moore(moore: str, weights: str | None, width: int, height: int, frames: int, steps: int,
                  guidance: float, threads: int, device: str = "cpu", dtype: str = "float32",
                  random_size: str = "sd15") -> dict:
+    import diffusers.utils.import_utils
     import torch
     from diffusers import DDIMScheduler
     from PIL import Image
 
+    # diffusers 0.24 imports an installed peft when it registers modules; a current peft (GPU images
+    # carry one) cannot import with Moore's pinned transformers 4.30, and Moore uses no peft.
+    diffusers.utils.import_utils._peft_available = False
     torch.set_num_threads(threads)
     models = _moore_models(moore, weights, random_size)
     from src.pipelines.pipeline_pose2vid_long import Pose2VideoPipeline
