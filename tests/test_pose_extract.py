@@ -154,12 +154,17 @@ def test_pose_cli_reports_frames_without_person():
 
 
 def test_pose_cli_bad_inputs(weights, tmp_path, cli):
+    def usage_error(r):  # the form every anim-jax command gives a usage error: one line, exit code 2
+        lines = r.stderr.splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("anim-jax pose: error: "), r.stderr
+        return lines[0]
+
     r = cli(tmp_path / "nope.mp4", "--weights", weights)
-    assert r.returncode == 2 and "nope.mp4" in r.stderr and "does not exist" in r.stderr
+    assert "nope.mp4" in usage_error(r) and "does not exist" in r.stderr
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"garbage" * 10)
     r = cli(bad, "--weights", weights, *CLI_SMALL)
-    assert r.returncode == 2 and "bad.mp4" in r.stderr and "not a readable video" in r.stderr
+    assert "bad.mp4" in usage_error(r) and "not a readable video" in r.stderr
     assert not (tmp_path / "bad_kps.mp4").exists()
     r = cli(bad, "--weights", tmp_path / "missing")
     assert r.returncode == 2 and "--weights" in r.stderr
