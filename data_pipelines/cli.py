@@ -61,11 +61,11 @@ def run_prepare(args: argparse.Namespace) -> int:
     from data_pipelines.prepare import NoUsableVideos, prepare
 
     if args.extract_poses and not args.pose_weights:
-        print("anim-jax prepare: --extract-poses needs --pose-weights DIR (convert DWPose with anim-jax convert-pose)",
+        print("anim-jax prepare: error: --extract-poses needs --pose-weights DIR (convert DWPose with anim-jax convert-pose)",
               file=sys.stderr)  # fmt: skip
         return 2
     if args.pose_weights and not args.extract_poses:
-        print("anim-jax prepare: --pose-weights is only used with --extract-poses", file=sys.stderr)
+        print("anim-jax prepare: error: --pose-weights is only used with --extract-poses", file=sys.stderr)
         return 2
     if args.detector_size <= 0 or args.detector_size % 32:
         print(f"anim-jax prepare: error: --detector-size must be a positive multiple of 32, got {args.detector_size}",

@@ -225,3 +225,23 @@ def test_prepare_extract_poses(weights, tmp_path, monkeypatch):
         batch = G.make_map_dataset(cfg, process_index=0, process_count=1)[0]
         assert batch["pose" if stage == 1 else "poses"].shape[-3:] == (32, 32, 3)
 
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--pose-weights", "w", "--detector-size", "100"], "--detector-size must be a positive multiple of 32, got 100"),
+        (["--pose-weights", "w", "--detect-resolution", "32"], "--detect-resolution must be 0 or >= 64, got 32"),
+        ([], "--extract-poses needs --pose-weights"),
+    ],
+    ids=["detector-size", "detect-resolution", "no-weights"],
+)
+def test_prepare_cli_bad_pose_options(tmp_path, capsys, flags, fragment):
+    from anim_jax.cli import main
+
+    (tmp_path / "clips").mkdir()
+    code = main(["prepare", str(tmp_path / "clips"), "-o", str(tmp_path / "ds"), "--extract-poses", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("anim-jax prepare: error: "), err
+    assert fragment in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clips"]
