@@ -21,7 +21,12 @@ file per video in ``OUTPUT.poses/`` (written atomically, so a rerun after an int
 the videos not done yet); the records are then written as usual, the pose frames rendered from those
 keypoints exactly as Moore renders its training poses (detection size, ``anim_jax.pose.render``) and
 stored as PNG, the keypoints themselves stored with each record (``keypoints``), so a change of
-rendering needs no re-extraction. ``OUTPUT.poses/`` is removed once the dataset is complete.
+rendering needs no re-extraction. ``OUTPUT.poses/`` is removed once the dataset is complete. In a
+multi-process run the first process writes the dataset (it reads every process's keypoint files, so
+``OUTPUT``'s folder must be shared) and the others wait until it is written.
+
+The report's ``stage_s`` says where the time went (seconds per stage, see ``prepare``);
+``benchmarks/prepare.py`` reads it.
 """
 
 from __future__ import annotations
