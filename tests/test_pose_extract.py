@@ -210,6 +210,9 @@ def test_prepare_extract_poses(weights, tmp_path, monkeypatch):
     assert dataset_lib.is_complete(out) and not (tmp_path / "ds.poses").exists()
     report = dataset_lib.read_report(out)
     assert report["num_videos"] == 2 and [s["id"] for s in report["skipped"]] == ["broken"]
+    # The rerun extracted nothing; its time went into the records (read by benchmarks/prepare.py).
+    assert report["poses_extracted"] == 0
+    assert set(report["stage_s"]) == {"decode", "encode_frames", "render", "encode_poses"} and min(report["stage_s"].values()) > 0
 
     src = dataset_lib.open_dataset(out)
     for i in range(len(src)):
