@@ -30,6 +30,19 @@ split comes from the report's ``stage_s`` (``data_pipelines.prepare``):
   other         the rest of the wall time: the dataset writer (TFDS / ArrayRecord), listing, the report.
 With ``--workers N > 0`` the records are made in N worker processes and decode/encode/render are
 seconds summed over them (so they can exceed the wall time, and "other" is not computed).
+
+A GPU image with jax, flax, opencv and pillow but without PyAV and TFDS (the project's device
+machines) needs these wheels, 44 MB, made on a CPU host with pip (promise has no wheel; pip builds one):
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl av==18.1.0 tensorflow-datasets==4.9.10 tensorflow-metadata==1.21.0 array-record==0.8.6 \
+        dm-tree==0.1.10 immutabledict==4.3.1 toml==0.10.2
+    python3 -m pip wheel --no-deps -w .whl promise==2.3
+
+and there, before the script: ``python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl``
+and ``PYTHONPATH=/tmp/site``. (google-cloud-storage, which TFDS can use, is not needed: checked by
+running the script with it blocked.)
 """
 
 from __future__ import annotations
