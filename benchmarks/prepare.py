@@ -94,7 +94,8 @@ def _random_network(build, seed: int):
 
     def draw(v):
         fan_in = int(np.prod(v.shape[:-1])) if len(v.shape) > 1 else 1
-        return jnp.asarray(rng.uniform(-1, 1, v.shape) * np.sqrt(3.0 / fan_in), jnp.float32)
+        u = rng.random(v.shape, dtype=np.float32) * 2 - 1  # float32 draws: half the time of float64's
+        return jnp.asarray(u * np.float32(np.sqrt(3.0 / fan_in)))
 
     nnx.update(module, jax.tree.map(draw, nnx.state(module, nnx.Param)))
     return module
