@@ -6,7 +6,6 @@ jax and the networks are imported only when the command runs, so ``anim-jax --he
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_convert_pose_parser(subparsers) -> argparse.ArgumentParser:
