@@ -102,8 +102,8 @@ def run_prepare(args: argparse.Namespace) -> int:
                               detector_input=(args.detector_size, args.detector_size)),
         )
     except (NoUsableVideos, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"anim-jax prepare: {e}", file=sys.stderr)
-        return 1
+        print(f"anim-jax prepare: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -156,8 +156,8 @@ def run_synthetic(args: argparse.Namespace) -> int:
         try:
             synthetic.write_synthetic_dataset(args.dataset, args.num_videos, overwrite=args.overwrite, **common)
         except FileExistsError as e:
-            print(f"anim-jax make-synthetic: {e}", file=sys.stderr)
-            return 1
+            print(f"anim-jax make-synthetic: error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote a dataset of {args.num_videos} videos to {args.dataset}")
     return 0
 
