@@ -103,9 +103,11 @@ def _jax_worker(conn, args, weights_dir, cpus):
     if args.jax_only:
         return _jax_only(conn, args, detector, pose_net)
 
-    def compiled(model):
+    from anim_jax.pose import compile_options
+
+    def compiled(model):  # with the options the extractor compiles the networks with
         graphdef, state = nnx.split(model)
-        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)), state
+        return compile_options.jit(lambda s, x: nnx.merge(graphdef, s)(x), jax.devices()[0].platform), state
 
     det_fn, det_state = compiled(detector)
     pose_fn, pose_state = compiled(pose_net)

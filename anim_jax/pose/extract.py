@@ -210,7 +210,7 @@ class DeviceNetworks:
         self._pose_graph, pose_state = nnx.split(pose)
         self._det_state = jax.device_put(det_state, repl)
         self._pose_state = jax.device_put(pose_state, repl)
-        self._detect, self._estimate = _detect, _estimate
+        self._detect, self._estimate = _compiled(mesh.devices.flat[0].platform)
 
     def _padded(self, x: np.ndarray) -> np.ndarray:
         pad = self.batch_size - len(x)
@@ -239,17 +239,17 @@ class DeviceNetworks:
         return np.concatenate(locs), np.concatenate(vals)
 
 
-def _jit(fn):
-    import jax
-
-    return jax.jit(fn, static_argnums=(0, 1))
-
-
 @functools.cache
-def _compiled():
+def _compiled(platform: str = "cpu"):
+    """(detect, estimate) jitted for ``platform``, with the pose networks' compiler options there."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
+
+    from anim_jax.pose import compile_options
+
+    def _jit(fn):
+        return compile_options.jit(fn, platform, static_argnums=(0, 1))
 
     mean = np.asarray(pp.POSE_MEAN, np.float32)
     std = np.asarray(pp.POSE_STD, np.float32)
@@ -268,14 +268,6 @@ def _compiled():
         return jax.lax.with_sharding_constraint(locs, batch), jax.lax.with_sharding_constraint(vals, batch)
 
     return detect, estimate
-
-
-def _detect(*args):
-    return _compiled()[0](*args)
-
-
-def _estimate(*args):
-    return _compiled()[1](*args)
 
 
 # ----------------------------------------------------------------------------------------------
