@@ -58,6 +58,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = configlib.load_config(args.config, getattr(args, "config_overrides", []))
     check_config(cfg)  # before building anything or writing into WORKDIR
+    from anim_jax import storage
+
+    if storage.is_url(args.workdir):
+        storage.check_bucket(args.workdir, "--workdir")
     # A NonFiniteLossError (divergence) reaches anim_jax.cli.main: one line, EXIT_DIVERGED.
     result = train(cfg, args.workdir)
     if jax.process_count() > 1:
