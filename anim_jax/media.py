@@ -7,7 +7,6 @@ pipeline below never sees an image mode or bit depth it has to guess about.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Iterable, Sequence
 
 import numpy as np

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from anim_jax import storage
 from anim_jax.atomic import atomic_dir
 from anim_jax.convert import store
 from anim_jax.convert.loader import load
@@ -323,7 +324,7 @@ def convert_lpips(
 
 def load_lpips(directory: str | os.PathLike, *, dtype=jnp.float32) -> LPIPS:
     """The LPIPS model of a directory written by :func:`convert_lpips`."""
-    directory = pathlib.Path(directory)
+    directory = storage.as_path(directory)
     config = store.read_config(directory)
     entry = config.get(CONFIG_KEY)
     if not isinstance(entry, Mapping) or entry.get("net") not in NETS:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pathlib
 import sys
 
 log = logging.getLogger("anim_jax.train")

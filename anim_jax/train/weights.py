@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import re
 from typing import Any, Callable, Mapping, Sequence
 
