@@ -116,7 +116,7 @@ def convert_i3d(pt_path: str | os.PathLike, out_dir: str | os.PathLike, *, bn_ep
     :class:`I3DConfig`). Returns the config written to ``out_dir/anim_jax.json``.
     """
     pt_path = pathlib.Path(pt_path)
-    out_dir = pathlib.Path(out_dir)
+    out_dir = storage.as_path(out_dir)
     if (out_dir / store.CONFIG_NAME).is_file():
         existing = store.read_config(out_dir).get("model")
         if existing != MODEL_NAME:
