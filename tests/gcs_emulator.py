@@ -101,9 +101,9 @@ def running_emulator(log_path):
     os.environ.update(emulator.env)
     try:
         _use_plain_gcsfs()
-        import gcsfs
+        import fsspec
 
-        gcsfs.GCSFileSystem().mkdir(BUCKET)
+        fsspec.filesystem("gs").mkdir(BUCKET)
         yield emulator
     finally:
         for k, v in saved.items():

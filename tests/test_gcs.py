@@ -32,9 +32,9 @@ TRAIN = ["--config.mesh.num_devices=1", "--config.data.batch_size=2", "--config.
 
 
 def fs():
-    import gcsfs
+    import fsspec
 
-    return gcsfs.GCSFileSystem()
+    return fsspec.filesystem("gs")
 
 
 @pytest.fixture(scope="module")
