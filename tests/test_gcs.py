@@ -104,6 +104,40 @@ def test_an_interrupted_prepare_never_reads_as_complete(videos_in_bucket, datase
     assert dataset.is_complete(dataset_in_bucket)  # the other dataset untouched
 
 
+def test_an_interrupted_export_never_reads_as_complete(gcs, monkeypatch):
+    """Weights directories in the bucket: complete once written; a rewrite cut short after one object
+    leaves a directory without its commit marker (anim_jax.json), which readers refuse."""
+    from flax import nnx
+
+    from anim_jax import storage, weights_dir
+    from anim_jax.convert.components import load_components, save_components
+    from anim_jax.diffusion import moore_inference_schedule
+    from anim_jax.models.pose_guider import PoseGuider
+
+    out = f"{B}/weights/tiny"
+    components = {"pose_guider": PoseGuider(16, (4, 8), rngs=nnx.Rngs(0))}  # one small component suffices
+    save_components(out, components, schedule=moore_inference_schedule())
+    loaded = load_components(out, components=("pose_guider",))
+    want = components["pose_guider"].conv_in.kernel[...]
+    np.testing.assert_array_equal(np.asarray(loaded["pose_guider"].conv_in.kernel[...]), np.asarray(want))
+
+    real, uploaded = storage.upload_file, []
+
+    def dies_after_one(local, url):
+        if uploaded:
+            raise KeyboardInterrupt("killed")
+        uploaded.append(str(url))
+        real(local, url)
+
+    monkeypatch.setattr(storage, "upload_file", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        save_components(out, components, schedule=moore_inference_schedule())
+    monkeypatch.undo()
+    assert uploaded and uploaded[0].endswith(".safetensors")
+    with pytest.raises(FileNotFoundError, match="anim_jax.json is missing"):
+        weights_dir.read_config(out)
+
+
 def test_a_missing_bucket_is_one_line_and_writes_nothing_locally(gcs, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     # (prepare reports every failure with exit code 1 today; animate's usage errors are 2)
