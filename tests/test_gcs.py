@@ -39,13 +39,17 @@ def fs():
 
 @pytest.fixture(scope="module")
 def videos_in_bucket(gcs, tmp_path_factory):
-    """Two synthetic videos with their pose videos, uploaded as ``B/videos`` and ``B/videos_dwpose``."""
+    """Two synthetic videos with their pose videos, written as ``B/videos`` and ``B/videos_dwpose``."""
     from data_pipelines.synthetic import write_synthetic_videos
 
-    root = tmp_path_factory.mktemp("videos") / "videos"
-    write_synthetic_videos(root, 2, num_frames=8, height=48, width=48)
-    fs().put(str(root), f"{BUCKET}/videos", recursive=True)
-    fs().put(str(root) + "_dwpose", f"{BUCKET}/videos_dwpose", recursive=True)
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))  # a URL taken for a local path would appear here
+    try:
+        write_synthetic_videos(f"{B}/videos", 2, num_frames=8, height=48, width=48)
+        assert os.listdir(".") == []
+    finally:
+        os.chdir(cwd)
+    assert len(fs().ls(f"{BUCKET}/videos")) == len(fs().ls(f"{BUCKET}/videos_dwpose")) == 2
     return f"{B}/videos"
 
 
