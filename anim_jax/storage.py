@@ -34,12 +34,15 @@ COMMIT_MARKERS = ("anim_jax.json", "dataset_info.json")
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
-__all__ = ["COMMIT_MARKERS", "as_path", "download", "is_url", "local_copy", "remove_tree", "upload_file", "upload_tree"]
+__all__ = ["COMMIT_MARKERS", "absolute", "as_path", "check_bucket", "download", "is_url", "local_copy", "remove_tree",
+           "upload_file", "upload_tree"]
 
 
 def is_url(path) -> bool:
     """True for ``scheme://...`` (``gs://bucket/x``), False for a local path."""
-    return isinstance(path, (str, os.PathLike)) and bool(_URL.match(os.fspath(path))) or _is_remote_epath(path)
+    if _is_remote_epath(path):
+        return True
+    return isinstance(path, (str, os.PathLike)) and bool(_URL.match(os.fspath(path)))
 
 
 def _is_remote_epath(path) -> bool:
