@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
 
 from anim_jax import __version__
@@ -67,20 +66,6 @@ _USAGE_ERRORS = frozenset({
     "builtins.PermissionError",
 })
 _DIVERGED_ERRORS = frozenset({"anim_jax.train.loop.NonFiniteLossError"})
-
-
-# A URL such as gs://bucket/x given where a path goes. Nothing here reads or writes object stores
-# yet (issue 16), and a plain pathlib path would silently become a local folder named "gs:".
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def remote_path_argument(argv: list[str]) -> str | None:
-    """The first argument (or ``--flag=value`` value) that is a URL rather than a local path."""
-    for arg in argv:
-        value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
-        if _URL.match(value):
-            return value
-    return None
 
 
 def _matches(exc: BaseException, names: frozenset) -> bool:
@@ -139,11 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args.config_overrides = overrides
-    remote = remote_path_argument(argv)
-    if remote is not None:
-        print(f"anim-jax {args.command}: error: {remote}: remote paths (gs://, s3://, ...) are not supported yet; "
-              "use a local or mounted path (e.g. a Cloud Storage FUSE mount)", file=sys.stderr)
-        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - reported below; unknown errors are re-raised

@@ -27,6 +27,10 @@ multi-process run the first process writes the dataset (it reads every process's
 
 The report's ``stage_s`` says where the time went (seconds per stage, see ``prepare``);
 ``benchmarks/prepare.py`` reads it.
+
+URLs (``gs://bucket/...``): a source folder (with its ``_dwpose`` sibling) is downloaded to a local
+temporary folder first (decoders need local files, and every frame is read anyway); the output is
+built locally and uploaded with its commit marker last (``dataset.build_dataset``).
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
+from anim_jax import storage
 from data_pipelines import dataset as dataset_lib
 from data_pipelines.video_io import (
     JPEG_SUBSAMPLING,
@@ -496,14 +502,28 @@ def prepare(
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    if any(storage.is_url(s) for s in sources):
+        with tempfile.TemporaryDirectory(prefix="anim-jax-prepare-") as tmp:
+            local = [_download_source(s, tmp, with_poses=not extract_poses) for s in sources]
+            return prepare(local, output, resize=resize, jpeg_quality=jpeg_quality, jpeg_subsampling=jpeg_subsampling,
+                           on_mismatch=on_mismatch, workers=workers, overwrite=overwrite, report_path=report_path,
+                           limit=limit, progress=progress, verbose=verbose, extract_poses=extract_poses,
+                           pose_weights=pose_weights, pose_batch_size=pose_batch_size, pose_options=pose_options)
     options = PrepareOptions(
         resize=resize, jpeg_quality=jpeg_quality, jpeg_subsampling=jpeg_subsampling, on_mismatch=on_mismatch
     )
-    output = os.path.abspath(os.fspath(output))
-    if os.path.exists(output) and not overwrite:
+    remote = storage.is_url(output)
+    output = str(storage.absolute(output))
+    if storage.as_path(output).exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    if remote:
+        storage.check_bucket(output, "output")
+        if extract_poses:
+            raise ValueError(f"--extract-poses with an object-store output ({output}) is not supported yet: "
+                             "prepare into a local or mounted folder and upload it")
     parent, base = os.path.split(output)
-    stale = sorted(p for p in os.listdir(parent) if p.startswith(base + ".incomplete-")) if os.path.isdir(parent) else []
+    stale = sorted(p for p in os.listdir(parent) if p.startswith(base + ".incomplete-")) \
+        if not remote and os.path.isdir(parent) else []
     if stale and verbose:
         print(f"prepare: found {len(stale)} unfinished build(s) next to {output} ({', '.join(stale)}); they are "
               "left over from interrupted runs (or belong to one still running) and can be deleted", file=sys.stderr)  # fmt: skip
@@ -569,6 +589,24 @@ def prepare(
 
 
 _DATASET_WRITTEN = "anim-jax prepare: dataset written"
+
+
+def _download_source(source, tmp: str, *, with_poses: bool) -> str:
+    """A local copy of one source (a URL folder, with its ``_dwpose`` sibling, or a meta JSON file)."""
+    if not storage.is_url(source):
+        return os.fspath(source)
+    path = storage.as_path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    folder = os.path.join(tmp, str(len(os.listdir(tmp))))
+    os.makedirs(folder)
+    local = os.path.join(folder, path.name)
+    print(f"prepare: downloading {source} ...", file=sys.stderr)
+    storage.download(source, local)
+    poses = storage.as_path(str(path) + "_dwpose")
+    if with_poses and path.is_dir() and poses.is_dir():
+        storage.download(str(poses), local + "_dwpose")
+    return local
 
 
 def _finish_report(report: dict, path, verbose: bool) -> None:

@@ -27,7 +27,6 @@ import functools
 import itertools
 import math
 import os
-import pathlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -317,7 +316,9 @@ class PoseExtractor:
         """Loads a converted DWPose directory (``anim-jax convert-pose``)."""
         from anim_jax.pose.networks import load_dwpose
 
-        if not pathlib.Path(directory).is_dir():
+        from anim_jax import storage
+
+        if not storage.as_path(directory).is_dir():
             raise PoseInputError(f"pose weights {os.fspath(directory)!r} is not a directory (convert DWPose with anim-jax convert-pose)")
         detector, pose = load_dwpose(directory)
         return cls(detector, pose, **kwargs)
