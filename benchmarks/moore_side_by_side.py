@@ -27,8 +27,14 @@ What it does:
    over 24-frame context windows, VAE decode. Peak RSS is the process's ``ru_maxrss`` (imports and, for
    us, compilation included).
 
-Reported per row: the median seconds of each, Moore/anim_jax (> 1: we are faster), both peak RSS, and
-our first-call (compile) time. ``--json`` writes every run.
+Our first run of a row starts from an empty persistent compilation cache (``DIR/xla_cache/<row>``:
+it compiles, like a first ``anim-jax animate`` of that size); our later runs find it filled (warm:
+they load the compiled programs, like every later ``anim-jax animate``, which keeps the cache by
+default). ``--no-compilation-cache``: every run compiles.
+
+Reported per row: the median (and best) seconds of each timed call, Moore/anim_jax (> 1: we are
+faster), peak RSS (Moore; ours cold / warm), and our first-call time cold / warm. ``--json`` writes
+every run.
 """
 
 from __future__ import annotations
