@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 
-from anim_jax import __version__
+from anim_jax import __version__, compile_cache
 
 # (module, function): each function adds one subcommand to the subparsers and sets ``func``.
 # Modules keep jax out of their top level so ``--help`` is instant.
@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"anim-jax {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error instead of one line (also: ANIM_JAX_DEBUG=1)")
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="do not keep compiled XLA programs on disk for the next run (default: kept in "
+                             "$XDG_CACHE_HOME/anim_jax/xla, i.e. ~/.cache/anim_jax/xla; also: "
+                             "ANIM_JAX_COMPILATION_CACHE=0, or =DIR for another folder)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module, adder in COMMANDS:
         getattr(importlib.import_module(module), adder)(sub)
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args.config_overrides = overrides
+    if "jax" not in sys.modules:  # a caller that already imported jax keeps its own configuration
+        compile_cache.configure(args.no_compilation_cache)
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - reported below; unknown errors are re-raised
