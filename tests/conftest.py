@@ -5,6 +5,8 @@ imports jax. pytest imports conftest.py before any test module, which guarantees
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -12,6 +14,17 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Parity tests compare fp32 against PyTorch's fp32: keep XLA's CPU matmuls at full precision.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+# XLA compilation is most of this suite's time. The two xdist workers, and test files (or
+# subprocesses) that build the same program, share compiled executables through JAX's persistent
+# cache: its key is the program itself with the compile options, devices and versions, so a hit is
+# the executable XLA would have built. The directory is made for this run (the workers inherit it
+# from the controlling process, which imports this file first) and removed at its end, so nothing
+# carries over between runs. Entries are programs that took >= 1 s to compile (JAX's default).
+_OWN_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
+    _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="anim_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
 
 # grain's multiprocessing workers read absl flags; pytest never runs absl.app, so mark them
 # parsed here (google/grain#1355) or every worker dies with UnparsedFlagAccessError.
@@ -38,6 +51,11 @@ def tiny_weights(tmp_path_factory):
 
     return write_tiny_weights(tmp_path_factory.mktemp("tiny_weights") / "weights",
                               native=dict(width=32, height=32, steps=2, guidance_scale=2.0, context_frames=4))
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE_DIR is not None:
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
