@@ -98,7 +98,8 @@ def test_batched_jitted_sampler_equals_per_window_loop(components, inputs):
     pipe = AnimatePipeline(**components)
     noise = np.random.default_rng(1).standard_normal((10, HEIGHT // 2, WIDTH // 2, 4)).astype(np.float32)
     # 10 frames, 2 steps, windows of 4 overlapping by 1: the program of the single-device run in
-    # test_sharded_output_equals_single_device and of the CLI test (one compilation for the three).
+    # test_sharded_output_equals_single_device and of the CLI test (one compilation for the three;
+    # the CLI test asks for these modules' attention, "xla", to share it).
     out = pipe(ref, poses, width=WIDTH, height=HEIGHT, steps=2, guidance_scale=3.5, latents=noise,
                context_frames=4, context_overlap=1, output_type="both")
     expected = _moore_style_loop(pipe, ref, poses, steps=2, guidance=3.5, latents=noise, window=4, overlap=1)
@@ -208,7 +209,7 @@ def test_cli_animate_writes_mp4_gif_and_grid(components, inputs, tmp_path):
     rc = cli.main(["animate", "--weights", str(weights), "--reference", str(tmp_path / "ref.png"),
                    "--pose", str(tmp_path / "pose.mp4"), "--out", str(out), "-W", str(WIDTH), "-H", str(HEIGHT),
                    "-L", "10", "--steps", "2", "--context-frames", "4", "--context-overlap", "1",
-                   "--grid", "--gif", "--no-progress", "--devices", "1"])
+                   "--grid", "--gif", "--no-progress", "--devices", "1", "--attention", "xla"])
     assert rc == 0
     with av.open(str(out)) as c:
         s = c.streams.video[0]
