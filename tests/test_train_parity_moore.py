@@ -39,7 +39,7 @@ from anim_jax.convert.unet_keys import DENOISER_KEYMAP, UNET_KEYMAP
 from anim_jax.diffusion import moore_training_schedule
 from anim_jax.models.animate_anyone import COMPONENTS, AnimateAnyone
 from anim_jax.train.loss import LossConfig, TrainingDraws, training_loss
-from tolerance import Tol, assert_close
+from tolerance import Tol, assert_close, used
 
 DATA = np.load(pathlib.Path(__file__).parent / "data" / "moore_training_loss.npz")
 SEEDS = dict(vae=41, image_encoder=42, reference_net=43, denoiser=44, pose_guider=45, motion_module=46)
@@ -136,6 +136,8 @@ def _check(model, case):
         if not theirs.any():  # Moore never ran this network: exactly no gradient
             np.testing.assert_array_equal(ours[name], 0, err_msg=f"{case}: {name}")
         else:
+            print(f"  gradient of {name}: max |d| {np.abs(ours[name] - theirs).max():.2g}, max |ref| "
+                  f"{np.abs(theirs).max():.2g}, used {used(ours[name], theirs, GRAD_TOL):.2g} of the tolerance")
             assert_close(ours[name], theirs, GRAD_TOL, f"{case}: gradient of {name}")
 
 
