@@ -144,8 +144,7 @@ def test_an_interrupted_export_never_reads_as_complete(gcs, monkeypatch):
 
 def test_a_missing_bucket_is_one_line_and_writes_nothing_locally(gcs, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    # (prepare reports every failure with exit code 1 today; animate's usage errors are 2)
-    for argv, code in ((["prepare", "videos", "-o", "gs://no-such-bucket/ds"], 1),
+    for argv, code in ((["prepare", "videos", "-o", "gs://no-such-bucket/ds"], cli.EXIT_USAGE),
                        (["animate", "--weights", "w", "--reference", "r.png", "--out", "gs://no-such-bucket/o.mp4"],
                         cli.EXIT_USAGE)):
         assert cli.main(argv) == code

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -58,33 +57,15 @@ def test_two_processes_checkpoint_to_and_resume_from_a_bucket(gcs, devices):
     from anim_jax import parallel
     from anim_jax.checkpoint import CheckpointManager
     from anim_jax.train import state as train_state
-    from test_multiprocess_train import GLOBAL_BATCH, MESH, _build, _free_port
+    from helpers import run_local_processes
+    from test_multiprocess_train import GLOBAL_BATCH, MESH, _build
     from test_train_infra import make_batch
 
     ckpt_dir = f"gs://{BUCKET}/mp/checkpoints"
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ)  # with the emulator's variables
-        env.update(
-            XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-            JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-        )
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), ckpt_dir], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for pid, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {pid} exited with {p.returncode}:\n{out[-5000:]}"
-        assert f"process {pid} resumed from {SAVE_AT} to {NUM_STEPS}" in out
+    # the processes inherit this one's environment, the emulator's variables included
+    outputs = run_local_processes([sys.executable, os.path.abspath(__file__), ckpt_dir], timeout=TIMEOUT_S, cwd=HERE)
+    for pid, out in enumerate(outputs):
+        assert f"process {pid} resumed from {SAVE_AT} to {NUM_STEPS}" in out, out[-5000:]
 
     fs = fsspec.filesystem("gs")
     for pid in range(2):  # each process wrote its own iterator state, both steps committed
