@@ -132,11 +132,18 @@ def local_copy(path: PathLike) -> Iterator[pathlib.Path]:
 def check_bucket(url: PathLike, what: str = "path") -> None:
     """Raises ``FileNotFoundError`` naming ``what`` unless the bucket (the URL's first component)
     of ``url`` exists and can be listed with the environment's credentials."""
+    import logging
+
     fs, path = _fs(str(url))
     bucket = path.split("/", 1)[0]
+    quiet = logging.getLogger("gcsfs")  # it logs each failed retry with a traceback; the line below says it once
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         ok = fs.exists(bucket)
     except Exception as e:  # noqa: BLE001 - auth and network failures are reported as one line
         raise FileNotFoundError(f"{what} {str(url)!r}: cannot reach bucket {bucket!r} ({type(e).__name__}: {e})") from None
+    finally:
+        quiet.setLevel(level)
     if not ok:
         raise FileNotFoundError(f"{what} {str(url)!r}: bucket {bucket!r} does not exist")

@@ -595,6 +595,7 @@ def _download_source(source, tmp: str, *, with_poses: bool) -> str:
     """A local copy of one source (a URL folder, with its ``_dwpose`` sibling, or a meta JSON file)."""
     if not storage.is_url(source):
         return os.fspath(source)
+    storage.check_bucket(source, "source")  # network and credential failures: one line, not a traceback
     path = storage.as_path(source)
     if not path.exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
