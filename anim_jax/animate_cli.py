@@ -8,7 +8,7 @@ import os
 import pathlib
 import sys
 
-from anim_jax import driving_cli
+from anim_jax import driving_cli, storage
 
 
 def _int_at_least(low: int):
@@ -89,7 +89,7 @@ def add_animate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def output_paths(args: argparse.Namespace) -> list[pathlib.Path]:
-    out = pathlib.Path(args.out)
+    out = storage.as_path(args.out)
     paths = [out]
     if args.gif:
         paths.append(out.with_suffix(".gif"))
@@ -101,9 +101,13 @@ def output_paths(args: argparse.Namespace) -> list[pathlib.Path]:
 def check_output_path(path: pathlib.Path, flag: str = "--out") -> None:
     """Raises ``ValueError`` unless ``path`` can be written as a new or replaced file: it is not a
     directory, and its nearest existing ancestor is a directory this process may write into (the
-    missing ones are created at write time)."""
+    missing ones are created at write time). On an object store: not a "directory" (prefix) either,
+    and its bucket exists."""
     if path.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a directory; expected a file path")
+    if storage.is_url(path):
+        storage.check_bucket(path, flag)
+        return
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -116,15 +120,15 @@ def check_output_path(path: pathlib.Path, flag: str = "--out") -> None:
 def check_args(args: argparse.Namespace) -> None:
     """Everything about the arguments that is known before loading a model (inputs exist, outputs
     writable, settings consistent); raises ``ValueError``/``FileNotFoundError`` naming the flag."""
-    out = pathlib.Path(args.out)
+    out = storage.as_path(args.out)
     if out.suffix.lower() != ".mp4":
         raise ValueError(f"--out must end in .mp4, got {str(out)!r}")
     for path in output_paths(args):
         check_output_path(path)
-    if not pathlib.Path(args.weights).is_dir():
+    if not storage.as_path(args.weights).is_dir():
         raise FileNotFoundError(f"--weights {args.weights!r} is not a directory (expected `anim-jax convert` output)")
     for flag, value in (("--reference", args.reference), ("--pose", args.pose)):
-        if value is not None and not pathlib.Path(value).exists():
+        if value is not None and not storage.as_path(value).exists():
             raise FileNotFoundError(f"{flag} {value!r} does not exist")
     if args.context_overlap is not None:
         frames = args.context_frames
@@ -154,7 +158,7 @@ def run_animate(args: argparse.Namespace) -> int:
     from anim_jax.models.attention_ops import AttentionConfig
     from anim_jax.pipeline import AnimatePipeline
 
-    out = pathlib.Path(args.out)
+    out = storage.as_path(args.out)
     if args.devices is not None and args.devices > len(jax.devices()):
         print(f"anim-jax animate: error: --devices {args.devices}: only {len(jax.devices())} devices are present", file=sys.stderr)
         return 2

@@ -10,6 +10,11 @@ umask 022) and directories that of ``mkdir`` (0o777 minus the umask: 0755). ``te
 ``mkdtemp`` would create them owner-only (0600 / 0700), and that mode survives the rename, so the
 temporary names are made here with ``os.open(..., 0o666)`` / ``os.mkdir(..., 0o777)``, which the
 kernel masks with the umask.
+
+Where the target is a URL (``gs://...``, see :mod:`anim_jax.storage`), the file or directory is
+staged in a local temporary place and uploaded when the block completes: a file as one object
+(visible complete or not at all), a directory file by file with its commit marker last
+(``storage.upload_tree``); object stores have no rename.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import os
 import pathlib
 import secrets
 import shutil
+import tempfile
 from typing import Callable, Iterator
+
+from anim_jax import storage
 
 PathLike = str | os.PathLike
 
@@ -61,6 +69,10 @@ def _remove(path: pathlib.Path) -> None:
 def atomic_file(path: PathLike) -> Iterator[pathlib.Path]:
     """Yields a temporary path (an empty file with ordinary permissions) beside ``path``; once the
     block has written it, it is fsynced and renamed to ``path``. On an exception it is removed."""
+    if storage.is_url(path):
+        with _staged_file(path) as tmp:
+            yield tmp
+        return
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path, "tmp")
@@ -74,6 +86,19 @@ def atomic_file(path: PathLike) -> Iterator[pathlib.Path]:
         _remove(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _staged_file(url) -> Iterator[pathlib.Path]:
+    name = storage.as_path(url).name
+    folder = tempfile.mkdtemp(prefix="anim-jax-upload-")
+    try:
+        tmp = pathlib.Path(folder) / name  # same name: writers pick the format from the suffix
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+        yield tmp
+        storage.upload_file(tmp, url)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -99,7 +124,12 @@ def write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
 
 def replace_dir(new: PathLike, out: PathLike) -> None:
     """Moves the complete directory ``new`` to ``out``. An existing ``out`` is moved aside first and
-    removed after, so ``out`` is always either the old or the new directory."""
+    removed after, so ``out`` is always either the old or the new directory. For a URL ``out`` the
+    old objects are removed (commit marker first) and the new ones uploaded (commit marker last)."""
+    if storage.is_url(out):
+        storage.upload_tree(new, out)
+        _remove(pathlib.Path(new))
+        return
     new, out = pathlib.Path(new), pathlib.Path(out)
     if out.exists() or out.is_symlink():
         old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
@@ -120,6 +150,14 @@ def atomic_dir(out: PathLike) -> Iterator[pathlib.Path]:
     """Yields an empty temporary directory (ordinary permissions) beside ``out``; when the block
     completes it replaces ``out`` (see :func:`replace_dir`). On an exception it is removed and
     ``out`` is untouched."""
+    if storage.is_url(out):
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="anim-jax-upload-"))
+        try:
+            yield tmp
+            replace_dir(tmp, out)
+        finally:
+            _remove(tmp)
+        return
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"

@@ -30,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from anim_jax import storage
 from anim_jax.train.state import TrainState, abstract_like
 
 STATE, DATA_ITER, METADATA = "state", "data_iter", "metadata"
@@ -114,7 +115,8 @@ class CheckpointManager:
         async_save: bool = True,
         include_frozen: bool = True,
     ):
-        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+        # Orbax writes gs:// itself (TensorStore for arrays, epath for the rest).
+        self.directory = epath.Path(storage.absolute(directory))
         self.include_frozen = include_frozen
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,

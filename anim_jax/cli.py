@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
 
-from anim_jax import __version__
+from anim_jax import __version__, compile_cache
 
 # (module, function): each function adds one subcommand to the subparsers and sets ``func``.
 # Modules keep jax out of their top level so ``--help`` is instant.
@@ -69,20 +68,6 @@ _USAGE_ERRORS = frozenset({
 _DIVERGED_ERRORS = frozenset({"anim_jax.train.loop.NonFiniteLossError"})
 
 
-# A URL such as gs://bucket/x given where a path goes. Nothing here reads or writes object stores
-# yet (issue 16), and a plain pathlib path would silently become a local folder named "gs:".
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def remote_path_argument(argv: list[str]) -> str | None:
-    """The first argument (or ``--flag=value`` value) that is a URL rather than a local path."""
-    for arg in argv:
-        value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
-        if _URL.match(value):
-            return value
-    return None
-
-
 def _matches(exc: BaseException, names: frozenset) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" in names for c in type(exc).__mro__)
 
@@ -123,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"anim-jax {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error instead of one line (also: ANIM_JAX_DEBUG=1)")
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="do not keep compiled XLA programs on disk for the next run (default: kept in "
+                             "$XDG_CACHE_HOME/anim_jax/xla, i.e. ~/.cache/anim_jax/xla; also: "
+                             "ANIM_JAX_COMPILATION_CACHE=0, or =DIR for another folder)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module, adder in COMMANDS:
         getattr(importlib.import_module(module), adder)(sub)
@@ -139,11 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args.config_overrides = overrides
-    remote = remote_path_argument(argv)
-    if remote is not None:
-        print(f"anim-jax {args.command}: error: {remote}: remote paths (gs://, s3://, ...) are not supported yet; "
-              "use a local or mounted path (e.g. a Cloud Storage FUSE mount)", file=sys.stderr)
-        return EXIT_USAGE
+    if "jax" not in sys.modules:  # a caller that already imported jax keeps its own configuration
+        compile_cache.configure(args.no_compilation_cache)
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - reported below; unknown errors are re-raised

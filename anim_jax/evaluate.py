@@ -108,7 +108,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 def run_evaluate(args: argparse.Namespace) -> int:
     from anim_jax import media
 
-    pred, true = pathlib.Path(args.pred), pathlib.Path(args.true)
+    from anim_jax import storage
+
+    pred, true = storage.as_path(args.pred), storage.as_path(args.true)  # local or gs://
     try:
         if pred.is_dir() and true.is_dir() and any(p.suffix.lower() in media.VIDEO_SUFFIXES for p in pred.iterdir()):
             names = sorted(p.name for p in pred.iterdir() if p.suffix.lower() in media.VIDEO_SUFFIXES)

@@ -7,12 +7,12 @@ pipeline below never sees an image mode or bit depth it has to guess about.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
+from anim_jax import storage
 from anim_jax.atomic import atomic_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -30,11 +30,11 @@ def to_rgb_image(image, *, name: str = "image") -> Image.Image:
     images are converted; 16-bit images are scaled down to 8 bits; anything else is refused.
     """
     if isinstance(image, (str, os.PathLike)):
-        path = pathlib.Path(image)
+        path = storage.as_path(image)
         if not path.is_file():
             raise InputError(f"{name} {str(path)!r} does not exist")
         try:
-            with Image.open(path) as im:
+            with path.open("rb") as f, Image.open(f) as im:
                 im.load()
                 return to_rgb_image(im, name=f"{name} {str(path)!r}")
         except (OSError, Image.UnidentifiedImageError) as e:
@@ -76,12 +76,12 @@ def read_video_frames(path: str | os.PathLike, max_frames: int | None = None) ->
     """Decodes a video into RGB PIL frames; returns (frames, fps)."""
     import av
 
-    path = pathlib.Path(path)
+    path = storage.as_path(path)
     if not path.is_file():
         raise InputError(f"pose video {str(path)!r} does not exist")
     frames: list[Image.Image] = []
     try:
-        with av.open(str(path)) as container:
+        with storage.local_copy(path) as local, av.open(str(local)) as container:
             if not container.streams.video:
                 raise InputError(f"{str(path)!r} has no video stream")
             stream = container.streams.video[0]
@@ -100,7 +100,7 @@ def read_video_frames(path: str | os.PathLike, max_frames: int | None = None) ->
 def load_pose_frames(poses, *, max_frames: int | None = None) -> tuple[list[Image.Image], float | None]:
     """Pose frames from a video path, a folder of images (sorted by name), a list or an array (F, H, W, 3)."""
     if isinstance(poses, (str, os.PathLike)):
-        path = pathlib.Path(poses)
+        path = storage.as_path(poses)
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:

@@ -43,6 +43,7 @@ class AnimateOutput:
     poses: np.ndarray  # (F, H, W, 3) uint8, the resized pose frames
     fps: float | None
     driving: "object | None" = None  # with driving_video=: anim_jax.driving.DrivingPoses (keypoints, pictures)
+    trajectory: np.ndarray | None = None  # with keep_trajectory=True: (steps, F, h, w, C), latents after each step
 
 
 class AnimatePipeline:
@@ -161,6 +162,7 @@ class AnimatePipeline:
         align: bool = True,
         reference_frame: int = 0,
         on_step: Callable[[int], None] | None = None,
+        keep_trajectory: bool = False,
     ) -> AnimateOutput:
         """``pose_frames``: rendered pose pictures (a video, a folder of images, an array); or, instead,
         ``driving_video`` (a video of a person, a path or (F, H, W, 3) frames) with ``pose_extractor``
@@ -170,7 +172,8 @@ class AnimatePipeline:
         and context frames left at None are the pipeline's ``native`` settings; ``context_overlap`` None
         is Moore's 4 frames (fewer when a window is shorter). ``on_step(i)``: called on the host after
         DDIM step ``i`` (0-based), e.g. to drive a progress display other than the terminal bar of
-        ``progress``."""
+        ``progress``. ``keep_trajectory``: also return the latents after every step
+        (``AnimateOutput.trajectory``)."""
         from anim_jax import driving as driving_lib
 
         width = self.native.width if width is None else width
@@ -228,12 +231,14 @@ class AnimatePipeline:
         self._bar = _progress_bar(steps, progress)
         self._on_step = on_step
         try:
-            x = sampling.sample(
+            out = sampling.sample(
                 self.model, x[None], reference=(ref_pixels.astype(np.float32) / 127.5 - 1.0)[None],
                 clip=clip_resize(reference, self.model.clip_size), poses=(pose_pixels.astype(np.float32) / 255.0)[None],
                 schedule=self.schedule, steps=steps, guidance_scale=guidance_scale, windows=windows, mesh=self.mesh,
                 batch_guidance=self.batch_guidance, callback=self._tick if (progress or on_step is not None) else None,
-            )[0]
+                trajectory=keep_trajectory,
+            )
+            x, every = (out[0][0], np.asarray(out[1][:, 0])) if keep_trajectory else (out[0], None)
             x = jax.block_until_ready(x)
             if progress:
                 jax.effects_barrier()  # every step's (unordered) progress callback has run
@@ -246,7 +251,8 @@ class AnimatePipeline:
         lat = np.asarray(x) if output_type in ("latents", "both") else None
         if drive is not None and fps is None:
             fps = drive.fps
-        return AnimateOutput(frames=frames, latents=lat, reference=ref_pixels, poses=pose_pixels, fps=fps, driving=drive)
+        return AnimateOutput(frames=frames, latents=lat, reference=ref_pixels, poses=pose_pixels, fps=fps, driving=drive,
+                             trajectory=every)
 
     def _say_compiling(self, key: tuple, enabled: bool) -> None:
         """The first call for a size waits for XLA to compile the sampler; say so, with a rough time."""

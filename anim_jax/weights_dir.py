@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any
 
-from anim_jax import atomic
+from anim_jax import atomic, storage
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "anim_jax.json"
@@ -26,17 +25,17 @@ CONFIG_NAME = "anim_jax.json"
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "read_config", "weights_file", "write_config"]
 
 
-def weights_file(directory: str | os.PathLike, name: str) -> pathlib.Path:
-    return pathlib.Path(directory) / f"{name}.safetensors"
+def weights_file(directory: str | os.PathLike, name: str):
+    return storage.as_path(directory) / f"{name}.safetensors"
 
 
 def write_config(directory: str | os.PathLike, config: dict[str, Any]) -> None:
     payload = {"format_version": FORMAT_VERSION, **config}
-    atomic.write_text(pathlib.Path(directory) / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True))
+    atomic.write_text(storage.as_path(directory) / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
-    path = pathlib.Path(directory) / CONFIG_NAME
+    path = storage.as_path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"{str(directory)!r} is not a converted-weights directory: {CONFIG_NAME} is missing "

@@ -91,10 +91,7 @@ def count_step_flops(full: bool, dtype, latent_shape, pose_shape, windows) -> fl
     graphdef, state = nnx.split(den)
     flat = jnp.asarray(windows.reshape(-1))
     window = windows.shape[1]
-    tokens = {}
-    h, w = latent_shape[1], latent_shape[2]
-    for (path, block), res in zip(den.named_transformer_blocks().items(), _block_resolutions(den, h, w)):
-        tokens[path] = jax.ShapeDtypeStruct((1, res, block.attn1.to_q.kernel.shape[0]), dtype)
+    tokens = reference_token_shapes(den, latent_shape[1], latent_shape[2], dtype)
 
     # projected once per video, not per step
     kv = jax.eval_shape(lambda st, t: nnx.merge(graphdef, st).reference_kv(t), state, tokens)
@@ -128,16 +125,22 @@ def _count_in_cpu_process(latent_shape, pose_shape, windows, dtype, full: bool) 
     return float(out.strip().splitlines()[-1])
 
 
-def _block_resolutions(den, h, w):
-    """Token count of each transformer block's reference, in the reference order (down, mid, up)."""
-    out = []
+def reference_token_shapes(den, h, w, dtype) -> dict:
+    """``{block path: abstract reference tokens (1, Lr, C)}`` for a latent of h x w: each block's token
+    count from its UNet level (``down_blocks.i`` and ``up_blocks.(L-1-i)`` at level i, the mid block at
+    the lowest), in the form ``reference_kv`` takes."""
     levels = len(den.down_blocks)
-    for i, level in enumerate(den.down_blocks):
-        out += [_size(h, i) * _size(w, i)] * level.num_transformer_blocks
-    out += [_size(h, levels - 1) * _size(w, levels - 1)] * den.mid_block.num_transformer_blocks
-    for i, level in enumerate(den.up_blocks):
-        j = levels - 1 - i
-        out += [_size(h, j) * _size(w, j)] * level.num_transformer_blocks
+    out = {}
+    for path, block in den.named_transformer_blocks().items():
+        kind, index = path.split(".")[:2]
+        if kind == "down_blocks":
+            level = int(index)
+        elif kind == "up_blocks":
+            level = levels - 1 - int(index)
+        else:  # mid_block
+            level = levels - 1
+        res = _size(h, level) * _size(w, level)
+        out[path] = jax.ShapeDtypeStruct((1, res, block.attn1.to_q.kernel.shape[0]), dtype)
     return out
 
 

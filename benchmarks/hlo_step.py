@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from anim_jax.diffusion.windows import windows_array  # noqa: E402
 from anim_jax.models.attention_ops import AttentionConfig  # noqa: E402
 from anim_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
-from benchmarks.animate import _block_resolutions, sizes  # noqa: E402
+from benchmarks.animate import reference_token_shapes, sizes  # noqa: E402
 
 BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
 INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\](?:\{[^}]*\})? (\w[\w-]*)\(")
@@ -50,8 +50,7 @@ def lower_step(full: bool, width: int, height: int, frames: int, dtype, attentio
     h, w = height // 8, width // 8
     windows = windows_array(frames)
     flat = jnp.asarray(windows.reshape(-1))
-    tokens = [jax.ShapeDtypeStruct((1, res, block.attn1.to_q.kernel.shape[0]), dtype)
-              for block, res in zip(den.transformer_blocks(), _block_resolutions(den, h, w))]
+    tokens = reference_token_shapes(den, h, w, dtype)
     kv = jax.eval_shape(lambda st, t: nnx.merge(graphdef, st).reference_kv(t), state, tokens)
     c0 = size["unet"]["block_out_channels"][0]
 

@@ -49,6 +49,10 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
                         "them as Moore does and store the keypoints with the records (no ROOT_dwpose needed)")
     p.add_argument("--pose-weights", default=None, metavar="DIR", help="converted DWPose directory (anim-jax convert-pose)")
     p.add_argument("--pose-batch-size", type=int, default=8, metavar="N", help="frames per device batch for --extract-poses")
+    p.add_argument("--detect-resolution", type=int, default=512, metavar="N",
+                   help="--extract-poses: detect at shorter side N rounded to multiples of 64, as Moore (0: the source size)")
+    p.add_argument("--detector-size", type=int, default=640, metavar="N",
+                   help="--extract-poses: the detector's letterboxed input, N x N (DWPose: 640; smaller is faster)")
     p.set_defaults(func=run_prepare)
     return p
 
@@ -57,12 +61,26 @@ def run_prepare(args: argparse.Namespace) -> int:
     from data_pipelines.prepare import NoUsableVideos, prepare
 
     if args.extract_poses and not args.pose_weights:
-        print("anim-jax prepare: --extract-poses needs --pose-weights DIR (convert DWPose with anim-jax convert-pose)",
+        print("anim-jax prepare: error: --extract-poses needs --pose-weights DIR (convert DWPose with anim-jax convert-pose)",
               file=sys.stderr)  # fmt: skip
         return 2
     if args.pose_weights and not args.extract_poses:
-        print("anim-jax prepare: --pose-weights is only used with --extract-poses", file=sys.stderr)
+        print("anim-jax prepare: error: --pose-weights is only used with --extract-poses", file=sys.stderr)
         return 2
+    if args.detector_size <= 0 or args.detector_size % 32:
+        print(f"anim-jax prepare: error: --detector-size must be a positive multiple of 32, got {args.detector_size}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if 0 < args.detect_resolution < 64 or args.detect_resolution < 0:
+        print(f"anim-jax prepare: error: --detect-resolution must be 0 or >= 64, got {args.detect_resolution}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.extract_poses:
+        from anim_jax.train import distributed
+
+        # Before anything starts JAX: in a multi-process run (launch/local.sh, SLURM, a TPU pod) the
+        # processes share the videos out, and the first one writes the dataset.
+        distributed.maybe_initialize_distributed()
 
     try:
         prepare(
@@ -80,10 +98,12 @@ def run_prepare(args: argparse.Namespace) -> int:
             extract_poses=args.extract_poses,
             pose_weights=args.pose_weights,
             pose_batch_size=args.pose_batch_size,
+            pose_options=dict(detect_resolution=args.detect_resolution or None,
+                              detector_input=(args.detector_size, args.detector_size)),
         )
     except (NoUsableVideos, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"anim-jax prepare: {e}", file=sys.stderr)
-        return 1
+        print(f"anim-jax prepare: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -136,8 +156,8 @@ def run_synthetic(args: argparse.Namespace) -> int:
         try:
             synthetic.write_synthetic_dataset(args.dataset, args.num_videos, overwrite=args.overwrite, **common)
         except FileExistsError as e:
-            print(f"anim-jax make-synthetic: {e}", file=sys.stderr)
-            return 1
+            print(f"anim-jax make-synthetic: error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote a dataset of {args.num_videos} videos to {args.dataset}")
     return 0
 

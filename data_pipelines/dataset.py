@@ -17,7 +17,10 @@ stored as bytes, so any frame can be decoded without touching the others.
 
 Writing: ``build_dataset(path, examples)`` runs ``AnimVideoDataset.download_and_prepare`` in a temporary
 sibling directory and renames the finished version directory to ``path`` at the very end, so a crash
-never leaves a directory at ``path`` (nothing there reads as a complete dataset).
+never leaves a directory at ``path`` (nothing there reads as a complete dataset). A URL ``path``
+(``gs://bucket/data/ubc``) is built in a local temporary directory (ArrayRecord's writer cannot create
+objects) and uploaded shard by shard with ``dataset_info.json`` last: that file is the dataset's
+commit marker (object stores have no rename), so an interrupted upload never reads as complete.
 Reading: ``open_dataset(path)`` -> a random-access source (``len``, ``src[i]`` -> dict of numpy values),
 which Grain consumes directly (``grain.MapDataset.source``).
 """
@@ -34,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from anim_jax import atomic
+from anim_jax import atomic, storage
 
 DATASET_NAME = "anim_video"
 VERSION = "1.0.0"
@@ -164,13 +167,18 @@ def build_dataset(
     ``<path>/prepare_report.json`` before the rename. With ``overwrite`` an existing ``path`` is
     replaced only once the new dataset is complete. Returns ``path``.
     """
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
+    remote = storage.is_url(path)
+    path = str(storage.absolute(path))
+    if storage.as_path(path).exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
+    if remote:
+        storage.check_bucket(path, "dataset")
+        parent = None  # built in the system's temporary folder, then uploaded
+    else:
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
     tfds.disable_progress_bar()  # the caller shows its own progress
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".incomplete-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=storage.as_path(path).name + ".incomplete-", dir=parent)
     try:
         builder = AnimVideoDataset(examples=examples, description=description, keypoints=keypoints, data_dir=tmp)
         builder.download_and_prepare(
@@ -201,8 +209,9 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def is_complete(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds a finished dataset (TFDS writes dataset_info.json last)."""
-    return os.path.isfile(os.path.join(os.fspath(path), "dataset_info.json"))
+    """True when ``path`` holds a finished dataset (TFDS writes dataset_info.json last; an upload
+    to an object store too)."""
+    return (storage.as_path(path) / "dataset_info.json").is_file()
 
 
 def open_dataset(path: str | os.PathLike, split: str = SPLIT):
@@ -211,15 +220,14 @@ def open_dataset(path: str | os.PathLike, split: str = SPLIT):
     ``frames``/``poses`` come back as object arrays of encoded bytes; decode with
     ``video_io.decode_image``. Picklable, so it can go to Grain worker processes.
     """
-    path = os.fspath(path)
+    path = str(storage.as_path(path))  # gs:// is read directly (TFDS via epath, ArrayRecord's own GCS reader)
     if not is_complete(path):
         raise FileNotFoundError(f"{path}: no complete anim_jax dataset there (missing dataset_info.json)")
     return tfds.builder_from_directory(path).as_data_source(split=split)
 
 
 def read_report(path: str | os.PathLike) -> dict | None:
-    p = os.path.join(os.fspath(path), REPORT_NAME)
-    if not os.path.isfile(p):
+    p = storage.as_path(path) / REPORT_NAME
+    if not p.is_file():
         return None
-    with open(p) as f:
-        return json.load(f)
+    return json.loads(p.read_text())

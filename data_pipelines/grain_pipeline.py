@@ -361,6 +361,16 @@ def _stack_normalized(elements: Sequence[Mapping[str, np.ndarray]]) -> dict[str,
     return normalize_batch(_stack(elements))
 
 
+def _absl_flags_parsed() -> None:
+    """Grain's worker machinery reads absl flags (e.g. ``grain_enable_multiprocess_worker_profiling``);
+    a library call has no ``absl.app.run`` to parse them, and reading an unparsed flag raises, so the
+    defaults are taken as parsed (found on a GPU image: the demo's training stopped at its first batch)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def make_iter_dataset(config: DataConfig | Mapping | Any, source=None, **kwargs) -> grain.IterDataset:
     """``make_map_dataset`` -> ``to_iter_dataset`` (+ ``mp_prefetch`` worker processes when
     ``num_workers > 0``). ``iter()`` of it is a checkpointable iterator (``get_state``/``set_state``;
@@ -372,6 +382,7 @@ def make_iter_dataset(config: DataConfig | Mapping | Any, source=None, **kwargs)
         grain.ReadOptions(num_threads=max(1, config.read_threads), prefetch_buffer_size=max(1, config.prefetch))
     )
     if config.num_workers > 0:
+        _absl_flags_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.prefetch)
         )

@@ -21,23 +21,35 @@ file per video in ``OUTPUT.poses/`` (written atomically, so a rerun after an int
 the videos not done yet); the records are then written as usual, the pose frames rendered from those
 keypoints exactly as Moore renders its training poses (detection size, ``anim_jax.pose.render``) and
 stored as PNG, the keypoints themselves stored with each record (``keypoints``), so a change of
-rendering needs no re-extraction. ``OUTPUT.poses/`` is removed once the dataset is complete.
+rendering needs no re-extraction. ``OUTPUT.poses/`` is removed once the dataset is complete. In a
+multi-process run the first process writes the dataset (it reads every process's keypoint files, so
+``OUTPUT``'s folder must be shared) and the others wait until it is written.
+
+The report's ``stage_s`` says where the time went (seconds per stage, see ``prepare``);
+``benchmarks/prepare.py`` reads it.
+
+URLs (``gs://bucket/...``): a source folder (with its ``_dwpose`` sibling) is downloaded to a local
+temporary folder first (decoders need local files, and every frame is read anyway); the output is
+built locally and uploaded with its commit marker last (``dataset.build_dataset``).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
+from anim_jax import storage
 from data_pipelines import dataset as dataset_lib
 from data_pipelines.video_io import (
     JPEG_SUBSAMPLING,
@@ -175,6 +187,38 @@ def collect_unique(tasks: Sequence[VideoTask]) -> list[VideoTask]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Where the time goes (``report["stage_s"]``, read by benchmarks/prepare.py)
+
+# Seconds per stage of the video being processed in this process, drained by ``_results`` after each
+# video; a module-level tally so that ``process_video(task, options)`` keeps its signature.
+_stage_seconds: collections.Counter = collections.Counter()
+
+
+def _clock(stage: str, t0: float) -> None:
+    _stage_seconds[stage] += time.perf_counter() - t0
+
+
+def _take_stage_seconds() -> dict:
+    taken = dict(_stage_seconds)
+    _stage_seconds.clear()
+    return taken
+
+
+def _timed(it, stage: str):
+    """Yields from ``it``, adding the time spent producing each item to ``stage``."""
+    it = iter(it)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            x = next(it)
+        except StopIteration:
+            _clock(stage, t0)
+            return
+        _clock(stage, t0)
+        yield x
+
+
+# ----------------------------------------------------------------------------------------------
 # One video (runs in a worker process)
 
 
@@ -186,17 +230,22 @@ def _resized_size(h: int, w: int, shorter: int | None) -> tuple[int, int]:
     return max(1, round(h * shorter / w)), shorter
 
 
-def _encode_stream(path: str, encode, size: tuple[int, int] | None, resample) -> tuple[list[bytes], tuple[int, int]]:
+def _encode_stream(
+    path: str, encode, size: tuple[int, int] | None, resample, stage: str
+) -> tuple[list[bytes], tuple[int, int]]:
     """Decodes every frame of ``path``, resizes to ``size`` (h, w) if given (else to the first frame's
-    size when a later frame differs) and encodes it. Returns (encoded frames, (h, w))."""
+    size when a later frame differs) and encodes it. Returns (encoded frames, (h, w)). Decoding is
+    timed as stage ``decode``, resizing and encoding as ``stage``."""
     out: list[bytes] = []
     hw = size
-    for arr in iter_video_frames(path):
+    for arr in _timed(iter_video_frames(path), "decode"):
+        t0 = time.perf_counter()
         if hw is None:
             hw = arr.shape[:2]
         if arr.shape[:2] != hw:
             arr = np.asarray(Image.fromarray(arr).resize((hw[1], hw[0]), resample))
         out.append(encode(arr))
+        _clock(stage, t0)
     return out, (hw or (0, 0))
 
 
@@ -206,12 +255,16 @@ def _encode_keypoints(path: str, size: tuple[int, int] | None) -> tuple[list[byt
     ``keypoints`` field."""
     from anim_jax.pose.extract import Poses
 
+    t0 = time.perf_counter()
     poses = Poses.load(path)
+    _clock("render", t0)
     out = []
-    for arr in poses.render("detect"):
+    for arr in _timed(poses.render("detect"), "render"):
+        t0 = time.perf_counter()
         if size is not None and arr.shape[:2] != size:
             arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))
         out.append(encode_png(arr))
+        _clock("encode_poses", t0)
     with open(path, "rb") as f:
         data = f.read()
     return out, (size or tuple(poses.detect_size)), {"keypoints": data}
@@ -232,7 +285,11 @@ def process_video(task: VideoTask, options: PrepareOptions) -> tuple[dict | None
         info = video_info(task.video_path)
         size = _resized_size(info["height"], info["width"], options.resize) if options.resize else None
         frames, (h, w) = _encode_stream(
-            task.video_path, lambda a: encode_jpeg(a, options.jpeg_quality, options.jpeg_subsampling), size, Image.BICUBIC
+            task.video_path,
+            lambda a: encode_jpeg(a, options.jpeg_quality, options.jpeg_subsampling),
+            size,
+            Image.BICUBIC,
+            "encode_frames",
         )
     except EmptyVideoError as e:
         return None, problem(f"empty video: {e}")
@@ -245,7 +302,9 @@ def process_video(task: VideoTask, options: PrepareOptions) -> tuple[dict | None
         if from_keypoints:
             poses, (ph, pw), extra = _encode_keypoints(task.kps_path, (h, w) if options.resize else None)
         else:
-            poses, (ph, pw) = _encode_stream(task.kps_path, encode_png, (h, w) if options.resize else None, Image.BILINEAR)
+            poses, (ph, pw) = _encode_stream(
+                task.kps_path, encode_png, (h, w) if options.resize else None, Image.BILINEAR, "encode_poses"
+            )
     except EmptyVideoError as e:
         return None, problem(f"empty pose video: {e}")
     except Exception as e:  # noqa: BLE001
@@ -267,7 +326,7 @@ def process_video(task: VideoTask, options: PrepareOptions) -> tuple[dict | None
 
 def _work(args):
     task, options = args
-    return process_video(task, options)
+    return process_video(task, options), _take_stage_seconds()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,8 +335,10 @@ def _work(args):
 
 def _results(tasks: Sequence[VideoTask], options: PrepareOptions, workers: int) -> Iterator[tuple]:
     if workers <= 0:
+        _take_stage_seconds()
         for t in tasks:
-            yield process_video(t, options)
+            result = process_video(t, options)
+            yield result, _take_stage_seconds()
         return
     # spawn: the parent may have jax (threads) loaded, which fork would copy in an unsafe state.
     ctx = multiprocessing.get_context("spawn")
@@ -298,8 +359,11 @@ class _Collector:
 
         bar = tqdm(total=len(self.tasks), desc="prepare", unit="video", disable=not self.progress)
         try:
-            for example, note in _results(self.tasks, self.options, self.workers):
+            for (example, note), seconds in _results(self.tasks, self.options, self.workers):
                 bar.update(1)
+                stages = self.report["stage_s"]
+                for stage, s in seconds.items():
+                    stages[stage] = stages.get(stage, 0.0) + s
                 if example is None:
                     self.report["skipped"].append(note)
                     bar.set_postfix(skipped=len(self.report["skipped"]))
@@ -312,6 +376,7 @@ class _Collector:
         finally:
             bar.close()
             self.report["elapsed_s"] = round(time.time() - self.start, 2)
+            self.report["stage_s"] = {k: round(v, 3) for k, v in self.report["stage_s"].items()}
         if self.report["num_videos"] == 0:
             raise NoUsableVideos("no usable videos: nothing to write")
 
@@ -331,12 +396,18 @@ def extract_keypoints(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    stage_s: dict | None = None,
     **extractor_options,
 ) -> tuple[list[VideoTask], list[dict]]:
     """Runs DWPose over the videos that have no keypoint file in ``cache_dir`` yet (this process's
     share of them in a multi-process run) and returns (tasks pointing at their keypoint files,
-    problems for the videos that could not be read)."""
+    problems for the videos that could not be read). ``stage_s``, if given, gets the seconds spent
+    loading the networks (``pose_load``), extracting (``pose_extract``: decoding, DWPose's host steps
+    and networks, the first batch's compilation) and saving (``pose_save``), and the number of videos
+    this process extracted (``poses_extracted``)."""
     from anim_jax.pose.extract import PoseExtractor
+
+    stage_s = {} if stage_s is None else stage_s
 
     def kp_path(t):
         return os.path.join(cache_dir, t.id + KEYPOINTS_SUFFIX)
@@ -347,25 +418,35 @@ def extract_keypoints(
     def problem(t, reason):
         return {"id": t.id, "video_path": t.video_path, "kps_path": "", "reason": reason}
 
-    todo = [t for t in tasks if not os.path.isfile(kp_path(t)) and not os.path.isfile(error_path(t))]
     index, count = _process_share()
+    todo = [t for t in tasks if not os.path.isfile(kp_path(t)) and not os.path.isfile(error_path(t))]
+    if count > 1:
+        # Every process lists the finished videos before any process adds to them: a process that
+        # started late would otherwise see a shorter to-do list and take a shifted share of it.
+        _barrier("anim-jax prepare: keypoint cache listed")
     mine = todo[index::count]
+    stage_s["poses_extracted"] = stage_s.get("poses_extracted", 0) + len(mine)
     if mine:
+        t0 = time.perf_counter()
         extractor = PoseExtractor.from_pretrained(pose_weights, batch_size=batch_size, **extractor_options)
+        _add_seconds(stage_s, "pose_load", t0)
         by_path: dict[str, list[VideoTask]] = {}
         for t in mine:
             by_path.setdefault(os.fspath(t.video_path), []).append(t)
+        t0 = time.perf_counter()
         for path, poses in extractor.extract_videos(list(by_path), progress=progress, skip_errors=True):
+            _add_seconds(stage_s, "pose_extract", t0)
+            t0 = time.perf_counter()
             for t in by_path[path]:
                 os.makedirs(os.path.dirname(kp_path(t)), exist_ok=True)
                 if isinstance(poses, Exception):
                     dataset_lib.write_json(error_path(t), f"unreadable video: {poses}")
                 else:
                     poses.save(kp_path(t))
+            _add_seconds(stage_s, "pose_save", t0)
+            t0 = time.perf_counter()
     if count > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("anim-jax prepare: poses extracted")
+        _barrier("anim-jax prepare: poses extracted")
     done, problems = [], []
     for t in tasks:
         if os.path.isfile(kp_path(t)):
@@ -376,10 +457,20 @@ def extract_keypoints(
     return done, problems
 
 
+def _add_seconds(stage_s: dict, stage: str, t0: float) -> None:
+    stage_s[stage] = stage_s.get(stage, 0.0) + time.perf_counter() - t0
+
+
 def _process_share() -> tuple[int, int]:
     import jax
 
     return jax.process_index(), jax.process_count()
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def prepare(
@@ -411,14 +502,28 @@ def prepare(
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    if any(storage.is_url(s) for s in sources):
+        with tempfile.TemporaryDirectory(prefix="anim-jax-prepare-") as tmp:
+            local = [_download_source(s, tmp, with_poses=not extract_poses) for s in sources]
+            return prepare(local, output, resize=resize, jpeg_quality=jpeg_quality, jpeg_subsampling=jpeg_subsampling,
+                           on_mismatch=on_mismatch, workers=workers, overwrite=overwrite, report_path=report_path,
+                           limit=limit, progress=progress, verbose=verbose, extract_poses=extract_poses,
+                           pose_weights=pose_weights, pose_batch_size=pose_batch_size, pose_options=pose_options)
     options = PrepareOptions(
         resize=resize, jpeg_quality=jpeg_quality, jpeg_subsampling=jpeg_subsampling, on_mismatch=on_mismatch
     )
-    output = os.path.abspath(os.fspath(output))
-    if os.path.exists(output) and not overwrite:
+    remote = storage.is_url(output)
+    output = str(storage.absolute(output))
+    if storage.as_path(output).exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    if remote:
+        storage.check_bucket(output, "output")
+        if extract_poses:
+            raise ValueError(f"--extract-poses with an object-store output ({output}) is not supported yet: "
+                             "prepare into a local or mounted folder and upload it")
     parent, base = os.path.split(output)
-    stale = sorted(p for p in os.listdir(parent) if p.startswith(base + ".incomplete-")) if os.path.isdir(parent) else []
+    stale = sorted(p for p in os.listdir(parent) if p.startswith(base + ".incomplete-")) \
+        if not remote and os.path.isdir(parent) else []
     if stale and verbose:
         print(f"prepare: found {len(stale)} unfinished build(s) next to {output} ({', '.join(stale)}); they are "
               "left over from interrupted runs (or belong to one still running) and can be deleted", file=sys.stderr)  # fmt: skip
@@ -435,13 +540,19 @@ def prepare(
         tasks, problems = collect_tasks(sources)
     if limit is not None:
         tasks = tasks[:limit]
+    stage_s: dict = {}
+    process_index, process_count, extracted = 0, 1, 0
     if extract_poses:
-        tasks, extract_problems = extract_keypoints(
-            tasks, keypoints_dir(output), pose_weights, batch_size=pose_batch_size, progress=progress, **(pose_options or {})
-        )
+        tasks, extract_problems = extract_keypoints(tasks, keypoints_dir(output), pose_weights, batch_size=pose_batch_size,
+                                                    progress=progress, stage_s=stage_s, **(pose_options or {}))  # fmt: skip
+        extracted = stage_s.pop("poses_extracted")
         problems = problems + extract_problems
-        if _process_share()[0] != 0:  # the first process writes the dataset
-            return {"output": output, "num_videos": 0, "skipped": problems}
+        process_index, process_count = _process_share()
+        if process_index != 0:
+            # The first process writes the dataset. The others wait for it: a process that leaves a
+            # jax.distributed run early is reported to the rest as failed, which would stop the writer.
+            _barrier(_DATASET_WRITTEN)
+            return {"output": output, "num_videos": 0, "skipped": problems, "poses_extracted": extracted, "stage_s": stage_s}
     if workers is None:
         workers = os.cpu_count() or 1
     workers = min(workers, len(tasks))
@@ -454,18 +565,49 @@ def prepare(
         "num_frames": 0,
         "skipped": list(problems),
         "truncated": [],
+        # Seconds per stage, summed over videos (over worker processes too, so the sum can exceed
+        # the elapsed time): pose_* (extraction, this process), decode, encode_frames, render, encode_poses.
+        "stage_s": stage_s,
     }
+    if extract_poses:
+        report["poses_extracted"] = extracted
     collector = _Collector(tasks, options, workers, report, progress)
     try:
-        dataset_lib.build_dataset(output, collector, report=report, overwrite=overwrite,
-                                  description=f"prepared from {report['sources']}", keypoints=extract_poses)  # fmt: skip
-    except NoUsableVideos:
-        _finish_report(report, report_path or output + "." + dataset_lib.REPORT_NAME, verbose)
-        raise
-    if extract_poses:
-        shutil.rmtree(keypoints_dir(output), ignore_errors=True)  # now stored in the records
+        try:
+            dataset_lib.build_dataset(output, collector, report=report, overwrite=overwrite,
+                                      description=f"prepared from {report['sources']}", keypoints=extract_poses)  # fmt: skip
+        except NoUsableVideos:
+            _finish_report(report, report_path or output + "." + dataset_lib.REPORT_NAME, verbose)
+            raise
+        if extract_poses:
+            shutil.rmtree(keypoints_dir(output), ignore_errors=True)  # now stored in the records
+    finally:
+        if process_count > 1:
+            _barrier(_DATASET_WRITTEN)
     _finish_report(report, report_path, verbose)
     return report
+
+
+_DATASET_WRITTEN = "anim-jax prepare: dataset written"
+
+
+def _download_source(source, tmp: str, *, with_poses: bool) -> str:
+    """A local copy of one source (a URL folder, with its ``_dwpose`` sibling, or a meta JSON file)."""
+    if not storage.is_url(source):
+        return os.fspath(source)
+    storage.check_bucket(source, "source")  # network and credential failures: one line, not a traceback
+    path = storage.as_path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    folder = os.path.join(tmp, str(len(os.listdir(tmp))))
+    os.makedirs(folder)
+    local = os.path.join(folder, path.name)
+    print(f"prepare: downloading {source} ...", file=sys.stderr)
+    storage.download(source, local)
+    poses = storage.as_path(str(path) + "_dwpose")
+    if with_poses and path.is_dir() and poses.is_dir():
+        storage.download(str(poses), local + "_dwpose")
+    return local
 
 
 def _finish_report(report: dict, path, verbose: bool) -> None:

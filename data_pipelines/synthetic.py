@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from anim_jax import storage
 from data_pipelines.video_io import encode_jpeg, encode_png, write_video
 
 # OpenPose-18 keypoints: 0 nose, 1 neck, 2 r-shoulder, 3 r-elbow, 4 r-wrist, 5 l-shoulder, 6 l-elbow,
@@ -450,8 +451,9 @@ def write_synthetic_videos(
     """
     root = os.fspath(root).rstrip("/")
     pose_root = root + "_dwpose"
-    os.makedirs(root, exist_ok=True)
-    os.makedirs(pose_root, exist_ok=True)
+    if not storage.is_url(root):  # (a gs:// root has no folders to make: each video is one object)
+        os.makedirs(root, exist_ok=True)
+        os.makedirs(pose_root, exist_ok=True)
     backgrounds = check_backgrounds(backgrounds)
     out = []
     for i in range(num_videos):

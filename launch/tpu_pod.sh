@@ -7,10 +7,22 @@
 # Runs `anim-jax train ARGS` on all workers at once (gcloud ... ssh --worker=all). Nothing else is
 # needed for the cluster: anim_jax.train.distributed.maybe_initialize_distributed() sees a TPU VM
 # and lets jax.distributed find the slice's workers through the VM metadata server.
-# --workdir must be visible from every worker (a gs:// bucket, or a shared file system): each
-# worker writes the checkpoint shards it holds. Preemption/maintenance SIGTERMs reach every worker;
-# they agree on a step, save and exit with code 75, and a rerun of this command resumes from that
-# checkpoint (a queued-resource wrapper should rerun on 75; 0 means finished, 3 diverged).
+# Workers share no disk, so data, work directory and weights live in a Cloud Storage bucket; every
+# anim-jax path may be gs://. The flow end to end (BUCKET in the slice's region):
+#   anim-jax prepare gs://BUCKET/videos -o gs://BUCKET/data/ubc          # once, on any machine
+#   launch/tpu_pod.sh TPU ZONE --config configs/stage1.py --workdir gs://BUCKET/runs/s1 \
+#       --config.data.dataset=gs://BUCKET/data/ubc --config.init.weights_dir=gs://BUCKET/weights/sd15_init
+#   launch/tpu_pod.sh TPU ZONE --config configs/stage2.py --workdir gs://BUCKET/runs/s2 \
+#       --config.data.dataset=gs://BUCKET/data/ubc --config.init.weights_dir=gs://BUCKET/runs/s1/export
+#   anim-jax animate --weights gs://BUCKET/runs/s2/export --reference ref.png --pose pose.mp4 --out gs://BUCKET/out.mp4
+# Each worker reads its own share of the dataset's ArrayRecord shards straight from the bucket and
+# writes the checkpoint shards it holds (Orbax, through TensorStore); process 0 alone writes the
+# config copy, logs, validation videos and the export. Credentials are the VMs' service account
+# (Application Default Credentials): it needs read/write access to the bucket; nothing is stored.
+# Preemption/maintenance SIGTERMs reach every worker; they agree on a step, save and exit with code
+# 75, and a rerun of this same command resumes from that checkpoint in the bucket (only checkpoints
+# with Orbax's commit marker count; a queued-resource wrapper should rerun on 75; 0 means finished,
+# 3 diverged).
 #
 # Environment:
 #   PROJECT    gcloud project (default: gcloud's configured one)

@@ -55,3 +55,48 @@ def write_tiny_weights(directory, *, seed: int = 0, native: dict | None = None) 
     save_components(directory, tiny_components(seed), schedule=moore_inference_schedule(),
                     extra={native_lib.KEY: native} if native else None)
     return directory
+
+
+def run_local_processes(argv: list[str], num_processes: int = 2, *, local_devices: int = 4, timeout: float = 120,
+                        cwd=None) -> list[str]:
+    """Runs ``argv`` as ``num_processes`` jax.distributed processes on localhost (each with
+    ``local_devices`` CPU devices, gloo collectives, the coordinator bound to loopback only) with the
+    JAX_* environment ``launch/local.sh`` sets, and returns each process's output (stdout + stderr).
+    Fails the test when they run past ``timeout`` seconds (all are killed) or one exits non-zero."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(num_processes):
+        env = dict(os.environ)
+        env.update(
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+            JAX_PLATFORMS="cpu",
+            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES=str(num_processes),
+            JAX_PROCESS_ID=str(pid),
+        )
+        procs.append(subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, cwd=cwd))  # fmt: skip
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0] for p in procs]
+        raise AssertionError(f"{num_processes}-process run exceeded {timeout} s:\n" + "\n---\n".join(l[-3000:] for l in logs))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for pid, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {pid} exited with {p.returncode}:\n{out[-5000:]}"
+    return outputs

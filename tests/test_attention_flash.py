@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from anim_jax.models import attention_ops
 from anim_jax.models.attention_ops import AttentionConfig, _auto_implementation, dot_product_attention
 from anim_jax.models.transformer import Attention, ReferenceKV
 
@@ -114,3 +115,18 @@ def test_auto_policy_by_backend_and_size():
 def test_flash_config_rejects_non_positive_blocks(field):
     with pytest.raises(ValueError, match=field):
         AttentionConfig("flash", **{field: 0})
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "flash", "auto"])
+def test_heads_first_layout_equals_softmax_attention(impl):
+    """The (B, H, L, D) entry point (the temporal attention's) against softmax(q k^T / sqrt(d)) v in
+    float64 numpy, for every CPU implementation (flash with blocks small enough to loop)."""
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in _qkv(7, 3, 24, 24, 4, 8, 12))  # (B, H, L, D)
+    cfg = AttentionConfig(impl, query_chunk_size=10, flash_query_block=5, flash_kv_block=10, flash_tile_elements=50)
+    got = jax.jit(attention_ops.dot_product_attention_heads_first, static_argnums=3)(q, k, v, cfg)
+    qn, kn, vn = (np.asarray(t, np.float64) for t in (q, k, v))
+    s = np.einsum("bhqd,bhkd->bhqk", qn, kn) / math.sqrt(qn.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), vn)
+    assert got.shape == want.shape
+    _close(got, want)

@@ -332,7 +332,7 @@ def test_animatediff_motion_modules(moore_set, tmp_path, kind):
 def test_motion_module_alone_is_refused(moore_set, tmp_path):
     rc, _, err = run_cli("convert", "--motion-module", moore_set.moore / "motion_module.pth", "--out", tmp_path / "o",
                          "--no-progress")
-    assert rc == 1 and "--denoiser" in err
+    assert rc == 2 and "--denoiser" in err
 
 
 def test_legacy_vae_names_and_bfloat16(moore_set, tmp_path):
@@ -452,7 +452,7 @@ def test_bad_pose_guider(moore_set, tmp_path, problem):
     torch.save(sd, path)
     out = tmp_path / "out"
     rc, _, err = run_cli("convert", "--pose-guider", path, "--out", out, "--no-progress")
-    assert rc == 1
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("anim-jax convert: error: "), err
     for e in expect:
         assert e in err, err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -467,8 +467,8 @@ def test_bad_denoiser_names_file_and_key(moore_set, tmp_path):
     rc, _, err = run_cli("convert", "--denoiser", moore_set.moore / "denoising_unet.pth", "--motion-module",
                          tmp_path / "motion_module.pth", "--sd-unet-config", moore_set.unet_folder, "--out",
                          tmp_path / "out", "--no-progress")
-    assert rc == 1
-    assert f"missing keys (in none of the files):\n    {gone}" in err, err
+    assert rc == 2
+    assert f"missing keys (in none of the files): {gone}" in err, err
     assert "mid_block.motion_modules.0.temporal_transformer.proj_in.weight: checkpoint (64, 32) in" in err
     assert str(tmp_path / "motion_module.pth") in err
 
@@ -481,12 +481,12 @@ def test_bad_position_encoding(moore_set, tmp_path):
     rc, _, err = run_cli("convert", "--denoiser", moore_set.moore / "denoising_unet.pth", "--motion-module",
                          tmp_path / "motion_module.pth", "--sd-unet-config", moore_set.unet_folder, "--out",
                          tmp_path / "out", "--dry-run")
-    assert rc == 1 and key in err and "motion_module.pth" in err, err
+    assert rc == 2 and key in err and "motion_module.pth" in err, err
 
 
 def test_missing_unet_config(moore_set, tmp_path):
     rc, _, err = run_cli("convert", "--moore", moore_set.moore, "--out", tmp_path / "out", "--dry-run")
-    assert rc == 1 and "--sd-unet-config" in err
+    assert rc == 2 and "--sd-unet-config" in err
 
 
 def test_interrupted_conversion_leaves_nothing_complete(moore_set, tmp_path, monkeypatch):
@@ -517,7 +517,7 @@ def test_existing_output_needs_overwrite(moore_set, tmp_path):
     (out / "keep.txt").write_text("x")
     argv = ("convert", "--pose-guider", moore_set.moore / "pose_guider.pth", "--out", out, "--no-progress")
     rc, _, err = run_cli(*argv)
-    assert rc == 1 and "--overwrite" in err and (out / "keep.txt").exists()
+    assert rc == 2 and "--overwrite" in err and (out / "keep.txt").exists()
     rc, _, err = run_cli(*argv, "--overwrite")
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == [store.CONFIG_NAME, "pose_guider.safetensors"]
@@ -537,7 +537,7 @@ def test_duplicate_motion_keys(moore_set, tmp_path):
     rc, stdout, err = run_cli(*base, "--denoiser", tmp_path / "same.pth", "--out", tmp_path / "a", "--dry-run")
     assert rc == 0 and "identical values" in stdout, err
     rc, _, err = run_cli(*base, "--denoiser", tmp_path / "different.pth", "--out", tmp_path / "b")
-    assert rc == 1 and key in err and "different.pth" in err and "--prefer-denoiser-file" in err
+    assert rc == 2 and key in err and "different.pth" in err and "--prefer-denoiser-file" in err
     rc, _, err = run_cli(*base, "--denoiser", tmp_path / "different.pth", "--out", tmp_path / "c",
                          "--prefer-denoiser-file")
     assert rc == 0, err
@@ -603,9 +603,9 @@ def test_export_refuses_to_overwrite_and_casts(converted, tmp_path):
     sd = torch.load(tmp_path / "pose_guider.pth", weights_only=True)
     assert all(v.dtype == torch.float16 for v in sd.values())
     rc, _, err = run_cli("export", "--weights", out, "--out", tmp_path, "--no-progress")
-    assert rc == 1 and "--overwrite" in err
+    assert rc == 2 and "--overwrite" in err
     rc, _, err = run_cli("export", "--weights", tmp_path / "nowhere", "--out", tmp_path / "x", "--no-progress")
-    assert rc == 1 and store.CONFIG_NAME in err
+    assert rc == 2 and store.CONFIG_NAME in err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ def test_prepare_round_trip(video_root, prepared):
     out, report = prepared
     assert report["num_videos"] == N_VIDEOS and not report["skipped"] and not report["truncated"]
     assert dataset_lib.read_report(out)["num_frames"] == N_VIDEOS * N_FRAMES
+    # Where the time went, summed over the two worker processes (read by benchmarks/prepare.py).
+    assert set(report["stage_s"]) == {"decode", "encode_frames", "encode_poses"} and min(report["stage_s"].values()) > 0
     src = dataset_lib.open_dataset(out)
     assert len(src) == N_VIDEOS
     ids = set()

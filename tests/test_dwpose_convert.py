@@ -173,7 +173,7 @@ def test_convert_pose_cli_writes_a_loadable_directory(files, tmp_path, capsys):
     # An existing directory is kept unless --overwrite; then it is replaced whole.
     before = (out / "detector.safetensors").read_bytes()
     assert cli_main(["convert-pose", "--detector", str(files / "det.onnx"), "--pose", str(files / "pose.onnx"),
-                     "--out", str(out)]) == 1
+                     "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert cli_main(["convert-pose", "--detector", str(files / "det.onnx"), "--pose", str(files / "pose.onnx"),
                      "--out", str(out), "--overwrite"]) == 0
@@ -203,9 +203,10 @@ def test_bad_input_files_give_one_line_naming_the_file(case, files, tmp_path, ca
         det, pose = pose, det
         expected = "is not a YOLOX detector: its first Conv should be the Focus stem"
     out = tmp_path / "out"
-    assert cli_main(["convert-pose", "--detector", str(det), "--pose", str(pose), "--out", str(out)]) == 1
+    assert cli_main(["convert-pose", "--detector", str(det), "--pose", str(pose), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(det) in err and expected in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("anim-jax convert-pose: error: "), err
+    assert str(det) in err and expected in err, err
     assert not out.exists()
 
 

@@ -146,5 +146,5 @@ def test_cli_lpips_and_fvd_from_converted_weights(tmp_path, capsys):
     assert cli.main(args) == 2
     assert "at least 2 videos" in capsys.readouterr().err
     assert cli.main(["convert-metric", "lpips", "--net", "vgg", "--trunk", str(trunk), "--linear", str(lin),
-                     "--out", str(tmp_path / "bad")]) == 1
+                     "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()

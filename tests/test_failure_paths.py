@@ -115,19 +115,3 @@ def test_a_failing_flop_count_warns_that_mfu_is_lost(caplog):
     with caplog.at_level(logging.WARNING, logger="anim_jax.train"):
         assert count_step_flops(NoCostModel(), None) is None
     assert "MFU will not be reported" in caplog.text and "cost analysis unavailable" in caplog.text
-
-
-@pytest.mark.parametrize("argv", [
-    ["prepare", "videos", "-o", "gs://bkt/ds"],
-    ["train", "--config", "configs/stage1.py:tiny", "--workdir", "gs://bkt/runs/s1"],
-    ["train", "--config", "configs/stage1.py:tiny", "--workdir", "w", "--config.data.dataset=gs://bkt/ds"],
-])
-def test_remote_paths_are_refused_not_written_as_local_folders(tmp_path, monkeypatch, capsys, argv):
-    """Before issue 16, a gs:// path silently became a local folder named 'gs:'."""
-    from anim_jax import cli
-
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(argv) == cli.EXIT_USAGE
-    err = capsys.readouterr().err
-    assert "gs://bkt/" in err and "not supported yet" in err and err.count("\n") == 1
-    assert list(tmp_path.iterdir()) == []

@@ -14,8 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,12 +110,6 @@ def worker(workdir: str) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_training_and_checkpoint(devices, tmp_path):
     import jax
     import numpy as np
@@ -126,39 +118,9 @@ def test_two_process_training_and_checkpoint(devices, tmp_path):
     from anim_jax.checkpoint import CheckpointManager
     from anim_jax.train import state as train_state
 
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ)
-        env.update(
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
-            JAX_PLATFORMS="cpu",
-            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-            JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",  # loopback only
-            JAX_NUM_PROCESSES="2",
-            JAX_PROCESS_ID=str(pid),
-        )
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), str(tmp_path)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
-        ))
-    outputs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=TIMEOUT_S)
-            outputs.append(out)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        logs = [p.communicate()[0] for p in procs]
-        raise AssertionError(f"two-process run exceeded {TIMEOUT_S} s:\n" + "\n---\n".join(l[-3000:] for l in logs))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for pid, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {pid} exited with {p.returncode}:\n{out[-5000:]}"
+    from helpers import run_local_processes
+
+    outputs = run_local_processes([sys.executable, os.path.abspath(__file__), tmp_path], timeout=TIMEOUT_S, cwd=HERE)
     assert "process 0 rows" in outputs[0] and "process 1 rows" in outputs[1]
     stops = [re.search(r"stopped (\w+) at (\d+) ckpt (\d+)", out) for out in outputs]
     assert all(stops), outputs

@@ -222,12 +222,12 @@ def _transformer_groupnorm(path):
     return "attentions" in path and path[-1] == "norm"
 
 
-def _attention_scale(module, factor=1.01):
+def _attention_scale(module, factor=1.01, name="dot_product_attention"):
     """q scaled by ``factor`` before the attention = a softmax scale ``factor`` x head_dim**-0.5."""
 
     def mutate(mp, s):
-        original = module.dot_product_attention
-        mp.setattr(module, "dot_product_attention", lambda q, k, v, *a, **kw: original(q * factor, k, v, *a, **kw))
+        original = getattr(module, name)
+        mp.setattr(module, name, lambda q, k, v, *a, **kw: original(q * factor, k, v, *a, **kw))
 
     return mutate
 
@@ -288,7 +288,7 @@ MUTATIONS = {
     "unet-attention-scale": ("unet-quiet", _attention_scale(transformer_m)),
     "vae-attention-scale": ("vae-flat", _attention_scale(vae_m)),
     "clip-attention-scale": ("clip-quiet", _attention_scale(clip_m)),
-    "motion-attention-scale": ("motion-quiet", _attention_scale(motion_m)),
+    "motion-attention-scale": ("motion-quiet", _attention_scale(motion_m, name="dot_product_attention_heads_first")),
     # timestep embedding (flip True / shift 0 in the 2-level config, flip False / shift 1 in the 3-level)
     "timestep-flip_sin_to_cos": ("unet-quiet", _timestep(flip=True)),
     "timestep-freq_shift+1": ("unet-quiet", _timestep(shift=1.0)),

@@ -154,12 +154,17 @@ def test_pose_cli_reports_frames_without_person():
 
 
 def test_pose_cli_bad_inputs(weights, tmp_path, cli):
+    def usage_error(r):  # the form every anim-jax command gives a usage error: one line, exit code 2
+        lines = r.stderr.splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("anim-jax pose: error: "), r.stderr
+        return lines[0]
+
     r = cli(tmp_path / "nope.mp4", "--weights", weights)
-    assert r.returncode == 2 and "nope.mp4" in r.stderr and "does not exist" in r.stderr
+    assert "nope.mp4" in usage_error(r) and "does not exist" in r.stderr
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"garbage" * 10)
     r = cli(bad, "--weights", weights, *CLI_SMALL)
-    assert r.returncode == 2 and "bad.mp4" in r.stderr and "not a readable video" in r.stderr
+    assert "bad.mp4" in usage_error(r) and "not a readable video" in r.stderr
     assert not (tmp_path / "bad_kps.mp4").exists()
     r = cli(bad, "--weights", tmp_path / "missing")
     assert r.returncode == 2 and "--weights" in r.stderr
@@ -205,6 +210,9 @@ def test_prepare_extract_poses(weights, tmp_path, monkeypatch):
     assert dataset_lib.is_complete(out) and not (tmp_path / "ds.poses").exists()
     report = dataset_lib.read_report(out)
     assert report["num_videos"] == 2 and [s["id"] for s in report["skipped"]] == ["broken"]
+    # The rerun extracted nothing; its time went into the records (read by benchmarks/prepare.py).
+    assert report["poses_extracted"] == 0
+    assert set(report["stage_s"]) == {"decode", "encode_frames", "render", "encode_poses"} and min(report["stage_s"].values()) > 0
 
     src = dataset_lib.open_dataset(out)
     for i in range(len(src)):
@@ -220,3 +228,23 @@ def test_prepare_extract_poses(weights, tmp_path, monkeypatch):
         batch = G.make_map_dataset(cfg, process_index=0, process_count=1)[0]
         assert batch["pose" if stage == 1 else "poses"].shape[-3:] == (32, 32, 3)
 
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--pose-weights", "w", "--detector-size", "100"], "--detector-size must be a positive multiple of 32, got 100"),
+        (["--pose-weights", "w", "--detect-resolution", "32"], "--detect-resolution must be 0 or >= 64, got 32"),
+        ([], "--extract-poses needs --pose-weights"),
+    ],
+    ids=["detector-size", "detect-resolution", "no-weights"],
+)
+def test_prepare_cli_bad_pose_options(tmp_path, capsys, flags, fragment):
+    from anim_jax.cli import main
+
+    (tmp_path / "clips").mkdir()
+    code = main(["prepare", str(tmp_path / "clips"), "-o", str(tmp_path / "ds"), "--extract-poses", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("anim-jax prepare: error: "), err
+    assert fragment in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clips"]

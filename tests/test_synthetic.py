@@ -114,7 +114,7 @@ def test_cli_make_synthetic_then_prepare(tmp_path):
     assert cli.main(["prepare", root, "-o", ds, "--workers", "0", "--no-progress"]) == 0
     a, b = dataset_lib.open_dataset(ds), dataset_lib.open_dataset(ds2)
     assert len(a) == len(b) == 2
-    assert cli.main(["prepare", root, "-o", ds, "--workers", "0", "--no-progress"]) == 1  # exists
+    assert cli.main(["prepare", root, "-o", ds, "--workers", "0", "--no-progress"]) == 2  # exists: a usage error
     assert cli.main(["make-synthetic", "-n", "1"]) == 2  # no output named
 
 

@@ -16,6 +16,15 @@ import sys
 _DTYPES = ("float32", "float16", "bfloat16", "keep")
 
 
+def usage_error(command: str, exc: BaseException) -> int:
+    """A bad input file or argument, reported as one line (``anim-jax COMMAND: error: ...``, the
+    form ``anim_jax.cli`` gives every usage error); returns its exit code."""
+    from anim_jax.cli import EXIT_USAGE
+
+    print(f"anim-jax {command}: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert",
@@ -94,8 +103,7 @@ def run_convert(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"anim-jax convert: {e}", file=sys.stderr)
-        return 1
+        return usage_error("convert", e)
     print(moore.format_report(report))
     return 0
 
@@ -128,8 +136,7 @@ def run_export(args: argparse.Namespace) -> int:
         report = moore.export_moore(args.weights, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                     progress=not args.no_progress)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"anim-jax export: {e}", file=sys.stderr)
-        return 1
+        return usage_error("export", e)
     for file, n in report.files.items():
         print(f"{report.out}/{file}: {n} tensors")
     for note in report.notes:

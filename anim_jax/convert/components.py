@@ -5,12 +5,11 @@ by the one strict loader, or written back."""
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any
 
 import jax.numpy as jnp
 
-from anim_jax import weights_dir
+from anim_jax import storage, weights_dir
 from anim_jax.convert.loader import load
 from anim_jax.convert.store import save_params
 from anim_jax.diffusion import NoiseSchedule
@@ -23,7 +22,7 @@ __all__ = ["load_components", "save_components"]
 def load_components(directory: str | os.PathLike, *, dtype=jnp.float32, attention: AttentionConfig | None = None,
                     components: tuple[str, ...] = COMPONENTS) -> dict[str, Any]:
     """``{component: module, ..., "schedule": NoiseSchedule}`` from a converted-weights directory."""
-    directory = pathlib.Path(directory)
+    directory = storage.as_path(directory)
     config = weights_dir.read_config(directory)
     out: dict[str, Any] = {}
     for name in components:
@@ -39,9 +38,13 @@ def load_components(directory: str | os.PathLike, *, dtype=jnp.float32, attentio
 def save_components(directory: str | os.PathLike, components: dict[str, Any], *, schedule: NoiseSchedule,
                     extra: dict | None = None) -> None:
     """Writes modules + ``anim_jax.json`` (weights first, the config last: a directory without its
-    config is never mistaken for a complete one)."""
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    config is never mistaken for a complete one). Over an existing directory the old config goes
+    first, so an interrupted rewrite never reads as complete. ``directory`` may be a URL."""
+    directory = storage.as_path(directory)
+    directory.mkdir(parents=True, exist_ok=True)  # (on an object store: nothing to create)
+    marker = directory / weights_dir.CONFIG_NAME
+    if marker.exists():
+        marker.unlink()
     config: dict[str, Any] = dict(extra or {})
     for name, module in components.items():
         save_params(module, weights_dir.weights_file(directory, name))

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from anim_jax import storage
 from anim_jax.convert.mapping import CheckpointMismatchError
 from anim_jax.convert.onnx_graph import OnnxGraph, OnnxGraphError, ParamOp, Slot, load_onnx, match_slots
 from anim_jax.pose.rtmpose import RTMPoseConfig
@@ -345,7 +346,7 @@ def convert_dwpose(
     from anim_jax.pose.yolox import YOLOX
 
     t0 = time.perf_counter()
-    out = pathlib.Path(out_dir)
+    out = storage.as_path(out_dir)
     if not dry_run and out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise FileExistsError(f"output {str(out)!r} exists and is not an empty directory (pass --overwrite to replace it)")
     det_cfg, det_graph, det_arrays = read_detector(detector_onnx)

@@ -6,7 +6,6 @@ jax and the networks are imported only when the command runs, so ``anim-jax --he
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_convert_pose_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,14 +29,14 @@ def add_convert_pose_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_convert_pose(args: argparse.Namespace) -> int:
+    from anim_jax.convert.cli import usage_error
     from anim_jax.convert.dwpose import convert_dwpose
     from anim_jax.convert.readers import CheckpointError
 
     try:
         report = convert_dwpose(args.detector, args.pose, args.out, overwrite=args.overwrite, dry_run=args.dry_run)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"anim-jax convert-pose: {e}", file=sys.stderr)
-        return 1
+        return usage_error("convert-pose", e)
     d, p = report.detector, report.pose
     print(f"detector: YOLOX base {d.base_channels} channels, depths {list(d.depths)}, {d.num_classes} classes, "
           f"{report.detector_params / 1e6:.1f} M parameters")

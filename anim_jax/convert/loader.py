@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import pathlib
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from anim_jax import storage
 from anim_jax.convert import layout
 from anim_jax.convert.mapping import CheckpointMismatchError, KeyMap, flat_params, torch_key
 
@@ -143,10 +143,11 @@ def _opened(source, name: str | None):
     from anim_jax.convert import readers
 
     if isinstance(source, (str, os.PathLike)):
-        path = pathlib.Path(source)
-        opener = readers.SafetensorsReader if path.suffix == ".safetensors" else readers.open_checkpoint
-        with opener(path) as reader:
-            yield reader, name or str(path)
+        shown = str(source)
+        with storage.local_copy(source) as path:  # a gs:// file is downloaded first (readers seek and mmap)
+            opener = readers.SafetensorsReader if path.suffix == ".safetensors" else readers.open_checkpoint
+            with opener(path) as reader:
+                yield reader, name or shown
     elif isinstance(source, (nnx.Module, nnx.State)):
         yield _ModuleSource(source), name or type(source).__name__
     elif isinstance(source, Mapping):

@@ -56,6 +56,7 @@ import ml_dtypes
 import numpy as np
 
 from anim_jax import native
+from anim_jax import storage
 from anim_jax.atomic import atomic_dir
 from anim_jax.convert import layout, model_configs, readers
 from anim_jax.convert.loader import check_keys, expected_torch_shapes
@@ -648,7 +649,7 @@ def convert(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
-    out = pathlib.Path(out)
+    out = storage.as_path(out)  # a gs:// URL: staged locally, uploaded with anim_jax.json last
     if not dry_run:
         _check_out(out, overwrite)
     start = time.perf_counter()
@@ -728,8 +729,11 @@ def export_moore(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
+    if storage.is_url(weights):  # the readers seek in local files
+        with storage.local_copy(weights) as local:
+            return export_moore(local, out, dtype=dtype, overwrite=overwrite, progress=progress)
     start = time.perf_counter()
-    weights, out = pathlib.Path(weights), pathlib.Path(out)
+    weights, out = pathlib.Path(weights), storage.as_path(out)
     config = store.read_config(weights)
     keymaps = {"denoiser": DENOISER_KEYMAP, "reference_net": UNET_KEYMAP, "pose_guider": POSE_GUIDER_KEYMAP}
     notes: list[str] = []

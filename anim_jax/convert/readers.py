@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
+from anim_jax import storage
 from anim_jax.atomic import atomic_open
 
 __all__ = [
@@ -372,8 +373,8 @@ def _no_duplicate_keys(pairs):
 
 
 def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a ``.safetensors`` file, in file order."""
-    with SafetensorsReader(path) as r:
+    """All tensors of a ``.safetensors`` file (local or a URL), in file order."""
+    with storage.local_copy(path) as local, SafetensorsReader(local) as r:
         return {k: r[k] for k in r}
 
 
@@ -1442,7 +1443,7 @@ def read_checkpoint(path: PathLike, *, stem: str | Sequence[str] = DEFAULT_WEIGH
     As in torch, tensors that are contiguous views of one storage (tied weights, slices) come back
     as views of one buffer; other views are copied to C-contiguous arrays.
     """
-    with open_checkpoint(path, stem=stem) as reader:
+    with storage.local_copy(path) as local, open_checkpoint(local, stem=stem) as reader:  # URLs: downloaded first
         cache: dict[str, np.ndarray] = {}
         if isinstance(reader, TorchPickleReader):
             # One strong cache so views sharing a storage read it once.
@@ -1472,7 +1473,7 @@ def write_safetensors(
     no temporary file. Arrays (numpy, ml_dtypes bf16/fp8, or anything with ``shape``/``dtype`` that
     ``np.asarray`` accepts, e.g. jax arrays) are converted one at a time while streaming.
     """
-    path = pathlib.Path(path)
+    path = storage.as_path(path)  # a gs:// URL is staged locally and uploaded by atomic_open
     if metadata is not None:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("safetensors metadata must map str to str")

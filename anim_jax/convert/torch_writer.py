@@ -32,7 +32,6 @@ import collections
 import io
 import math
 import os
-import pathlib
 import pickle
 import struct
 import zipfile
@@ -41,6 +40,7 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from anim_jax import storage
 from anim_jax.atomic import atomic_open
 
 __all__ = ["save_torch_state_dict", "STORAGE_TYPES"]
@@ -191,7 +191,7 @@ def save_torch_state_dict(
     written; big-endian arrays are stored little-endian. ``on_tensor(key, nbytes)`` is called after
     each tensor is written (progress reporting).
     """
-    path = pathlib.Path(path)
+    path = storage.as_path(path)
     if not archive_name or "/" in archive_name:
         raise ValueError(f"bad archive name {archive_name!r}")
     entries = _check_entries(tensors)

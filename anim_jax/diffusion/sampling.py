@@ -64,10 +64,12 @@ def _frame_sharding(mesh, ndim: int):
 
 def denoise(model, noise: jax.Array, cond: Conditioning, windows: jax.Array, window_weight: jax.Array,
             frame_count: jax.Array, guidance_scale, *, schedule: NoiseSchedule, steps: int, mesh=None,
-            batch_guidance: bool = True, callback: Callable[[Any], None] | None = None) -> jax.Array:
+            batch_guidance: bool = True, callback: Callable[[Any], None] | None = None,
+            trajectory: bool = False) -> jax.Array:
     """The sampling loop, traceable (``sample`` jits it). ``noise`` (B, F, h, w, C); ``windows``
     (W, L) frame indices, ``window_weight`` (W,) (0 for padding windows), ``frame_count`` (F,) the
-    summed weight covering each frame. Returns the latents (B, F, h, w, C), float32."""
+    summed weight covering each frame. Returns the latents (B, F, h, w, C), float32; with
+    ``trajectory`` the latents after every step, (steps, B, F, h, w, C)."""
     b, f = noise.shape[:2]
     n_win, length = windows.shape
     flat = windows.reshape(-1)
@@ -102,22 +104,25 @@ def denoise(model, noise: jax.Array, cond: Conditioning, windows: jax.Array, win
         if callback is not None:
             # Unordered: ordered effects are refused on more than one device, and a step counter needs no order.
             jax.debug.callback(callback, i, ordered=False)
-        return x, None
+        return x, x if trajectory else None
 
     timesteps = jnp.asarray(schedule.inference_timesteps(steps), jnp.int32)
-    out, _ = jax.lax.scan(body, noise.astype(jnp.float32), (jnp.arange(timesteps.shape[0]), timesteps))
-    return out
+    out, every = jax.lax.scan(body, noise.astype(jnp.float32), (jnp.arange(timesteps.shape[0]), timesteps))
+    return every if trajectory else out
 
 
 def _sample(model, noise, reference, clip, poses, windows, window_weight, frame_count, guidance_scale, *, schedule,
-            steps, mesh, batch_guidance, callback, decode):
+            steps, mesh, batch_guidance, callback, decode, trajectory=False):
     cond = condition(model, reference, clip, poses)
     x = denoise(model, noise, cond, windows, window_weight, frame_count, guidance_scale, schedule=schedule, steps=steps,
-                mesh=mesh, batch_guidance=batch_guidance, callback=callback)
+                mesh=mesh, batch_guidance=batch_guidance, callback=callback, trajectory=trajectory)
+    if trajectory:
+        return (model.decode(x[-1]) if decode else x[-1]), x
     return model.decode(x) if decode else x
 
 
-_sample_jit = nnx.jit(_sample, static_argnames=("schedule", "steps", "mesh", "batch_guidance", "callback", "decode"))
+_sample_jit = nnx.jit(_sample, static_argnames=("schedule", "steps", "mesh", "batch_guidance", "callback", "decode",
+                                                "trajectory"))
 
 
 def prepare_windows(windows: np.ndarray | None, num_frames: int, batch: int = 1, mesh=None):
@@ -133,7 +138,7 @@ def prepare_windows(windows: np.ndarray | None, num_frames: int, batch: int = 1,
 
 def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, steps: int, guidance_scale: float = 3.5,
            windows: np.ndarray | None = None, mesh: jax.sharding.Mesh | None = None, batch_guidance: bool = True,
-           callback: Callable[[Any], None] | None = None, decode: bool = False) -> jax.Array:
+           callback: Callable[[Any], None] | None = None, decode: bool = False, trajectory: bool = False):
     """B videos of F frames, one jitted program (see the module docstring).
 
     ``noise`` (B, F, h, w, C) float32; ``reference`` (B, H, W, 3) in [-1, 1]; ``clip`` (B, S, S, 3)
@@ -143,11 +148,13 @@ def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, ste
     ``batch_guidance``: the conditional and unconditional branch in one denoiser call (else two).
     ``callback(i)``: called on the host after DDIM step ``i`` (e.g. a progress bar; it is a static
     argument, so pass the same callable each time to reuse the compilation).
-    Returns the latents (B, F, h, w, C) float32, or with ``decode`` the frames in [0, 1]."""
+    Returns the latents (B, F, h, w, C) float32, or with ``decode`` the frames in [0, 1]; with
+    ``trajectory`` a pair: that and the latents after every DDIM step, (steps, B, F, h, w, C) (to
+    study how errors grow step by step, e.g. bf16 against fp32)."""
     windows, weight, frame_count = prepare_windows(windows, noise.shape[1], noise.shape[0], mesh)
     return _sample_jit(model, noise, reference, clip, poses, windows, weight, frame_count, jnp.float32(guidance_scale),
                        schedule=schedule, steps=int(steps), mesh=mesh, batch_guidance=bool(batch_guidance),
-                       callback=callback, decode=bool(decode))
+                       callback=callback, decode=bool(decode), trajectory=bool(trajectory))
 
 
 @nnx.jit

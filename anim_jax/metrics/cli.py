@@ -50,6 +50,6 @@ def run_convert_metric(args: argparse.Namespace) -> int:
             cfg = convert_i3d(args.weights, args.out, bn_eps=args.bn_eps, logits_pool_frames=args.logits_pool_frames)
             print(f"I3D ({cfg.num_classes} classes) written to {args.out}")
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"anim-jax convert-metric: {e}", file=sys.stderr)
-        return 1
+        print(f"anim-jax convert-metric: error: {e}", file=sys.stderr)
+        return 2
     return 0

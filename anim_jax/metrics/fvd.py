@@ -38,6 +38,7 @@ import numpy as np
 import scipy.linalg
 from flax import nnx
 
+from anim_jax import storage
 from anim_jax.convert import store
 from anim_jax.convert.loader import expected_torch_shapes, load
 from anim_jax.convert.mapping import KeyMap
@@ -115,7 +116,7 @@ def convert_i3d(pt_path: str | os.PathLike, out_dir: str | os.PathLike, *, bn_ep
     :class:`I3DConfig`). Returns the config written to ``out_dir/anim_jax.json``.
     """
     pt_path = pathlib.Path(pt_path)
-    out_dir = pathlib.Path(out_dir)
+    out_dir = storage.as_path(out_dir)
     if (out_dir / store.CONFIG_NAME).is_file():
         existing = store.read_config(out_dir).get("model")
         if existing != MODEL_NAME:
@@ -135,7 +136,7 @@ def convert_i3d(pt_path: str | os.PathLike, out_dir: str | os.PathLike, *, bn_ep
 
 def load_i3d(directory: str | os.PathLike, *, dtype=None) -> I3D:
     """The I3D of a directory written by :func:`convert_i3d` (``dtype``: compute dtype, default float32)."""
-    directory = pathlib.Path(directory)
+    directory = storage.as_path(directory)
     config = store.read_config(directory)
     if config.get("model") != MODEL_NAME or "i3d" not in config:
         raise ValueError(

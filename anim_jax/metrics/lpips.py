@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from anim_jax import storage
 from anim_jax.atomic import atomic_dir
 from anim_jax.convert import store
 from anim_jax.convert.loader import load
@@ -292,7 +293,7 @@ def convert_lpips(
     The directory appears complete or not at all; an existing non-empty one needs ``overwrite``.
     """
     net = _check_net(net)
-    trunk_path, linear_path, out = pathlib.Path(trunk_path), pathlib.Path(linear_path), pathlib.Path(out_dir)
+    trunk_path, linear_path, out = pathlib.Path(trunk_path), pathlib.Path(linear_path), storage.as_path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"LPIPS output {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -323,7 +324,7 @@ def convert_lpips(
 
 def load_lpips(directory: str | os.PathLike, *, dtype=jnp.float32) -> LPIPS:
     """The LPIPS model of a directory written by :func:`convert_lpips`."""
-    directory = pathlib.Path(directory)
+    directory = storage.as_path(directory)
     config = store.read_config(directory)
     entry = config.get(CONFIG_KEY)
     if not isinstance(entry, Mapping) or entry.get("net") not in NETS:

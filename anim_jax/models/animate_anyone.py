@@ -76,12 +76,16 @@ class AnimateAnyone(nnx.Module):
 
     # -- frozen encoders and decoder ------------------------------------------------------------------
 
-    def encode(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    def encode(self, images: jax.Array, key: jax.Array | None = None, *, eps: jax.Array | None = None) -> jax.Array:
         """Images (..., H, W, 3) in [-1, 1] -> scaled latents (..., h, w, C), float32, no gradient.
 
-        A draw from the VAE posterior with ``key`` (training), its mean without (inference)."""
+        A draw from the VAE posterior with ``key``, or with given N(0, 1) draws ``eps`` of the
+        latents' shape (training); its mean with neither (inference)."""
         mean, logvar = self.vae.encode(images)
-        z = mean if key is None else self.vae.sample(mean, logvar, key)
+        if eps is not None:
+            z = mean + jnp.exp(0.5 * logvar) * eps.astype(mean.dtype)
+        else:
+            z = mean if key is None else self.vae.sample(mean, logvar, key)
         return jax.lax.stop_gradient(z.astype(jnp.float32) * self.latent_scale)
 
     def decode(self, latents: jax.Array) -> jax.Array:

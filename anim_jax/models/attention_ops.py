@@ -209,3 +209,26 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, key_value_seq_lengths=kv_lengths, implementation="cudnn"
     )
+
+
+def dot_product_attention_heads_first(
+    q: jax.Array, k: jax.Array, v: jax.Array, config: AttentionConfig | None = None
+) -> jax.Array:
+    """``dot_product_attention`` on (B, H, L, D) tensors; returns (B, H, Lq, D).
+
+    For callers that can produce this layout for free (the temporal attention projects straight
+    into it): the plain path then runs its batched dots with (B, H) leading, with no transposes.
+    Every other implementation gets the (B, L, H, D) tensors it takes."""
+    config = config or AttentionConfig()
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention expects (batch, heads, length, head_dim); got {q.shape}, {k.shape}, {v.shape}")
+    to_blhd = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
+    impl = config.implementation
+    if impl == "auto":
+        impl = _auto_implementation(to_blhd(q), to_blhd(k), config, jax.default_backend())
+    if impl != "xla":
+        out = dot_product_attention(to_blhd(q), to_blhd(k), to_blhd(v), dataclasses.replace(config, implementation=impl))
+        return to_blhd(out)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)

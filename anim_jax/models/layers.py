@@ -151,14 +151,22 @@ class GroupNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         c = x.shape[-1]
-        xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+        g = self.num_groups
+        xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (g, c // g))
         axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
         mean = xg.mean(axis=axes, keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)  # two-pass: exact when |mean| >> std
+        # The output is x * a + b with per-(sample, channel) a and b (torch's CPU kernel does the
+        # same): the elementwise pass then reads x once and shares no ``x - mean`` with the variance,
+        # so XLA does not materialise that float32 copy of the activation.
+        rstd = jax.lax.rsqrt(var + self.eps)  # (N, 1.., G, 1)
+        stat_shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+        a = jnp.broadcast_to(rstd, rstd.shape[:-1] + (c // g,)).reshape(stat_shape)
+        b = jnp.broadcast_to(-mean * rstd, rstd.shape[:-1] + (c // g,)).reshape(stat_shape)
         if self.scale is not None:
-            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(dtype)
+            scale = self.scale[...].astype(jnp.float32)
+            a, b = a * scale, b * scale + self.bias[...].astype(jnp.float32)
+        return (x.astype(jnp.float32) * a + b).astype(dtype)
 
 
 class LayerNorm(nnx.Module):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from anim_jax.models.attention_ops import AttentionConfig, dot_product_attention
+from anim_jax.models.attention_ops import AttentionConfig, dot_product_attention_heads_first
 from anim_jax.models.layers import Dtype, GroupNorm, LayerNorm, Linear
 from anim_jax.models.transformer import FeedForward
 
@@ -148,9 +148,16 @@ class TemporalSelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n, f, c = x.shape
-        split = lambda t: t.reshape(n, f, self.heads, c // self.heads)  # noqa: E731
-        out = dot_product_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)), self.attention)
-        return self.to_out(out.reshape(n, f, c))
+        h = self.heads
+        dtype = self.to_q.dtype or x.dtype
+        # One projection writes q, k and v straight in (N, heads, F, head_dim), the layout whose
+        # batched dots need no transposes; with (N, F, heads, head_dim) tensors XLA copied q, k, v
+        # and the output around each of these tiny 24 x 24 attentions (benchmarks/RESULTS.md).
+        w = jnp.concatenate([self.to_q.kernel[...], self.to_k.kernel[...], self.to_v.kernel[...]], axis=1)
+        qkv = jnp.einsum("nfc,cthd->tnhfd", x.astype(dtype), w.astype(dtype).reshape(c, 3, h, c // h))
+        out = dot_product_attention_heads_first(qkv[0], qkv[1], qkv[2], self.attention)
+        wo = self.to_out.kernel[...].astype(dtype).reshape(h, c // h, c)
+        return jnp.einsum("nhfd,hdc->nfc", out, wo) + self.to_out.bias[...].astype(dtype)
 
 
 class TemporalTransformerBlock(nnx.Module):

@@ -52,7 +52,7 @@ def add_pose_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _fail(msg: str, code: int = 2) -> int:
-    print(f"anim-jax pose: {msg}", file=sys.stderr)
+    print(f"anim-jax pose: error: {msg}", file=sys.stderr)
     return code
 
 

@@ -64,6 +64,10 @@ class ConvAct(nnx.Module):
         x, kernel = x.astype(dtype), self.kernel[...].astype(dtype)
         if self.groups > 1 and self.groups == x.shape[-1] == kernel.shape[-1]:
             y = depthwise_conv(x, kernel, self.stride)
+        elif kernel.shape[:2] == (1, 1) and self.stride == 1 and self.groups == 1:
+            # A pointwise conv is a matmul over channels. XLA:CPU's matmul path ran DWPose's 1x1
+            # layers 1.3x to 5x faster than its convolution path, with bit-identical results.
+            y = jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
         else:
             p = kernel.shape[0] // 2
             y = jax.lax.conv_general_dilated(

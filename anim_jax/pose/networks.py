@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from flax import nnx
 
-from anim_jax import atomic, weights_dir
+from anim_jax import atomic, storage, weights_dir
 from anim_jax.convert import store
 from anim_jax.pose.rtmpose import RTMPose, RTMPoseConfig
 from anim_jax.pose.yolox import YOLOX, YOLOXConfig
@@ -43,7 +43,7 @@ def save_dwpose(
     An existing non-empty ``directory`` is replaced only with ``overwrite``. ``provenance`` is
     stored as the config's ``conversion`` entry (tool, source files).
     """
-    out = pathlib.Path(directory)
+    out = storage.as_path(directory)  # a URL: staged locally, uploaded with anim_jax.json last
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"DWPose output {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -60,7 +60,7 @@ def save_dwpose(
 
 
 def read_dwpose_config(directory: str | os.PathLike) -> tuple[YOLOXConfig, RTMPoseConfig]:
-    directory = pathlib.Path(directory)
+    directory = storage.as_path(directory)
     config = weights_dir.read_config(directory)
     entry = config.get(CONFIG_KEY)
     where = directory / weights_dir.CONFIG_NAME
@@ -81,7 +81,7 @@ def read_dwpose_config(directory: str | os.PathLike) -> tuple[YOLOXConfig, RTMPo
 def load_dwpose(directory: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32) -> tuple[YOLOX, RTMPose]:
     """The (detector, pose network) of a directory written by :func:`save_dwpose`; every
     parameter is checked strictly (missing, unexpected and misshaped reported together)."""
-    directory = pathlib.Path(directory)
+    directory = storage.as_path(directory)
     det_cfg, pose_cfg = read_dwpose_config(directory)
     detector = nnx.eval_shape(lambda: YOLOX(det_cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     pose_net = nnx.eval_shape(lambda: RTMPose(pose_cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))

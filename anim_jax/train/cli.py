@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pathlib
 import sys
 
 log = logging.getLogger("anim_jax.train")
@@ -58,6 +57,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = configlib.load_config(args.config, getattr(args, "config_overrides", []))
     check_config(cfg)  # before building anything or writing into WORKDIR
+    from anim_jax import storage
+
+    if storage.is_url(args.workdir):
+        storage.check_bucket(args.workdir, "--workdir")
     # A NonFiniteLossError (divergence) reaches anim_jax.cli.main: one line, EXIT_DIVERGED.
     result = train(cfg, args.workdir)
     if jax.process_count() > 1:
@@ -82,6 +85,7 @@ def check_config(cfg) -> None:
     the component geometry. Raises ``configlib.ConfigError`` naming the field."""
     import jax
 
+    from anim_jax import storage
     from anim_jax.configlib import ConfigError
     from anim_jax.train import optim
     from anim_jax.train.architecture import component_configs
@@ -92,11 +96,11 @@ def check_config(cfg) -> None:
     if not dataset:
         raise ConfigError("config.data.dataset is not set: pass --config.data.dataset=DIR "
                           "(a dataset from `anim-jax prepare` or `anim-jax make-synthetic`)")
-    if not pathlib.Path(dataset).is_dir():
+    if not storage.as_path(dataset).is_dir():
         raise ConfigError(f"config.data.dataset {str(dataset)!r} is not a directory")
     for field in ("weights_dir", "controlnet", "stage1_checkpoint", "motion_modules"):
         path = cfg.init.get(field, "")
-        if path and not pathlib.Path(path).exists():
+        if path and not storage.as_path(path).exists():
             raise ConfigError(f"config.init.{field} {str(path)!r} does not exist")
     tc = cfg.train
     for field, low in (("num_steps", 0), ("save_every", 0), ("log_every", 1), ("max_to_keep", 1)):

@@ -25,6 +25,7 @@ draws one decision for the whole global batch.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,6 @@ from anim_jax.diffusion import (
     diffusion_loss,
     min_snr_weight,
     moore_training_schedule,
-    offset_noise,
     training_target,
 )
 from anim_jax.models.animate_anyone import AnimateAnyone
@@ -63,39 +63,78 @@ class LossConfig:
         return out
 
 
+class TrainingDraws(NamedTuple):
+    """The random draws of one training step, channels-last; ``training_loss`` is deterministic given
+    them (so the objective can be compared draw for draw with another implementation's).
+
+    ``posterior``: N(0, 1) draws of the VAE posterior, (B*F + B, h, w, C), the target frames (frame
+    index fastest) then the references; ``noise`` (B, F, h, w, C) and ``offset`` (B, C): N(0, 1),
+    combined as ``noise + noise_offset * offset`` (broadcast over frames and space); ``t`` (B,)
+    int32 timesteps; ``uncond`` (B,) bool, the unconditional samples."""
+
+    posterior: jax.Array
+    noise: jax.Array
+    offset: jax.Array
+    t: jax.Array
+    uncond: jax.Array
+
+
+def draw(loss_cfg: LossConfig, rng, *, batch: int, frames: int, latent_shape, num_train_timesteps: int) -> TrainingDraws:
+    """One step's draws from ``rng``; ``latent_shape`` = (h, w, C) of one frame's latent."""
+    b, f = batch, frames
+    k_lat, k_noise, k_t, k_unc = jax.random.split(rng, 4)
+    k_noise, k_offset = jax.random.split(k_noise)  # the key split ``diffusion.offset_noise`` makes
+    posterior = jax.random.normal(k_lat, (b * f + b, *latent_shape), jnp.float32)
+    noise = jax.random.normal(k_noise, (b, f, *latent_shape), jnp.float32)
+    offset = jax.random.normal(k_offset, (b, latent_shape[-1]), jnp.float32)
+    t = jax.random.randint(k_t, (b,), 0, num_train_timesteps)
+    if loss_cfg.uncond_per_sample:
+        uncond = jax.random.bernoulli(k_unc, loss_cfg.uncond_ratio, (b,))
+    else:
+        uncond = jnp.broadcast_to(jax.random.bernoulli(k_unc, loss_cfg.uncond_ratio), (b,))
+    return TrainingDraws(posterior, noise, offset, t, uncond)
+
+
+def training_loss(model: AnimateAnyone, batch, draws: TrainingDraws, loss_cfg: LossConfig, schedule: NoiseSchedule):
+    """``(loss, aux)`` of ``batch`` under the given draws (see ``make_loss_fn``)."""
+    frames, poses, reference, clip = as_video_batch(batch)
+    b, f = frames.shape[:2]
+    # One VAE pass over the target frames and the reference images.
+    both = model.encode(jnp.concatenate([frames.reshape((b * f,) + frames.shape[2:]), reference]),
+                        eps=draws.posterior)
+    latents, ref_latents = both[: b * f].reshape((b, f) + both.shape[1:]), both[b * f:]
+    offset = draws.offset.reshape((b,) + (1,) * (latents.ndim - 2) + draws.offset.shape[-1:])
+    noise = draws.noise + jnp.asarray(loss_cfg.noise_offset, draws.noise.dtype) * offset
+    t, uncond = draws.t, draws.uncond
+    noisy = add_noise(schedule, latents, noise, t)
+    target = training_target(schedule, latents, noise, t)
+    context = model.image_context(clip, zero_image=uncond)
+    kv = model.reference(ref_latents, context, enabled=~uncond)
+    pred = model.predict(noisy, t, context, reference=kv, pose_features=model.pose_features(poses))
+    loss = diffusion_loss(pred, target, t, schedule, loss_cfg.snr_gamma)
+    per_sample = jnp.mean(jnp.square(pred - target).reshape(b, -1), axis=1)
+    weight = min_snr_weight(schedule, t, loss_cfg.snr_gamma) if loss_cfg.snr_gamma else jnp.ones_like(per_sample)
+    aux = dict(mse=per_sample.mean(), snr_weight=weight.mean(), uncond_fraction=uncond.mean(dtype=jnp.float32))
+    aux.update(metrics_lib.timestep_bucket_losses(weight * per_sample, t, loss_cfg.timestep_buckets,
+                                                  schedule.num_train_timesteps))
+    return loss, aux
+
+
 def make_loss_fn(loss_cfg: LossConfig, schedule: NoiseSchedule | None = None):
-    """``loss_fn(model: AnimateAnyone, batch, rng) -> (loss, aux)`` for ``train.state``.
+    """``loss_fn(model: AnimateAnyone, batch, rng) -> (loss, aux)`` for ``train.state``: ``draw``
+    from ``rng``, then ``training_loss``.
 
     ``aux``: ``mse`` (unweighted), ``snr_weight`` (mean min-SNR weight), ``uncond_fraction`` and the
     weighted loss per timestep bucket (``loss_t/000-249`` ...; NaN where a bucket is empty).
     """
     schedule = schedule or moore_training_schedule()
-    T = schedule.num_train_timesteps
 
     def loss_fn(model: AnimateAnyone, batch, rng):
-        frames, poses, reference, clip = as_video_batch(batch)
-        b = frames.shape[0]
-        k_lat, k_noise, k_t, k_unc = jax.random.split(rng, 4)
-        f = frames.shape[1]
-        # One VAE pass over the target frames and the reference images.
-        both = model.encode(jnp.concatenate([frames.reshape((b * f,) + frames.shape[2:]), reference]), k_lat)
-        latents, ref_latents = both[: b * f].reshape((b, f) + both.shape[1:]), both[b * f:]
-        noise = offset_noise(k_noise, latents.shape, loss_cfg.noise_offset)
-        t = jax.random.randint(k_t, (b,), 0, T)
-        noisy = add_noise(schedule, latents, noise, t)
-        target = training_target(schedule, latents, noise, t)
-        if loss_cfg.uncond_per_sample:
-            uncond = jax.random.bernoulli(k_unc, loss_cfg.uncond_ratio, (b,))
-        else:
-            uncond = jnp.broadcast_to(jax.random.bernoulli(k_unc, loss_cfg.uncond_ratio), (b,))
-        context = model.image_context(clip, zero_image=uncond)
-        kv = model.reference(ref_latents, context, enabled=~uncond)
-        pred = model.predict(noisy, t, context, reference=kv, pose_features=model.pose_features(poses))
-        loss = diffusion_loss(pred, target, t, schedule, loss_cfg.snr_gamma)
-        per_sample = jnp.mean(jnp.square(pred - target).reshape(b, -1), axis=1)
-        weight = min_snr_weight(schedule, t, loss_cfg.snr_gamma) if loss_cfg.snr_gamma else jnp.ones_like(per_sample)
-        aux = dict(mse=per_sample.mean(), snr_weight=weight.mean(), uncond_fraction=uncond.mean(dtype=jnp.float32))
-        aux.update(metrics_lib.timestep_bucket_losses(weight * per_sample, t, loss_cfg.timestep_buckets, T))
-        return loss, aux
+        frames = batch["frames"] if "frames" in batch else batch["target"][:, None]
+        b, f, h, w = frames.shape[:4]
+        s = model.latent_downscale
+        draws = draw(loss_cfg, rng, batch=b, frames=f, latent_shape=(h // s, w // s, model.latent_channels),
+                     num_train_timesteps=schedule.num_train_timesteps)
+        return training_loss(model, batch, draws, loss_cfg, schedule)
 
     return loss_fn

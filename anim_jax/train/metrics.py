@@ -21,12 +21,14 @@ import json
 import math
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from typing import Mapping
 
 import numpy as np
 
-from anim_jax import atomic
+from anim_jax import atomic, storage
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -64,23 +66,36 @@ class MetricWriter:
     """TensorBoard events and ``metrics.jsonl`` in ``logdir`` (see the module docstring).
 
     ``enabled=False`` makes every call a no-op (the non-zero processes of a multi-host run).
+
+    A URL ``logdir`` (``gs://...``): objects cannot be appended to, so both files are written in a
+    local temporary folder and uploaded whole (one object each, replacing the previous upload) on
+    ``flush`` at most every ``upload_every_s`` seconds, and on ``close``; an existing
+    ``metrics.jsonl`` there is downloaded first, so a resumed run appends to it.
     """
 
-    def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True, filename_suffix: str = ""):
-        self.logdir = os.fspath(logdir)
+    def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True, filename_suffix: str = "",
+                 upload_every_s: float = 30.0):
+        self.remote = str(logdir) if storage.is_url(logdir) else None
+        self.logdir = tempfile.mkdtemp(prefix="anim-jax-logs-") if self.remote and enabled else os.fspath(logdir)
         self.enabled = enabled
         self._tb = self._jsonl = None
         self.path = None
+        self._upload_every_s, self._uploaded_at = upload_every_s, time.monotonic()
         if enabled:
             from tensorboardX import SummaryWriter
 
             os.makedirs(self.logdir, exist_ok=True)
+            if self.remote and (storage.as_path(self.remote) / METRICS_FILE).is_file():
+                storage.download(f"{self.remote}/{METRICS_FILE}", os.path.join(self.logdir, METRICS_FILE))
             # A unique suffix keeps two writers started in the same second (restarts, tests) apart and
             # finds this writer's file without tensorboardX internals.
             unique = f".{os.getpid()}.{secrets.token_hex(3)}{filename_suffix}"
             self._tb = SummaryWriter(self.logdir, filename_suffix=unique, flush_secs=30)
             self._tb.flush()  # creates the event file
             (self.path,) = glob.glob(os.path.join(glob.escape(self.logdir), f"events.out.tfevents.*{glob.escape(unique)}"))
+            self._event_file = self.path
+            if self.remote:
+                self.path = f"{self.remote}/{os.path.basename(self.path)}"
             self._jsonl = open(os.path.join(self.logdir, METRICS_FILE), "a", encoding="utf-8", buffering=1)  # line-buffered
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -118,7 +133,8 @@ class MetricWriter:
         h, w, c = frames[0].shape
         image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif)
         self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), int(step))
-        path = os.path.join(self.logdir, "videos", f"{tag.replace('/', '_')}_{int(step):08d}.gif")
+        name = f"{tag.replace('/', '_')}_{int(step):08d}.gif"
+        path = f"{self.remote}/videos/{name}" if self.remote else os.path.join(self.logdir, "videos", name)
         atomic.write_bytes(path, gif)
         return path
 
@@ -126,12 +142,22 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.flush()
             self._jsonl.flush()
+            if self.remote and time.monotonic() - self._uploaded_at >= self._upload_every_s:
+                self._upload()
+
+    def _upload(self) -> None:
+        for name in (os.path.basename(self._event_file), METRICS_FILE):
+            storage.upload_file(os.path.join(self.logdir, name), f"{self.remote}/{name}")
+        self._uploaded_at = time.monotonic()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._jsonl.close()
             self._tb = self._jsonl = None
+            if self.remote:
+                self._upload()
+                shutil.rmtree(self.logdir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -143,11 +169,11 @@ class MetricWriter:
 
 def read_metrics(logdir: str | os.PathLike) -> list[dict]:
     """The records of ``<logdir>/metrics.jsonl`` in file order (a last line cut short is skipped)."""
-    path = os.path.join(os.fspath(logdir), METRICS_FILE)
-    if not os.path.isfile(path):
+    path = storage.as_path(logdir) / METRICS_FILE
+    if not path.is_file():
         return []
     out = []
-    with open(path, encoding="utf-8") as f:
+    with path.open(encoding="utf-8") as f:
         for line in f:
             try:
                 out.append(json.loads(line))

@@ -29,7 +29,7 @@ from flax import nnx
 
 from anim_jax import native
 from anim_jax.checkpoint import CheckpointManager
-from anim_jax import atomic
+from anim_jax import atomic, storage
 from anim_jax.convert.components import save_components
 from anim_jax.train import metrics as metrics_lib
 from anim_jax.train.data import DeviceBatches
@@ -74,10 +74,10 @@ def export(state, workdir: pathlib.Path, name: str = "export", *, stage: int | N
 def train(cfg, workdir, *, source=None) -> "object":
     """One training run (see the module docstring); returns the loop's ``LoopResult``. ``source``:
     training records in memory instead of the dataset directory ``cfg.data.dataset`` (the demo's)."""
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = storage.absolute(workdir)  # a local path or a URL (gs://bucket/runs/s1)
     is_main = jax.process_index() == 0
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir.mkdir(parents=True, exist_ok=True)  # (nothing to create on an object store)
         _write_config(cfg, workdir)
     t0 = time.perf_counter()
     trainer = setup(cfg)

@@ -249,8 +249,8 @@ def make_train_step(
     ``compute_dtype`` (``None`` keeps them as stored); gradients flow back through the cast to the
     float32 master ``params``. ``rng`` is ``fold_in(state.rng, state.step)``, so a resumed run draws
     the same noise. ``aux`` is a dict of scalar metrics merged into the returned metrics, which
-    always hold ``loss``, ``grad_norm`` (global norm of this micro-batch's gradient, before clipping)
-    and ``lr`` (the learning rate of the latest optimizer update). Model-side choices (remat policy,
+    always hold ``loss``, ``grad_norm`` (global norm of this micro-batch's gradient, before clipping;
+    ``grad_norm/<network>`` per top-level entry of ``params``) and ``lr`` (the learning rate of the latest optimizer update). Model-side choices (remat policy,
     attention implementation, activation dtype) belong to the model the ``graphdef`` describes.
     Jit it with ``jit_train_step``.
     """
@@ -269,6 +269,8 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics = dict(aux or {})
         metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=current_lr(opt_state))
+        if isinstance(grads, dict):  # one norm per trained network too: which one a spike comes from
+            metrics.update({f"grad_norm/{name}": optax.global_norm(g) for name, g in grads.items()})
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from anim_jax import storage
 from anim_jax.models.animate_anyone import COMPONENTS, AnimateAnyone
 from anim_jax.train import optim
 from anim_jax.train.architecture import build_model
@@ -60,8 +60,8 @@ def read_train_checkpoint(directory: str | os.PathLike, step: int | None = None,
 
     from anim_jax.checkpoint import CheckpointManager
 
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
+    directory = str(storage.absolute(directory))  # local, or a URL Orbax reads itself
+    if not storage.as_path(directory).is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
     if step is None or step < 0:
         with CheckpointManager(directory, async_save=False) as mngr:
@@ -101,8 +101,8 @@ def load_motion_modules(denoiser: nnx.Module, path: str | os.PathLike) -> int:
     modules = [optim.path_str(p) for p, node in nnx.iter_graph(denoiser) if isinstance(node, MotionModule)]
     if not modules:
         raise ValueError("the denoiser has no motion modules to load (stage 2 needs config.model.motion)")
-    if (pathlib.Path(path) / store.CONFIG_NAME).is_file():
-        file = pathlib.Path(path) / "denoiser.safetensors"
+    if (storage.as_path(path) / store.CONFIG_NAME).is_file():
+        file = storage.as_path(path) / "denoiser.safetensors"
         assign(denoiser, read_weights_file(file), source=str(file), select=_is_motion, require_all=True)
         return len(modules)
     sd = readers.read_checkpoint(path)
@@ -137,7 +137,7 @@ def init_model(cfg) -> AnimateAnyone:
     weights_dir = init.get("weights_dir", "")
     sources = {name: "random" for name in COMPONENTS}
     if weights_dir:
-        d = pathlib.Path(weights_dir)
+        d = storage.as_path(weights_dir)
         files = {name: d / f"{name}.safetensors" for name in COMPONENTS}
         for name in COMPONENTS:
             file = files[name]
