@@ -154,6 +154,22 @@ class _Parts:
         ])
 
 
+@jax.custom_jvp
+def round_to_float16(x: jax.Array) -> jax.Array:
+    """``x`` rounded to float16 and back (the reference bank's rounding), with a straight-through
+    gradient. Differentiating the casts would round the cotangent to float16 too, and a training
+    step's per-element cotangents there (~1e-8 and below at batch 8) underflow to zero: the
+    ReferenceNet stopped learning after ~100 steps of the demo's training. Moore's fp16 training
+    avoids the same underflow with a loss scale; fp32 training needs neither."""
+    return x.astype(jnp.float16).astype(x.dtype)
+
+
+@round_to_float16.defjvp
+def _round_to_float16_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return round_to_float16(x), t
+
+
 def _apply_motion(module: MotionModule, h: jax.Array, num_frames: int) -> jax.Array:
     """A motion module on frames folded into the batch: (B*F, H, W, C) -> (B, F, H, W, C) -> back."""
     n = h.shape[0]
@@ -449,7 +465,7 @@ class UNet2DConditionModel(nnx.Module):
         for path, block in self.named_transformer_blocks().items():
             r = tokens[path]
             if r is not None and self.config.reference_fp16_rounding:
-                r = r.astype(jnp.float16).astype(r.dtype)
+                r = round_to_float16(r)
             out[path] = None if r is None else block.attn1.project_kv(r)
         return out
 
