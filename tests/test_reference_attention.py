@@ -235,3 +235,21 @@ def test_groupnorm_over_frames(setup):
     np.testing.assert_array_equal(
         np.asarray(pooled(x1, s.args[1], s.args[2])), np.asarray(per_frame(x1, s.args[1], s.args[2]))
     )
+
+
+def test_bank_rounding_is_float16_forward_and_passes_small_gradients_back():
+    """The bank's float16 rounding (Moore's ``.to(torch.float16)``) differentiated: its gradient is
+    the identity in float32. Through the casts themselves a cotangent is rounded to float16 too,
+    and the ~1e-8-and-below cotangents of a real training step there become zero."""
+    import jax
+
+    from anim_jax.models.unet import round_to_float16
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(256) * 10.0 ** np.arange(-4, 4).repeat(32), jnp.float32)
+    np.testing.assert_array_equal(round_to_float16(x), x.astype(jnp.float16).astype(jnp.float32))
+    assert not np.array_equal(round_to_float16(x), x)  # it does round
+    for scale in (1.0, 1e-9):
+        grad = jax.grad(lambda v: (round_to_float16(v) * scale).sum())(x)
+        np.testing.assert_array_equal(grad, np.full(x.shape, scale, np.float32))
+    # what differentiating the casts gives at the small scale (the bug this guards against)
+    assert not jax.grad(lambda v: (v.astype(jnp.float16).astype(jnp.float32) * 1e-9).sum())(x).any()
