@@ -288,3 +288,44 @@ def test_prepare_extract_poses_into_the_bucket(videos_in_bucket, dwpose_in_bucke
     assert list(tmp_path.iterdir()) == []
     bad = ["prepare", videos_in_bucket, "-o", f"{B}/poses/ds2", "--extract-poses", "--pose-weights", f"{B}/weights/none"]
     assert cli.main(bad) == cli.EXIT_USAGE
+
+
+# ------------------------------------------------------------------------------------------------
+# anim-jax pose and convert-pose: videos, networks and outputs in the bucket
+
+
+def test_pose_command_on_a_bucket_folder(videos_in_bucket, dwpose_in_bucket, tmp_path, monkeypatch, capsys):
+    """A folder of videos in the bucket -> pose videos and keypoints in the bucket at the same
+    relative paths; a rerun skips what is there."""
+    from anim_jax.pose.extract import Poses
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["pose", videos_in_bucket, "--weights", dwpose_in_bucket, "--out", f"{B}/posecli/out",
+            "--keypoints", f"{B}/posecli/kps", *POSE_CLI, "--batch-size", "4", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert sorted(fs().ls(f"{BUCKET}/posecli/out")) == [f"{BUCKET}/posecli/out/char_{i:05d}.mp4" for i in range(2)]
+    fs().get_file(f"{BUCKET}/posecli/kps/char_00001.npz", str(tmp_path / "k.npz"))
+    assert len(Poses.load(tmp_path / "k.npz")) == 4
+    (tmp_path / "k.npz").unlink()
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "all 2 videos already have pose videos" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_networks_are_read_from_the_bucket(gcs, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from anim_jax.convert.onnx_graph import load_onnx
+
+    weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([conv], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [weight])
+    onnx.save(helper.make_model(graph), str(tmp_path / "tiny.onnx"))
+    url = upload(tmp_path / "tiny.onnx", f"{B}/onnx/tiny.onnx")
+    loaded = load_onnx(url, "detector ONNX file")
+    assert [op.kind for op in loaded.ops] == ["conv"] and url in loaded.source
+    with pytest.raises(FileNotFoundError, match="detector ONNX file 'gs://.*/onnx/none.onnx' does not exist"):
+        load_onnx(f"{B}/onnx/none.onnx", "detector ONNX file")
