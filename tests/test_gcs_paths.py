@@ -329,3 +329,11 @@ def test_onnx_networks_are_read_from_the_bucket(gcs, tmp_path):
     assert [op.kind for op in loaded.ops] == ["conv"] and url in loaded.source
     with pytest.raises(FileNotFoundError, match="detector ONNX file 'gs://.*/onnx/none.onnx' does not exist"):
         load_onnx(f"{B}/onnx/none.onnx", "detector ONNX file")
+
+
+def test_demo_refuses_a_bucket_output_in_one_line(tmp_path, monkeypatch, capsys):
+    """The demo is a local showcase: a gs:// --out is refused up front, never a local folder "gs:"."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--quick", "--out", f"{B}/demo"]) == cli.EXIT_USAGE
+    assert_one_line(capsys, "--out", "local path")
+    assert list(tmp_path.iterdir()) == []

@@ -140,8 +140,11 @@ def _local_inputs(inputs: ConversionInputs):
             path = getattr(inputs, f.name)
             if path is not None and storage.is_url(path):
                 if str(path) not in copies:  # the same URL given twice is downloaded once
-                    copies[str(path)] = stack.enter_context(storage.local_copy(path))
-                    names[str(copies[str(path)])] = str(path)
+                    copies[str(path)] = copy = stack.enter_context(storage.local_copy(path))
+                    names[str(copy)] = str(path)
+                    config = path.parent / "config.json"
+                    if copy.is_file() and f.name == "motion_module" and config.is_file():
+                        storage.download(config, copy.parent / "config.json")  # a MotionAdapter file's settings
                 path = copies[str(path)]
             local[f.name] = path
         yield ConversionInputs(**local), names
