@@ -128,13 +128,17 @@ def test_convert_reads_pytorch_and_safetensors_checkpoints_from_the_bucket(gcs, 
                        "vae": [f"{B}/convert/vae/diffusion_pytorch_model.safetensors"]}, sources
     capsys.readouterr()
 
-    # A missing object: one line naming the flag, before anything is downloaded or written.
-    for argv, flag in ((["--moore", f"{B}/convert/nothing"], "--moore"),
-                       (["--pose-guider", f"{B}/convert/nothing.pth"], "--pose-guider"),
-                       (["--vae", "gs://no-such-bucket/vae"], "--vae")):
-        assert cli.main(["convert", *argv, "--out", f"{B}/convert/out2", "--no-progress"]) == cli.EXIT_USAGE
+    # A missing object or bucket: one line naming the flag, before anything is downloaded or written.
+    out2 = ["--out", f"{B}/convert/out2", "--no-progress"]
+    for argv, flag in ((["convert", "--moore", f"{B}/convert/nothing", *out2], "--moore"),
+                       (["convert", "--pose-guider", f"{B}/convert/nothing.pth", *out2], "--pose-guider"),
+                       (["convert", "--vae", "gs://no-such-bucket/vae", *out2], "--vae"),
+                       (["convert", "--moore", str(tmp_path / "moore"), "--out", "gs://no-such-bucket/w"], "--out"),
+                       (["export", "--weights", out, "--out", "gs://no-such-bucket/moore"], "--out"),
+                       (["export", "--weights", f"{B}/convert/nothing", "--out", str(tmp_path / "e")], "--weights")):
+        assert cli.main(argv) == cli.EXIT_USAGE
         assert_one_line(capsys, flag)
-    assert not fs().exists(f"{BUCKET}/convert/out2")
+    assert not fs().exists(f"{BUCKET}/convert/out2") and not (tmp_path / "e").exists()
 
 
 # ------------------------------------------------------------------------------------------------

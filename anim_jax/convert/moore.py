@@ -665,6 +665,8 @@ class ConversionReport:
 
 
 def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+    if storage.is_url(out):  # a missing bucket: one line now, not an upload error after the work
+        storage.check_bucket(out, "--out")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -796,7 +798,12 @@ def export_moore(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
+    if storage.is_url(out):  # a missing bucket: one line now, not an upload error after the work
+        storage.check_bucket(out, "--out")
     if storage.is_url(weights):  # the readers seek in local files
+        storage.check_bucket(weights, "--weights")
+        if not storage.as_path(weights).is_dir():
+            raise FileNotFoundError(f"--weights {str(weights)!r} is not a directory (expected `anim-jax convert` output)")
         with storage.local_copy(weights) as local:
             return export_moore(local, out, dtype=dtype, overwrite=overwrite, progress=progress)
     start = time.perf_counter()

@@ -116,6 +116,9 @@ def convert_i3d(pt_path: str | os.PathLike, out_dir: str | os.PathLike, *, bn_ep
     """
     pt_path = storage.as_path(pt_path)
     out_dir = storage.as_path(out_dir)
+    for path in (pt_path, out_dir):
+        if storage.is_url(path):  # a missing bucket: one line now
+            storage.check_bucket(path, "I3D path")
     if (out_dir / store.CONFIG_NAME).is_file():
         existing = store.read_config(out_dir).get("model")
         if existing != MODEL_NAME:
