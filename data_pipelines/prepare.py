@@ -23,7 +23,7 @@ keypoints exactly as Moore renders its training poses (detection size, ``anim_ja
 stored as PNG, the keypoints themselves stored with each record (``keypoints``), so a change of
 rendering needs no re-extraction. ``OUTPUT.poses/`` is removed once the dataset is complete. In a
 multi-process run the first process writes the dataset (it reads every process's keypoint files, so
-``OUTPUT``'s folder must be shared) and the others wait until it is written.
+``OUTPUT``'s folder must be shared, as a bucket is) and the others wait until it is written.
 
 The report's ``stage_s`` says where the time went (seconds per stage, see ``prepare``);
 ``benchmarks/prepare.py`` reads it.
