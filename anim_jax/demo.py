@@ -79,6 +79,13 @@ def run_demo(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from anim_jax import storage
+
+    if storage.is_url(args.out):
+        # A local showcase: a few CPU minutes whose videos and plot are opened on this machine.
+        print(f"anim-jax demo: error: --out {args.out!r}: the demo writes a local folder; give a local path "
+              "(and copy the folder to a bucket afterwards if it should live there)", file=sys.stderr)
+        return 2
     result = run(args.out, DemoSettings.for_run(args.quick, args.seed))
     print(summary(result))
     return 0
