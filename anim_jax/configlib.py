@@ -1,7 +1,8 @@
 """Loading ``ml_collections`` Python configs with ``--config.a.b=value`` overrides.
 
 A config file is a Python file defining ``get_config(arg=None)`` (``configs/stage1.py``); an
-optional ``path.py:arg`` suffix is passed as ``arg`` (e.g. ``configs/stage1.py:tiny``). Overrides are
+optional ``path.py:arg`` suffix is passed as ``arg`` (e.g. ``configs/stage1.py:tiny``). The file may
+be a URL (``gs://bucket/configs/mine.py:tiny``). Overrides are
 parsed against the type of the field they replace, so a typo or a wrong type is an error that names
 the field instead of a silently ignored value. Every such mistake is a :class:`ConfigError`
 (one line naming the field; the ``anim-jax`` command reports it without a traceback).
@@ -12,10 +13,11 @@ from __future__ import annotations
 import ast
 import importlib.util
 import math
-import pathlib
 from typing import Sequence
 
 import ml_collections
+
+from anim_jax import storage
 
 PREFIX = "--config."
 
@@ -24,14 +26,23 @@ class ConfigError(ValueError):
     """A config file, a ``--config.`` override or a config value is wrong; the message names it."""
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+    """``(path, arg)`` of ``path.py:arg``; a URL's ``scheme://`` is part of the path."""
+    scheme, sep, rest = spec.partition("://") if storage.is_url(spec) else ("", "", spec)
+    path, _, arg = rest.partition(":")
+    return scheme + sep + path, arg
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    path, _, arg = spec.partition(":")
-    file = pathlib.Path(path)
-    if not file.is_file():
+    path, arg = split_spec(spec)
+    if storage.is_url(path):
+        storage.check_bucket(path, "--config")
+    if not storage.as_path(path).is_file():
         raise FileNotFoundError(f"config file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"_anim_jax_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    with storage.local_copy(path) as file:  # a URL: downloaded (importlib executes local files only)
+        module_spec = importlib.util.spec_from_file_location(f"_anim_jax_config_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config()")
     try:

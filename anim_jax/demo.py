@@ -104,6 +104,12 @@ def _fail(msg: str) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     import logging
 
+    from anim_jax import storage
+
+    if storage.is_url(args.out):
+        # A local showcase: a few CPU minutes whose videos and plot are opened on this machine.
+        return _fail(f"--out {args.out!r}: the demo writes a local folder; give a local path (and copy the folder "
+                     "to a bucket afterwards if it should live there)")
     if (args.quick or args.train_only or args.weights_out) and not args.train:
         return _fail("--quick, --train-only and --weights-out only apply with --train")
     if args.train and args.weights:

@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from anim_jax import media
+from anim_jax import media, storage
 
 GRID_PANEL_HEIGHT = 256  # a grid panel is at least this tall, so a tiny model's output is watchable
 GRID_LABELS = ("reference", "driving video", "aligned pose", "result")
@@ -46,7 +46,7 @@ class DrivingPoses:
 
 
 def saved_pose_paths(out: str | os.PathLike) -> list[pathlib.Path]:
-    out = pathlib.Path(out)
+    out = storage.as_path(out)
     return [out.with_name(out.stem + suffix) for suffix in ("_pose.mp4", "_keypoints.npz", "_driving_keypoints.npz")]
 
 
@@ -87,6 +87,9 @@ def driving_poses(driving_video, reference, pose_extractor, *, align: bool = Tru
     from anim_jax.pose.align import align_poses
 
     extractor = _extractor(pose_extractor)
+    if isinstance(driving_video, (str, os.PathLike)) and storage.is_url(driving_video):
+        with storage.local_copy(driving_video) as local:  # downloaded once: it is read more than once below
+            return driving_poses(local, reference, extractor, align=align, max_frames=max_frames, progress=progress)
     fps = None
     if isinstance(driving_video, (str, os.PathLike)):
         if max_frames is None:

@@ -8,6 +8,8 @@ import pathlib
 
 import numpy as np
 
+from anim_jax import storage
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("from a dance video (instead of --pose)")
@@ -55,18 +57,28 @@ def check_args(args: argparse.Namespace) -> None:
             if getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} only applies with --driving-video")
         return
-    video = pathlib.Path(args.driving_video)
-    if not video.is_file():
-        raise FileNotFoundError(f"--driving-video {args.driving_video!r} does not exist")
+    video = _existing_input(args.driving_video, "--driving-video")
     if args.pose_weights is None:
         raise ValueError("--driving-video needs --pose-weights (a DWPose directory from anim-jax convert-pose)")
-    if not pathlib.Path(args.pose_weights).is_dir():
+    if storage.is_url(args.pose_weights):
+        storage.check_bucket(args.pose_weights, "--pose-weights")
+    if not storage.as_path(args.pose_weights).is_dir():
         raise FileNotFoundError(f"--pose-weights {args.pose_weights!r} is not a directory (convert DWPose with "
                                 "anim-jax convert-pose)")
     try:  # readable as a video, with frames: checked now rather than after loading the models
         media.read_video_frames(video, 1)
     except media.InputError as e:
         raise ValueError(f"--driving-video: {str(e).replace('pose video ', '')}") from None
+
+
+def _existing_input(path: str, flag: str):
+    """``path`` as a path (local or URL); raises ``FileNotFoundError`` naming ``flag`` unless it is a file."""
+    video = storage.as_path(path)
+    if storage.is_url(video):
+        storage.check_bucket(video, flag)
+    if not video.is_file():
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+    return video
 
 
 def pipeline_kwargs(args: argparse.Namespace, devices) -> dict:
@@ -93,7 +105,7 @@ def write_extras(args: argparse.Namespace, result, fps: float) -> list[pathlib.P
         return []
     written = result.driving.save(args.out) if args.save_poses else []
     if args.grid:
-        out = pathlib.Path(args.out)
+        out = storage.as_path(args.out)
         n = len(result.frames)
         frames = np.stack([np.asarray(f) for f in driving.read_frames(args.driving_video, n)])
         grid = driving.grid(result.reference, frames, result.driving.pictures[:n], result.frames)

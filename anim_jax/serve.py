@@ -36,7 +36,7 @@ import time
 import uuid
 from typing import Callable
 
-from anim_jax import native, weights_dir
+from anim_jax import native, storage, weights_dir
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -416,6 +416,11 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _check_bucket(path, flag: str) -> None:
+    if path is not None and storage.is_url(path):
+        storage.check_bucket(path, flag)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     if args.weights is None:
         weights = packaged_demo_weights()
@@ -423,11 +428,16 @@ def run_serve(args: argparse.Namespace) -> int:
             return _fail("no demo weights are installed with this package: pass --weights DIR (a converted-weights "
                          "directory), or train the demo model with `anim-jax demo --train` and pass --weights demo_out/weights")
     else:
-        weights = pathlib.Path(args.weights)
+        weights = storage.as_path(args.weights)  # local or gs://: the pipeline reads either
+        try:
+            _check_bucket(args.weights, "--weights")
+            _check_bucket(args.pose_weights, "--pose-weights")
+        except FileNotFoundError as e:
+            return _fail(str(e))
         if not (weights / "anim_jax.json").is_file():
             return _fail(f"--weights {str(weights)!r} is not a converted-weights directory (anim_jax.json is missing; "
                          "create one with `anim-jax convert` or `anim-jax demo`)")
-    if args.pose_weights is not None and not pathlib.Path(args.pose_weights).is_dir():
+    if args.pose_weights is not None and not storage.as_path(args.pose_weights).is_dir():
         return _fail(f"--pose-weights {args.pose_weights!r} is not a directory (convert DWPose with anim-jax convert-pose)")
     if not 0 < args.port < 65536:
         return _fail(f"--port must be 1..65535, got {args.port}")

@@ -23,19 +23,23 @@ keypoints exactly as Moore renders its training poses (detection size, ``anim_ja
 stored as PNG, the keypoints themselves stored with each record (``keypoints``), so a change of
 rendering needs no re-extraction. ``OUTPUT.poses/`` is removed once the dataset is complete. In a
 multi-process run the first process writes the dataset (it reads every process's keypoint files, so
-``OUTPUT``'s folder must be shared) and the others wait until it is written.
+``OUTPUT``'s folder must be shared, as a bucket is) and the others wait until it is written.
 
 The report's ``stage_s`` says where the time went (seconds per stage, see ``prepare``);
 ``benchmarks/prepare.py`` reads it.
 
 URLs (``gs://bucket/...``): a source folder (with its ``_dwpose`` sibling) is downloaded to a local
-temporary folder first (decoders need local files, and every frame is read anyway); the output is
-built locally and uploaded with its commit marker last (``dataset.build_dataset``).
+temporary folder first (decoders need local files, and every frame is read anyway); a meta JSON (local
+or a URL) may list URLs (or paths relative to a JSON in a bucket), each video and pose video then
+downloaded while it is processed. The output is built locally and uploaded with its commit marker
+last (``dataset.build_dataset``); with ``extract_poses`` its keypoint files wait in ``OUTPUT.poses/``
+in the bucket.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -141,8 +145,7 @@ def read_meta(meta_path: str | os.PathLike) -> list[VideoTask]:
     """A meta JSON list of ``{"video_path", "kps_path"}``; ids are the video paths relative to their
     common directory, without extension (made unique with ``#k`` suffixes)."""
     try:
-        with open(meta_path) as f:
-            items = json.load(f)
+        items = json.loads(storage.as_path(meta_path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_path}: not valid JSON ({e})") from e
     if not isinstance(items, list):
@@ -150,16 +153,29 @@ def read_meta(meta_path: str | os.PathLike) -> list[VideoTask]:
     for i, it in enumerate(items):
         if not isinstance(it, dict) or not all(isinstance(it.get(k), str) for k in ("video_path", "kps_path")):
             raise ValueError(f"{meta_path}: item {i} must be an object with string 'video_path' and 'kps_path', got {it!r}")
-    base = os.path.dirname(os.fspath(meta_path))
-    paths = [
-        (os.path.join(base, it["video_path"]) if not os.path.isabs(it["video_path"]) else it["video_path"],
-         os.path.join(base, it["kps_path"]) if not os.path.isabs(it["kps_path"]) else it["kps_path"])
-        for it in items
-    ]  # fmt: skip
+    base = str(meta_path).rsplit("/", 1)[0] if storage.is_url(meta_path) else os.path.dirname(os.fspath(meta_path))
+    paths = [(_meta_entry(base, it["video_path"]), _meta_entry(base, it["kps_path"])) for it in items]
     if not paths:
         return []
-    common = os.path.commonpath([os.path.dirname(os.path.abspath(v)) for v, _ in paths])
-    return [VideoTask(_strip_ext(os.path.relpath(os.path.abspath(v), common)).replace(os.sep, "/"), v, k) for v, k in paths]
+    common = os.path.commonpath([os.path.dirname(_id_path(v)) for v, _ in paths])
+    return [VideoTask(_strip_ext(os.path.relpath(_id_path(v), common)).replace(os.sep, "/"), v, k) for v, k in paths]
+
+
+def _meta_entry(base: str, path: str) -> str:
+    """A meta JSON entry: a URL or an absolute path as is, a relative path joined to the JSON's folder
+    (a URL folder for a JSON in a bucket)."""
+    if storage.is_url(path) or os.path.isabs(path):
+        return path
+    return f"{base}/{path}" if storage.is_url(base) else os.path.join(base, path)
+
+
+def _id_path(path: str) -> str:
+    """An absolute path standing for ``path`` when ids are made: ``gs://b/x.mp4`` -> ``/gs/b/x.mp4``
+    (so URLs and local paths share one tree and ids do not depend on the scheme's ``//``)."""
+    if storage.is_url(path):
+        scheme, _, rest = path.partition("://")
+        return f"/{scheme}/{rest}"
+    return os.path.abspath(path)
 
 
 def collect_tasks(sources: Sequence[str | os.PathLike]) -> tuple[list[VideoTask], list[dict]]:
@@ -279,8 +295,10 @@ def process_video(task: VideoTask, options: PrepareOptions) -> tuple[dict | None
 
     from_keypoints = task.kps_path.endswith(KEYPOINTS_SUFFIX)
     for p, what in ((task.video_path, "video"), (task.kps_path, "keypoints" if from_keypoints else "pose video")):
-        if not os.path.isfile(p):
+        if not storage.as_path(p).is_file():
             return None, problem(f"missing {what}")
+    if storage.is_url(task.video_path) or storage.is_url(task.kps_path):
+        return _process_remote_video(task, options, problem)
     try:
         info = video_info(task.video_path)
         size = _resized_size(info["height"], info["width"], options.resize) if options.resize else None
@@ -322,6 +340,21 @@ def process_video(task: VideoTask, options: PrepareOptions) -> tuple[dict | None
         frames, poses = frames[:n], poses[:n]
         note = problem("frame-count mismatch, truncated", kept=n, **counts)
     return {**dataset_lib.make_example(task.id, frames, poses, info["fps"], (h, w), (ph, pw)), **extra}, note
+
+
+def _process_remote_video(task: VideoTask, options: PrepareOptions, problem) -> tuple[dict | None, dict | None]:
+    """``process_video`` of a task with URL files: each downloaded to a temporary local copy (the
+    decoders read local files) for the time of this video only; the report names the URLs."""
+    with contextlib.ExitStack() as stack:
+        try:
+            local = dataclasses.replace(task, video_path=str(stack.enter_context(storage.local_copy(task.video_path))),
+                                        kps_path=str(stack.enter_context(storage.local_copy(task.kps_path))))
+        except Exception as e:  # noqa: BLE001  (a failed download skips this video, as a bad file does)
+            return None, problem(f"download failed: {type(e).__name__}: {e}")
+        example, note = process_video(local, options)
+    if note is not None:
+        note = {**note, "video_path": task.video_path, "kps_path": task.kps_path}
+    return example, note
 
 
 def _work(args):
@@ -386,6 +419,10 @@ class NoUsableVideos(RuntimeError):
 
 
 def keypoints_dir(output: str) -> str:
+    """Where extracted keypoints wait for the dataset: beside the output, in its bucket for a URL
+    (shared by every process of a pod, and kept across an interruption, like a local one)."""
+    if storage.is_url(output):
+        return str(output).rstrip("/") + ".poses"
     return os.path.abspath(os.fspath(output)) + ".poses"
 
 
@@ -419,7 +456,8 @@ def extract_keypoints(
         return {"id": t.id, "video_path": t.video_path, "kps_path": "", "reason": reason}
 
     index, count = _process_share()
-    todo = [t for t in tasks if not os.path.isfile(kp_path(t)) and not os.path.isfile(error_path(t))]
+    cached = _files_under(cache_dir)
+    todo = [t for t in tasks if kp_path(t) not in cached and error_path(t) not in cached]
     if count > 1:
         # Every process lists the finished videos before any process adds to them: a process that
         # started late would otherwise see a shorter to-do list and take a shifted share of it.
@@ -438,7 +476,8 @@ def extract_keypoints(
             _add_seconds(stage_s, "pose_extract", t0)
             t0 = time.perf_counter()
             for t in by_path[path]:
-                os.makedirs(os.path.dirname(kp_path(t)), exist_ok=True)
+                if not storage.is_url(cache_dir):  # (an object store has no folders to make)
+                    os.makedirs(os.path.dirname(kp_path(t)), exist_ok=True)
                 if isinstance(poses, Exception):
                     dataset_lib.write_json(error_path(t), f"unreadable video: {poses}")
                 else:
@@ -448,13 +487,26 @@ def extract_keypoints(
     if count > 1:
         _barrier("anim-jax prepare: poses extracted")
     done, problems = [], []
+    cached = _files_under(cache_dir)  # every process's files, now
     for t in tasks:
-        if os.path.isfile(kp_path(t)):
+        if kp_path(t) in cached:
             done.append(dataclasses.replace(t, kps_path=kp_path(t)))
         else:
-            with open(error_path(t)) as f:
-                problems.append(problem(t, json.load(f)))
+            problems.append(problem(t, json.loads(storage.as_path(error_path(t)).read_text())))
     return done, problems
+
+
+def _files_under(root: str) -> set[str]:
+    """Every file under ``root`` (a folder or a URL prefix), in one listing: on an object store one
+    request per page of names rather than one per file."""
+    if not storage.is_url(root):
+        return {os.path.join(d, f) for d, _, files in os.walk(root) for f in files}
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    fs.invalidate_cache(path)  # other processes may have added files since the last listing
+    scheme = root.split("://", 1)[0]
+    return {f"{scheme}://{p}" for p in fs.find(path)}
 
 
 def _add_seconds(stage_s: dict, stage: str, t0: float) -> None:
@@ -502,7 +554,10 @@ def prepare(
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    if any(storage.is_url(s) for s in sources):
+    for s in sources:
+        if storage.is_url(s):
+            _check_remote_source(s)
+    if any(storage.is_url(s) and not _is_meta(s) for s in sources):
         with tempfile.TemporaryDirectory(prefix="anim-jax-prepare-") as tmp:
             local = [_download_source(s, tmp, with_poses=not extract_poses) for s in sources]
             return prepare(local, output, resize=resize, jpeg_quality=jpeg_quality, jpeg_subsampling=jpeg_subsampling,
@@ -518,9 +573,6 @@ def prepare(
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     if remote:
         storage.check_bucket(output, "output")
-        if extract_poses:
-            raise ValueError(f"--extract-poses with an object-store output ({output}) is not supported yet: "
-                             "prepare into a local or mounted folder and upload it")
     parent, base = os.path.split(output)
     stale = sorted(p for p in os.listdir(parent) if p.startswith(base + ".incomplete-")) \
         if not remote and os.path.isdir(parent) else []
@@ -528,7 +580,9 @@ def prepare(
         print(f"prepare: found {len(stale)} unfinished build(s) next to {output} ({', '.join(stale)}); they are "
               "left over from interrupted runs (or belong to one still running) and can be deleted", file=sys.stderr)  # fmt: skip
     if extract_poses:
-        if pose_weights is None or not os.path.isdir(pose_weights):
+        if pose_weights is not None and storage.is_url(pose_weights):
+            storage.check_bucket(pose_weights, "pose weights")
+        if pose_weights is None or not storage.as_path(pose_weights).is_dir():
             raise FileNotFoundError(f"pose weights {os.fspath(pose_weights) if pose_weights else None!r}: not a directory "
                                     "(convert DWPose with anim-jax convert-pose)")  # fmt: skip
         bad = [os.fspath(s) for s in sources if not os.path.isdir(s)]
@@ -579,8 +633,11 @@ def prepare(
         except NoUsableVideos:
             _finish_report(report, report_path or output + "." + dataset_lib.REPORT_NAME, verbose)
             raise
-        if extract_poses:
-            shutil.rmtree(keypoints_dir(output), ignore_errors=True)  # now stored in the records
+        if extract_poses:  # now stored in the records
+            if remote:
+                storage.remove_tree(keypoints_dir(output))
+            else:
+                shutil.rmtree(keypoints_dir(output), ignore_errors=True)
     finally:
         if process_count > 1:
             _barrier(_DATASET_WRITTEN)
@@ -591,14 +648,22 @@ def prepare(
 _DATASET_WRITTEN = "anim-jax prepare: dataset written"
 
 
-def _download_source(source, tmp: str, *, with_poses: bool) -> str:
-    """A local copy of one source (a URL folder, with its ``_dwpose`` sibling, or a meta JSON file)."""
-    if not storage.is_url(source):
-        return os.fspath(source)
+def _is_meta(source) -> bool:
+    return os.fspath(source).endswith(".json")
+
+
+def _check_remote_source(source) -> None:
     storage.check_bucket(source, "source")  # network and credential failures: one line, not a traceback
-    path = storage.as_path(source)
-    if not path.exists():
+    if not storage.as_path(source).exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
+
+
+def _download_source(source, tmp: str, *, with_poses: bool) -> str:
+    """A local copy of one source folder (with its ``_dwpose`` sibling). A meta JSON is read where it
+    is: its videos are downloaded one at a time as they are processed (``process_video``)."""
+    if not storage.is_url(source) or _is_meta(source):
+        return os.fspath(source)
+    path = storage.as_path(source)
     folder = os.path.join(tmp, str(len(os.listdir(tmp))))
     os.makedirs(folder)
     local = os.path.join(folder, path.name)

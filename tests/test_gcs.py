@@ -77,11 +77,11 @@ def test_prepare_writes_a_dataset_that_grain_reads_from_the_bucket(dataset_in_bu
     assert dataset.read_report(dataset_in_bucket)["num_videos"] == 2
 
 
-def test_an_interrupted_prepare_never_reads_as_complete(videos_in_bucket, dataset_in_bucket, monkeypatch):
-    """The upload stops after its first object (as a killed process would): the new dataset is not
-    complete; replacing a complete one takes its commit marker away first."""
+@pytest.fixture
+def kill_uploads_after_one(monkeypatch):
+    """``arm()`` makes ``storage.upload_file`` upload one object, then die as a killed process
+    would; it returns the list of uploaded URLs (clear it to allow one more)."""
     from anim_jax import storage
-    from data_pipelines import dataset
 
     real, uploaded = storage.upload_file, []
 
@@ -91,7 +91,20 @@ def test_an_interrupted_prepare_never_reads_as_complete(videos_in_bucket, datase
         uploaded.append(str(url))
         real(local, url)
 
-    monkeypatch.setattr(storage, "upload_file", dies_after_one)
+    def arm():
+        monkeypatch.setattr(storage, "upload_file", dies_after_one)
+        return uploaded
+
+    return arm
+
+
+def test_an_interrupted_prepare_never_reads_as_complete(videos_in_bucket, dataset_in_bucket, kill_uploads_after_one,
+                                                         monkeypatch):
+    """The upload stops after its first object (as a killed process would): the new dataset is not
+    complete; replacing a complete one takes its commit marker away first."""
+    from data_pipelines import dataset
+
+    uploaded = kill_uploads_after_one()
     for out, extra in ((f"{B}/ds_new", []), (dataset_in_bucket + "_copy", ["--overwrite"])):
         if extra:  # a complete dataset to replace
             fs().copy(f"{BUCKET}/ds", f"{BUCKET}/ds_copy", recursive=True)
@@ -108,12 +121,12 @@ def test_an_interrupted_prepare_never_reads_as_complete(videos_in_bucket, datase
     assert dataset.is_complete(dataset_in_bucket)  # the other dataset untouched
 
 
-def test_an_interrupted_export_never_reads_as_complete(gcs, monkeypatch):
+def test_an_interrupted_export_never_reads_as_complete(gcs, kill_uploads_after_one, monkeypatch):
     """Weights directories in the bucket: complete once written; a rewrite cut short after one object
     leaves a directory without its commit marker (anim_jax.json), which readers refuse."""
     from flax import nnx
 
-    from anim_jax import storage, weights_dir
+    from anim_jax import weights_dir
     from anim_jax.convert.components import load_components, save_components
     from anim_jax.diffusion import moore_inference_schedule
     from anim_jax.models.pose_guider import PoseGuider
@@ -125,15 +138,7 @@ def test_an_interrupted_export_never_reads_as_complete(gcs, monkeypatch):
     want = components["pose_guider"].conv_in.kernel[...]
     np.testing.assert_array_equal(np.asarray(loaded["pose_guider"].conv_in.kernel[...]), np.asarray(want))
 
-    real, uploaded = storage.upload_file, []
-
-    def dies_after_one(local, url):
-        if uploaded:
-            raise KeyboardInterrupt("killed")
-        uploaded.append(str(url))
-        real(local, url)
-
-    monkeypatch.setattr(storage, "upload_file", dies_after_one)
+    uploaded = kill_uploads_after_one()
     with pytest.raises(KeyboardInterrupt):
         save_components(out, components, schedule=moore_inference_schedule())
     monkeypatch.undo()

@@ -347,6 +347,8 @@ def convert_dwpose(
 
     t0 = time.perf_counter()
     out = storage.as_path(out_dir)
+    if storage.is_url(out):  # a missing bucket: one line now, not an upload error after the work
+        storage.check_bucket(out, "--out")
     if not dry_run and out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise FileExistsError(f"output {str(out)!r} exists and is not an empty directory (pass --overwrite to replace it)")
     det_cfg, det_graph, det_arrays = read_detector(detector_onnx)

@@ -42,6 +42,7 @@ a converted-weights directory.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -108,7 +109,52 @@ class ConversionInputs:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not None:
-                setattr(self, f.name, pathlib.Path(value))
+                setattr(self, f.name, storage.as_path(value))  # a gs:// URL stays one (see _local_inputs)
+
+
+# The command-line flag of each input, for errors about a missing file.
+INPUT_FLAGS = {"denoiser": "--denoiser", "motion_module": "--motion-module", "reference_net": "--reference-net",
+               "pose_guider": "--pose-guider", "vae": "--vae", "image_encoder": "--image-encoder",
+               "unet_config": "--sd-unet-config"}
+
+
+def _check_remote_inputs(inputs: ConversionInputs) -> None:
+    """Every URL input exists (and its bucket is reachable) before anything is downloaded; raises
+    ``FileNotFoundError`` naming the flag."""
+    for name, flag in INPUT_FLAGS.items():
+        path = getattr(inputs, name)
+        if path is not None and storage.is_url(path):
+            storage.check_bucket(path, flag)
+            if not path.exists():
+                raise FileNotFoundError(f"{flag} {str(path)!r} does not exist")
+
+
+@contextlib.contextmanager
+def _local_inputs(inputs: ConversionInputs):
+    """``(inputs, names)``: the inputs with each URL (file or folder) replaced by a temporary local
+    download (the readers seek and mmap local files; removed on exit), and {local path: URL}, so
+    reports and errors name what the user gave."""
+    with contextlib.ExitStack() as stack:
+        local, names, copies = {}, {}, {}
+        for f in dataclasses.fields(inputs):
+            path = getattr(inputs, f.name)
+            if path is not None and storage.is_url(path):
+                if str(path) not in copies:  # the same URL given twice is downloaded once
+                    copies[str(path)] = copy = stack.enter_context(storage.local_copy(path))
+                    names[str(copy)] = str(path)
+                    config = path.parent / "config.json"
+                    if copy.is_file() and f.name == "motion_module" and config.is_file():
+                        storage.download(config, copy.parent / "config.json")  # a MotionAdapter file's settings
+                path = copies[str(path)]
+            local[f.name] = path
+        yield ConversionInputs(**local), names
+
+
+def _by_url(text: str, names: Mapping[str, str]) -> str:
+    """``text`` with each temporary download's path replaced by its URL."""
+    for local, url in names.items():
+        text = text.replace(local, url)
+    return text
 
 
 def moore_inputs(moore_dir: str | os.PathLike | None = None, **paths) -> ConversionInputs:
@@ -117,7 +163,9 @@ def moore_inputs(moore_dir: str | os.PathLike | None = None, **paths) -> Convers
     ``ConversionInputs`` field names) override the folder's files. A file the folder lacks is left out."""
     found: dict[str, Any] = {}
     if moore_dir is not None:
-        folder = pathlib.Path(moore_dir)
+        folder = storage.as_path(moore_dir)
+        if storage.is_url(folder):
+            storage.check_bucket(folder, "--moore")
         if not folder.is_dir():
             raise FileNotFoundError(f"--moore {str(folder)!r}: not a directory")
         found = {name: folder / file for name, file in MOORE_FILES.items() if (folder / file).is_file()}
@@ -617,6 +665,8 @@ class ConversionReport:
 
 
 def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+    if storage.is_url(out):  # a missing bucket: one line now, not an upload error after the work
+        storage.check_bucket(out, "--out")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -640,23 +690,42 @@ def convert(
 
     ``dtype``: the stored parameter dtype (``"keep"``: each tensor's source dtype); loading casts to
     the model's parameter dtype either way. ``dry_run`` checks and plans everything (the key/shape
-    checks, config inference, ``pe`` validation) without writing.
+    checks, config inference, ``pe`` validation) without writing. Inputs may be URLs (``gs://``):
+    each is downloaded to a temporary local copy first.
     """
-    from anim_jax import __version__
-    from anim_jax.convert import store
-    from anim_jax.diffusion import moore_inference_schedule
-    from anim_jax.models.factory import to_json
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
     out = storage.as_path(out)  # a gs:// URL: staged locally, uploaded with anim_jax.json last
     if not dry_run:
         _check_out(out, overwrite)
+    _check_remote_inputs(inputs)
     start = time.perf_counter()
+    with _local_inputs(inputs) as (local, names):
+        try:
+            return _convert(local, out, names, start, dtype=dtype, motion_heads=motion_heads,
+                            motion_max_len=motion_max_len, motion_norm_groups=motion_norm_groups,
+                            prefer_denoiser_file=prefer_denoiser_file, dry_run=dry_run, progress=progress)
+        except (readers.CheckpointError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
+            if names and len(e.args) == 1 and isinstance(e.args[0], str):
+                e.args = (_by_url(e.args[0], names),)  # name the URL, not the temporary download
+            raise
+
+
+def _convert(inputs: ConversionInputs, out, names: Mapping[str, str], start: float, *, dtype: str, motion_heads,
+             motion_max_len, motion_norm_groups, prefer_denoiser_file: bool, dry_run: bool,
+             progress: bool) -> ConversionReport:
+    from anim_jax import __version__
+    from anim_jax.convert import store
+    from anim_jax.diffusion import moore_inference_schedule
+    from anim_jax.models.factory import to_json
+
     rd = _Readers()
     try:
         plans = _plan_all(inputs, rd, motion_heads=motion_heads, motion_max_len=motion_max_len,
                           motion_norm_groups=motion_norm_groups, prefer_denoiser_file=prefer_denoiser_file)
+        for p in plans:
+            p.sources = [_by_url(x, names) for x in p.sources]
+            p.notes = [_by_url(x, names) for x in p.notes]
         reports = [p.report() for p in plans]
         if dry_run:
             return ConversionReport(str(out), reports, time.perf_counter() - start, 0, dry_run=True)
@@ -729,7 +798,12 @@ def export_moore(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
+    if storage.is_url(out):  # a missing bucket: one line now, not an upload error after the work
+        storage.check_bucket(out, "--out")
     if storage.is_url(weights):  # the readers seek in local files
+        storage.check_bucket(weights, "--weights")
+        if not storage.as_path(weights).is_dir():
+            raise FileNotFoundError(f"--weights {str(weights)!r} is not a directory (expected `anim-jax convert` output)")
         with storage.local_copy(weights) as local:
             return export_moore(local, out, dtype=dtype, overwrite=overwrite, progress=progress)
     start = time.perf_counter()

@@ -29,6 +29,7 @@ import dataclasses
 import heapq
 import os
 import pathlib
+import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -377,7 +378,25 @@ class _GraphReader:
 
 
 def load_onnx(path: str | os.PathLike, what: str) -> OnnxGraph:
-    """Parses an ONNX file (weights in external ``.onnx.data`` files included) into an :class:`OnnxGraph`."""
+    """Parses an ONNX file (weights in external ``.onnx.data`` files included) into an :class:`OnnxGraph`.
+    A URL (``gs://``) is downloaded first, with its ``.data`` sibling if there is one."""
+    from anim_jax import storage
+
+    if storage.is_url(path):
+        storage.check_bucket(path, what)
+        if not storage.as_path(path).is_file():
+            raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+        with tempfile.TemporaryDirectory(prefix="anim-jax-onnx-") as tmp:
+            local = os.path.join(tmp, storage.as_path(path).name)
+            storage.download(path, local)
+            if storage.as_path(f"{path}.data").is_file():  # onnx reads external weights beside the model
+                storage.download(f"{path}.data", local + ".data")
+            try:
+                graph = load_onnx(local, what)
+            except OnnxGraphError as e:  # name the URL, not the temporary download
+                raise OnnxGraphError(str(e).replace(repr(local), repr(str(path)))) from None
+        graph.source = f"{what} {str(path)!r}"
+        return graph
     path = pathlib.Path(path)
     source = f"{what} {str(path)!r}"
     if not path.is_file():

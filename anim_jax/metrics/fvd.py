@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import pathlib
 from typing import Mapping, Sequence
 
 import jax
@@ -115,15 +114,18 @@ def convert_i3d(pt_path: str | os.PathLike, out_dir: str | os.PathLike, *, bn_ep
     before anything is written. ``bn_eps`` and ``logits_pool_frames`` are not in the file (see
     :class:`I3DConfig`). Returns the config written to ``out_dir/anim_jax.json``.
     """
-    pt_path = pathlib.Path(pt_path)
+    pt_path = storage.as_path(pt_path)
     out_dir = storage.as_path(out_dir)
+    for path in (pt_path, out_dir):
+        if storage.is_url(path):  # a missing bucket: one line now
+            storage.check_bucket(path, "I3D path")
     if (out_dir / store.CONFIG_NAME).is_file():
         existing = store.read_config(out_dir).get("model")
         if existing != MODEL_NAME:
             raise ValueError(
                 f"{out_dir} already holds converted {existing!r} weights; convert I3D into its own directory"
             )
-    with open_checkpoint(pt_path) as reader:
+    with storage.local_copy(pt_path) as local, open_checkpoint(local) as reader:  # a URL: downloaded first
         shapes = {k: tuple(reader.shape(k)) for k in reader}
         config = i3d_config_from_shapes(shapes, bn_eps=bn_eps, logits_pool_frames=logits_pool_frames)
         model = _abstract_i3d(config)

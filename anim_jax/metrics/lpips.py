@@ -293,7 +293,11 @@ def convert_lpips(
     The directory appears complete or not at all; an existing non-empty one needs ``overwrite``.
     """
     net = _check_net(net)
-    trunk_path, linear_path, out = pathlib.Path(trunk_path), pathlib.Path(linear_path), storage.as_path(out_dir)
+    # Inputs may be URLs (gs://): the loader reads them through a temporary local copy.
+    trunk_path, linear_path, out = storage.as_path(trunk_path), storage.as_path(linear_path), storage.as_path(out_dir)
+    for path in (trunk_path, linear_path, out):
+        if storage.is_url(path):  # a missing bucket: one line now
+            storage.check_bucket(path, "LPIPS path")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"LPIPS output {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

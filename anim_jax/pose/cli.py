@@ -5,15 +5,18 @@
 
 A folder gives Moore-AnimateAnyone's training layout (``ROOT_dwpose/x.mp4``, what ``anim-jax
 prepare`` reads), all videos in one pass over the device mesh; videos whose output exists are
-skipped (rerun to resume), unreadable ones are reported and the rest go on.
+skipped (rerun to resume), unreadable ones are reported and the rest go on. Every path may be a
+URL (``gs://bucket/videos``): each video is downloaded while its frames are read, each output
+uploaded as one object.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
+
+from anim_jax import storage
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 
@@ -56,8 +59,16 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
-def _videos_under(root: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+def _videos_under(root) -> list[str]:
+    """The videos under ``root`` (a folder or a URL prefix), as paths relative to it."""
+    if storage.is_url(root):  # one listing (epath refuses recursive globs on object stores)
+        import fsspec
+
+        fs, prefix = fsspec.core.url_to_fs(str(root))
+        names = [p[len(prefix.rstrip("/")) + 1:] for p in fs.find(prefix)]
+    else:
+        names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    return sorted(n for n in names if pathlib.PurePosixPath(n).suffix.lower() in VIDEO_SUFFIXES)
 
 
 def _summary(name: str, poses) -> str:
@@ -69,21 +80,34 @@ def _summary(name: str, poses) -> str:
     return text
 
 
-def _write(poses, video_out: pathlib.Path, keypoints_out: pathlib.Path | None, source_size: bool) -> None:
+def _write(poses, video_out, keypoints_out, source_size: bool) -> None:
     from data_pipelines.video_io import write_video
 
-    video_out.parent.mkdir(parents=True, exist_ok=True)
+    for path in (video_out, keypoints_out):
+        if path is not None and not storage.is_url(path):  # (an object store has no folders to make)
+            path.parent.mkdir(parents=True, exist_ok=True)
     write_video(video_out, poses.render("source" if source_size else "detect"), fps=poses.fps or 30.0)
     if keypoints_out is not None:
-        keypoints_out.parent.mkdir(parents=True, exist_ok=True)
         poses.save(keypoints_out)
 
 
+def _check_buckets(args: argparse.Namespace) -> None:
+    """Every URL argument's bucket exists; raises ``FileNotFoundError`` naming the flag."""
+    for flag, value in (("INPUT", args.input), ("--weights", args.weights), ("--out", args.out),
+                        ("--keypoints", args.keypoints)):
+        if value is not None and storage.is_url(value):
+            storage.check_bucket(value, flag)
+
+
 def run_pose(args: argparse.Namespace) -> int:
-    src = pathlib.Path(args.input)
+    try:
+        _check_buckets(args)
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    src = storage.as_path(args.input)  # every path may be a URL (gs://): videos are downloaded one at a time
     if not src.exists():
         return _fail(f"INPUT {str(src)!r} does not exist")
-    weights = pathlib.Path(args.weights)
+    weights = storage.as_path(args.weights)
     if not weights.is_dir():
         return _fail(f"--weights {str(weights)!r} is not a directory (convert DWPose once with anim-jax convert-pose)")
     if args.batch_size < 1:
@@ -93,27 +117,28 @@ def run_pose(args: argparse.Namespace) -> int:
     if args.detect_resolution < 0 or 0 < args.detect_resolution < 64:
         return _fail(f"--detect-resolution must be 0 or >= 64, got {args.detect_resolution}")
 
-    if src.is_dir():
-        root = src.resolve()
-        out_root = pathlib.Path(args.out) if args.out else root.parent / (root.name + "_dwpose")
-        kp_root = pathlib.Path(args.keypoints) if args.keypoints else None
+    is_dir = src.is_dir()
+    if is_dir:
+        root = src if storage.is_url(src) else src.resolve()
+        out_root = storage.as_path(args.out) if args.out else root.parent / (root.name + "_dwpose")
+        kp_root = storage.as_path(args.keypoints) if args.keypoints else None
         videos = _videos_under(root)
         if not videos:
             return _fail(f"INPUT folder {str(src)!r} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
         jobs = []
-        for v in videos:
-            rel = v.relative_to(root)
-            out = out_root / rel.with_suffix(".mp4")
-            kp = kp_root / rel.with_suffix(".npz") if kp_root else None
+        for rel in videos:
+            stem = rel.rsplit(".", 1)[0]
+            out = out_root / (stem + ".mp4")
+            kp = kp_root / (stem + ".npz") if kp_root else None
             if not args.overwrite and out.exists() and (kp is None or kp.exists()):
                 continue
-            jobs.append((v, out, kp))
+            jobs.append((root / rel, out, kp))
         if not jobs:
             print(f"anim-jax pose: all {len(videos)} videos already have pose videos under {out_root} (--overwrite to redo)")
             return 0
     else:
-        out = pathlib.Path(args.out) if args.out else src.with_name(src.stem + "_kps.mp4")
-        kp = pathlib.Path(args.keypoints) if args.keypoints else None
+        out = storage.as_path(args.out) if args.out else src.with_name(src.stem + "_kps.mp4")
+        kp = storage.as_path(args.keypoints) if args.keypoints else None
         if out.suffix.lower() not in VIDEO_SUFFIXES:
             return _fail(f"--out {str(out)!r} must be a video file ({', '.join(VIDEO_SUFFIXES)})")
         if kp is not None and kp.suffix != ".npz":
@@ -136,10 +161,10 @@ def run_pose(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError) as e:
         return _fail(f"--weights {str(weights)!r}: {e}")
-    by_input = {os.fspath(v): (out, kp) for v, out, kp in jobs}
+    by_input = {str(v): (out, kp) for v, out, kp in jobs}
     failed = []
     try:
-        results = extractor.extract_videos(list(by_input), progress=not args.no_progress, skip_errors=src.is_dir())
+        results = extractor.extract_videos(list(by_input), progress=not args.no_progress, skip_errors=is_dir)
         for path, poses in results:
             if isinstance(poses, Exception):
                 failed.append(str(poses))

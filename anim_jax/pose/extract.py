@@ -21,6 +21,7 @@ Two deliberate differences from Moore, both switchable:
 from __future__ import annotations
 
 import collections
+import contextlib
 import concurrent.futures
 import dataclasses
 import functools
@@ -359,11 +360,12 @@ class PoseExtractor:
         def frames():
             for p in paths:
                 try:
-                    infos[p] = _video_info(p, video_info)
-                    n = 0
-                    for i, f in enumerate(_iter_frames(p)):
-                        n += 1
-                        yield (p, i), f
+                    with _local_video(p) as local:  # a URL: downloaded while its frames are read
+                        infos[p] = _video_info(local, video_info, name=p)
+                        n = 0
+                        for i, f in enumerate(_iter_frames(local, name=p)):
+                            n += 1
+                            yield (p, i), f
                     if n == 0:
                         raise PoseInputError(f"{p!r}: the video has no frames")
                 except PoseInputError as e:
@@ -488,29 +490,52 @@ def _chunks(it: Iterable, n: int) -> Iterator[list]:
         yield chunk
 
 
-def _video_info(path: str, video_info: Callable) -> dict:
-    if not os.path.isfile(path):
+@contextlib.contextmanager
+def _local_video(path: str):
+    """``path`` itself, or for a URL a temporary local copy (PyAV decodes local files)."""
+    from anim_jax import storage
+
+    if not storage.is_url(path):
+        yield path
+        return
+    try:
+        exists = storage.as_path(path).is_file()
+    except OSError as e:  # an unreachable bucket, missing credentials
+        raise PoseInputError(f"{path!r}: cannot be read ({type(e).__name__}: {e})") from None
+    if not exists:
         raise PoseInputError(f"{path!r}: no such video file")
+    with storage.local_copy(path) as local:
+        yield str(local)
+
+
+def _video_info(path: str, video_info: Callable, *, name: str | None = None) -> dict:
+    name = path if name is None else name
+    if not os.path.isfile(path):
+        raise PoseInputError(f"{name!r}: no such video file")
     try:
         return video_info(path)
     except Exception as e:  # noqa: BLE001  (PyAV raises many types for files it cannot read)
-        raise PoseInputError(f"{path!r} is not a readable video: {type(e).__name__}: {e}") from e
+        raise PoseInputError(f"{name!r} is not a readable video: {type(e).__name__}: {e}") from e
 
 
 def _video_info_quiet(path: str, video_info: Callable) -> int:
+    from anim_jax import storage
+
+    if storage.is_url(path):
+        return 0  # unknown until downloaded (the bar only)
     try:
         return int(video_info(path)["num_frames"])
     except Exception:  # noqa: BLE001  (reported when the video is reached)
         return 0
 
 
-def _iter_frames(path: str) -> Iterator[np.ndarray]:
+def _iter_frames(path: str, *, name: str | None = None) -> Iterator[np.ndarray]:
     from data_pipelines.video_io import iter_video_frames
 
     try:
         yield from iter_video_frames(path)
     except Exception as e:  # noqa: BLE001
-        raise PoseInputError(f"{path!r} is not a readable video: {type(e).__name__}: {e}") from e
+        raise PoseInputError(f"{path if name is None else name!r} is not a readable video: {type(e).__name__}: {e}") from e
 
 
 def extract(frames, *, weights: str | os.PathLike | None = None, extractor: PoseExtractor | None = None, **kwargs) -> Poses:
