@@ -34,17 +34,13 @@ from typing import Callable
 import numpy as np
 
 from anim_jax import atomic
+from anim_jax.weights_dir import packaged_demo_weights
 
 HELDOUT_CHARACTER_SEED = 1_000_003  # offsets of the held-out characters' and motions' seeds
 HELDOUT_MOTION_SEED = 2_000_003
 COLOUR_PARTS = ("skin", "hair", "top", "bottom", "shoes")  # parts scored by the per-part colour error
 MIN_PART_PIXELS = 4  # a part smaller than this in a frame is not scored there
 GRID_HEIGHT = 192  # panel height of the grid videos (64x64 frames are upscaled 3x)
-
-
-def packaged_weights() -> pathlib.Path:
-    """The demo model shipped with the package (``anim_jax/demo_weights``)."""
-    return pathlib.Path(__file__).resolve().parent / "demo_weights"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +114,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return _fail(f"--data-workers must be >= 0, got {args.data_workers}")
     weights = None
     if not args.train:
-        weights = pathlib.Path(args.weights) if args.weights else packaged_weights()
+        weights = pathlib.Path(args.weights) if args.weights else packaged_demo_weights()
         if not (weights / "anim_jax.json").is_file():
             hint = "" if args.weights else " (this install has no demo weights: run `anim-jax demo --train`)"
             return _fail(f"{str(weights)!r} is not a converted-weights directory: anim_jax.json is missing{hint}")
@@ -224,7 +220,7 @@ def train_model(out: pathlib.Path, settings: DemoSettings, *, weights_out=None, 
     from absl import flags
 
     # Grain's worker processes (the full recipe's data.num_workers) read absl flags, which fail as
-    # "not parsed" in a program that never ran absl's app.run (the GPU run of GPU_TRAIN.md did).
+    # "not parsed" in a program that never ran absl's app.run.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     runs = out / "runs"

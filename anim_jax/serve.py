@@ -37,6 +37,7 @@ import uuid
 from typing import Callable
 
 from anim_jax import native, storage, weights_dir
+from anim_jax.weights_dir import packaged_demo_weights
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -55,11 +56,6 @@ REFERENCE_UPLOAD = "upload"
 
 class RequestError(ValueError):
     """A request the server cannot do; the message (one line) is shown on the page."""
-
-
-def packaged_demo_weights() -> pathlib.Path:
-    """Where the package ships the demo model's converted weights (``anim_jax/demo_weights``)."""
-    return pathlib.Path(__file__).resolve().parent / "demo_weights"
 
 
 @dataclasses.dataclass(frozen=True)

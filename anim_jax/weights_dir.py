@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 from typing import Any
 
 from anim_jax import atomic, storage
@@ -22,7 +23,7 @@ from anim_jax import atomic, storage
 FORMAT_VERSION = 1
 CONFIG_NAME = "anim_jax.json"
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "read_config", "weights_file", "write_config"]
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "packaged_demo_weights", "read_config", "weights_file", "write_config"]
 
 
 def weights_file(directory: str | os.PathLike, name: str):
@@ -53,3 +54,9 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
             "(re-convert the original checkpoints with `anim-jax convert`)"
         )
     return config
+
+
+def packaged_demo_weights() -> pathlib.Path:
+    """The demo model shipped with the package (``anim_jax/demo_weights``), the default of
+    ``anim-jax demo`` and ``anim-jax serve``."""
+    return pathlib.Path(__file__).resolve().parent / "demo_weights"
