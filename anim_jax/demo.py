@@ -80,7 +80,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                    help="train the demo model from scratch (stage 1 then stage 2; the shipped model's recipe, "
                         "about 45 minutes on 2 CPU cores) and use it; writes OUT/weights")
     p.add_argument("--quick", action="store_true",
-                   help="with --train: the test suite's short run, a smaller model at 32x32 for 100 + 4 steps on 16 "
+                   help="with --train: the test suite's short run, a smaller model at 32x32 for 60 + 4 steps on 16 "
                         "videos (shows learning, not appearance transfer), and 4-step sampling")
     p.add_argument("--train-only", action="store_true", help="with --train: stop once the weights are written")
     p.add_argument("--weights-out", default=None, metavar="DIR",
