@@ -83,6 +83,31 @@ def test_image_and_pose_video_in_mp4_and_grid_out_one_compile(animator, uploads)
     assert _video_info(preview) == (2 * 28 + 2, 36, 3, 10.0)
 
 
+def test_shipped_demo_weights_image_and_pose_video_to_mp4(tmp_path):
+    """What `anim-jax serve` without --weights serves: the shipped demo model, its native settings as
+    the page's defaults, an uploaded image and pose video in, an mp4 with the frames asked for out."""
+    from anim_jax.weights_dir import packaged_demo_weights
+    from data_pipelines import synthetic
+
+    animator = Animator(packaged_demo_weights(), workdir=tmp_path / "work")
+    s = animator.settings
+    assert (s.width, s.height, s.steps, s.guidance_scale) == (64, 64, 8, 1.0)
+    char = synthetic.make_character(synthetic._rng(7, 0), palette="heldout")
+    video = synthetic.performance(char, char, num_frames=4, height=64, width=64)
+    folder = animator.workdir / "upload_1"
+    folder.mkdir(parents=True)
+    Image.fromarray(video["frames"][0]).save(folder / "ref.png")
+    media.write_mp4(folder / "pose.mp4", np.asarray(video["poses"]), fps=8)
+    reference = animator.reference(str(folder / "ref.png"), None, s.width, s.height)
+    poses, fps = animator.poses(reference, MOTION_POSE_VIDEO, str(folder / "pose.mp4"), None, frames=4,
+                                width=s.width, height=s.height)
+    result = animator.animate(reference, poses, fps, width=s.width, height=s.height, steps=s.steps,
+                              guidance_scale=s.guidance_scale, seed=0, on_step=lambda i: None)
+    assert _video_info(result.video) == (64, 64, 4, 8.0)
+    frames = np.asarray(media.read_video_frames(result.video)[0], np.float64)
+    assert frames.std() > 10  # a picture, not a flat frame
+
+
 def pathlib_parent(path):
     return pathlib.Path(path).parent
 
