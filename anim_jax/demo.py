@@ -102,10 +102,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from anim_jax import storage
 
-    if storage.is_url(args.out):
-        # A local showcase: a few CPU minutes whose videos and plot are opened on this machine.
-        return _fail(f"--out {args.out!r}: the demo writes a local folder; give a local path (and copy the folder "
-                     "to a bucket afterwards if it should live there)")
     if (args.quick or args.train_only or args.weights_out) and not args.train:
         return _fail("--quick, --train-only and --weights-out only apply with --train")
     if args.train and args.weights:
@@ -118,9 +114,15 @@ def run_demo(args: argparse.Namespace) -> int:
         if not (weights / "anim_jax.json").is_file():
             hint = "" if args.weights else " (this install has no demo weights: run `anim-jax demo --train`)"
             return _fail(f"{str(weights)!r} is not a converted-weights directory: anim_jax.json is missing{hint}")
-    out = pathlib.Path(args.out)
-    if out.exists() and not out.is_dir():
-        return _fail(f"--out {str(out)!r} exists and is not a directory")
+    if storage.is_url(args.out):
+        try:
+            storage.check_bucket(args.out, "--out")
+        except (ValueError, FileNotFoundError, PermissionError) as e:
+            return _fail(str(e))
+    else:
+        out = pathlib.Path(args.out)
+        if out.exists() and not out.is_dir():
+            return _fail(f"--out {str(out)!r} exists and is not a directory")
     # The trainer logs at INFO; the demo prints its own progress, so keep only warnings from libraries.
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -128,10 +130,32 @@ def run_demo(args: argparse.Namespace) -> int:
     settings = DemoSettings.for_run(args.quick, args.seed)
     if args.quick:
         settings = dataclasses.replace(settings, steps=4)
-    result = run(out, settings, weights=weights, train=args.train, train_only=args.train_only,
-                 weights_out=args.weights_out, data_workers=args.data_workers)
-    print(summary(result))
+    kwargs = dict(weights=weights, train=args.train, train_only=args.train_only, weights_out=args.weights_out,
+                  data_workers=args.data_workers)
+    if not storage.is_url(args.out):
+        print(summary(run(out, settings, **kwargs)))
+        return 0
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="anim-jax-demo-") as tmp:
+        text = summary(run(pathlib.Path(tmp), settings, **kwargs))
+        print(upload_outputs(pathlib.Path(tmp), args.out, text))
     return 0
+
+
+def upload_outputs(local: pathlib.Path, url: str, text: str) -> str:
+    """A demo folder written at ``local`` moved to ``url`` (an object store has no folder to write
+    into as it goes): the paths inside its text files (metrics, the animate command) and in ``text``
+    (the summary) are rewritten to the bucket's, and ``metrics.json`` is uploaded last, as the
+    commit marker. Returns ``text`` rewritten."""
+    from anim_jax import storage
+
+    url = str(url).rstrip("/")
+    for path in local.rglob("*"):
+        if path.suffix in (".md", ".json", ".txt") and path.is_file():
+            path.write_text(path.read_text().replace(str(local), url))
+    storage.upload_tree(local, url, last=("metrics.json",))
+    return text.replace(str(local), url)
 
 
 # --------------------------------------------------------------------------------------------

@@ -335,9 +335,30 @@ def test_onnx_networks_are_read_from_the_bucket(gcs, tmp_path):
         load_onnx(f"{B}/onnx/none.onnx", "detector ONNX file")
 
 
-def test_demo_refuses_a_bucket_output_in_one_line(tmp_path, monkeypatch, capsys):
-    """The demo is a local showcase: a gs:// --out is refused up front, never a local folder "gs:"."""
+def test_demo_writes_its_folder_into_the_bucket(gcs, tmp_path, monkeypatch, capsys):
+    """``anim-jax demo --out gs://...``: the run (stubbed here: the real one is tests/test_demo.py)
+    writes into a local temporary folder, which lands in the bucket with the paths in its text files
+    and in the printed summary rewritten to the bucket's; nothing stays local. A missing bucket is one
+    line before any work."""
+    from anim_jax import demo
+
+    def fake_run(out, settings, **kwargs):
+        (out / "videos").mkdir(parents=True)
+        (out / "videos" / "heldout_0.gif").write_bytes(b"GIF89a")
+        (out / "metrics.md").write_text(f"weights: {out}/weights\n")
+        (out / "metrics.json").write_text(json.dumps({"inputs": f"{out}/inputs/reference_0.png"}))
+        return {"out": str(out)}
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    monkeypatch.setattr(demo, "summary", lambda result: f"metrics: {result['out']}/metrics.md")
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["demo", "--out", f"{B}/demo"]) == cli.EXIT_USAGE
-    assert_one_line(capsys, "--out", "local path")
+    assert cli.main(["demo", "--out", f"{B}/demo"]) == 0
+    assert capsys.readouterr().out.strip() == f"metrics: {B}/demo/metrics.md"
+    assert sorted(fs().find(f"{BUCKET}/demo")) == [f"{BUCKET}/demo/{n}" for n in
+                                                    ("metrics.json", "metrics.md", "videos/heldout_0.gif")]
+    assert fs().cat(f"{BUCKET}/demo/metrics.md").decode() == f"weights: {B}/demo/weights\n"
+    assert json.loads(fs().cat(f"{BUCKET}/demo/metrics.json")) == {"inputs": f"{B}/demo/inputs/reference_0.png"}
     assert list(tmp_path.iterdir()) == []
+
+    assert cli.main(["demo", "--out", "gs://no-such-bucket/demo"]) == cli.EXIT_USAGE
+    assert_one_line(capsys, "--out", "does not exist")
