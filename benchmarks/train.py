@@ -4,6 +4,8 @@
     python benchmarks/train.py --full                   # SD1.5 sizes, bf16: stage 1 768x768 batch 4/device,
                                                         # stage 2 512x512x24 batch 1/device with remat
     python benchmarks/train.py --full --stage 2 --config.model.remat=dots --config.model.attention=cudnn
+    python benchmarks/train.py --config anim_jax/recipes/demo.py:stage1   # the demo's recipe (issue 15)
+    python benchmarks/train.py --stage 1 --compiler-option xla_backend_optimization_level=0   # compile time
 
 Random weights (``init_model`` without ``init.weights_dir``) and one random uint8 batch kept on the
 device, so the numbers are the train step alone (the data pipeline has its own benchmark,
@@ -178,7 +180,8 @@ def aa_step_flops(trainer, cfg):
     return step_flops(trainer, cfg)
 
 
-def bench_stage(spec: str, overrides: list[str], steps: int, counts: dict | None = None) -> dict:
+def bench_stage(spec: str, overrides: list[str], steps: int, counts: dict | None = None,
+                compiler_options: dict[str, str] | None = None) -> dict:
     import jax
     import numpy as np
 
@@ -197,7 +200,7 @@ def bench_stage(spec: str, overrides: list[str], steps: int, counts: dict | None
     batch = trainer.put_batch({k: rng.integers(0, 256, v.shape).astype(np.uint8) for k, v in trainer.batch_spec.items()})
 
     t0 = time.perf_counter()
-    compiled = trainer.lower().compile()
+    compiled = trainer.lower().compile(compiler_options=compiler_options or None)
     compile_s = time.perf_counter() - t0
     hw_per_device = compiled_flops(compiled)
 
@@ -232,7 +235,7 @@ def bench_stage(spec: str, overrides: list[str], steps: int, counts: dict | None
     return dict(
         stage=stage, config=spec, overrides=overrides, devices=n_dev, device_kind=jax.devices()[0].device_kind,
         global_batch=gbs, frames_per_step=frames, resolution=list(cfg.data.resolution), compute_dtype=cfg.model.compute_dtype,
-        remat=cfg.model.remat, attention=cfg.model.attention, setup_s=setup_s, compile_s=compile_s, step_s=step_s,
+        remat=cfg.model.remat, attention=cfg.model.attention, compiler_options=compiler_options or {}, setup_s=setup_s, compile_s=compile_s, step_s=step_s,
         step_s_min=float(np.min(times)), examples_per_s=gbs / step_s, frames_per_s=frames / step_s,
         model_flops=model_flops, hardware_flops=(hw_per_device or 0.0) * n_dev, convention_flops=conv,
         peak_flops_per_device=peak, peak_kind=peak_kind, mfu=mfu(model_flops), hfu=mfu((hw_per_device or 0) * n_dev),
@@ -250,10 +253,17 @@ def main(argv=None) -> int:
                    "host: GPU backends give no cost analysis of a lowered program)")
     p.add_argument("--count-only", action="store_true",
                    help="only count FLOPs (abstract state, nothing allocated or compiled): --full on a CPU host")
+    p.add_argument("--config", help="benchmark this config file (PATH[:ARG], e.g. anim_jax/recipes/demo.py:stage1) "
+                   "instead of configs/stage{1,2}.py; its own stage only")
+    p.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an XLA option for compiling the step (e.g. xla_backend_optimization_level=0); repeatable")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         p.error(f"unrecognised arguments: {bad}")
+    if any("=" not in o for o in args.compiler_option):
+        p.error("--compiler-option takes KEY=VALUE")
+    compiler_options = dict(o.split("=", 1) for o in args.compiler_option)
     import jax
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,12 +275,18 @@ def main(argv=None) -> int:
         with open(args.counts) as f:
             counts = {(r := json.loads(line))["stage"]: r for line in f if line.strip()}
     results = []
+    specs = []
     for stage in stages:
         spec = os.path.join(here, "configs", f"stage{stage}.py") + ("" if args.full else ":tiny")
         overrides = list(rest)
         if not args.full and stage == 2:
             overrides = ["--config.data.batch_size=2", *overrides]
-        r = count_stage(spec, overrides) if args.count_only else bench_stage(spec, overrides, args.steps, counts)
+        specs.append((spec, overrides))
+    if args.config:
+        specs = [(args.config, list(rest))]
+    for spec, overrides in specs:
+        r = (count_stage(spec, overrides) if args.count_only
+             else bench_stage(spec, overrides, args.steps, counts, compiler_options))
         results.append(r)
         print(json.dumps(r))
         if args.json:
@@ -286,14 +302,14 @@ def main(argv=None) -> int:
             print(f"| {r['stage']} | {res} | {r['global_batch']} | {r['model_flops'] / 1e12:.3f} "
                   f"| {r['convention_flops'] / 1e12:.3f} | {fwd} |")
         return 0
-    print("| stage | size | devices | global batch | compute | remat | step (s) | examples/s | frames/s "
+    print("| stage | size | devices | global batch | compute | remat | compile (s) | step (s) | examples/s | frames/s "
           "| model TFLOP/step | MFU | HFU | MFU (3x trained + frozen) | peak mem GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         res = "x".join(str(x) for x in r["resolution"]) + (f"x{r['frames_per_step'] // r['global_batch']}" if r["stage"] == 2 else "")
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-"
         print(f"| {r['stage']} | {res} | {r['devices']} | {r['global_batch']} | {r['compute_dtype']} | {r['remat']} "
-              f"| {r['step_s']:.3f} | {r['examples_per_s']:.2f} | {r['frames_per_s']:.2f} | {(r['model_flops'] or float('nan')) / 1e12:.4f} "
+              f"| {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['examples_per_s']:.2f} | {r['frames_per_s']:.2f} | {(r['model_flops'] or float('nan')) / 1e12:.4f} "
               f"| {r['mfu']:.1%} | {r['hfu']:.1%} | {r['mfu_convention']:.1%} | {mem} |")
     print(f"\npeak per device: {results[0]['peak_flops_per_device']:.3g} FLOP/s ({results[0]['peak_kind']})")
     return 0
