@@ -101,7 +101,7 @@ def _place(x, sharding: NamedSharding):
     """``device_put`` that also works when ``sharding`` spans other processes' devices (every
     process must pass the same value, as with a seeded init or a loaded checkpoint file)."""
     if sharding.is_fully_addressable:
-        return jax.device_put(x, sharding)
+        return parallel.place(x, sharding)
     host = np.asarray(jax.device_get(x) if isinstance(x, jax.Array) else x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
