@@ -339,6 +339,18 @@ def test_stage1_init_from_sd_unet_and_controlnet(stage1_run, tmp_path):
         np.testing.assert_array_equal(v, np.zeros_like(v) if k.startswith("conv_out.") else want[k], err_msg=k)
 
 
+def test_xla_options_reach_the_train_step_compile(devices):
+    from anim_jax.train.setup import xla_options
+
+    assert xla_options(" xla_a=1, xla_b = x ,") == {"xla_a": "1", "xla_b": "x"} and xla_options("") == {}
+    with pytest.raises(ValueError, match="config.train.xla_options"):
+        xla_options("xla_backend_optimization_level")
+    # XLA itself rejects an option it does not know: the string reached the step's compilation
+    trainer = setup(load(STAGE1, "--config.train.xla_options=xla_anim_jax_no_such_option=1"))
+    with pytest.raises(Exception, match="xla_anim_jax_no_such_option"):
+        trainer.lower().compile()
+
+
 def test_bad_config_is_reported_by_field(devices):
     with pytest.raises(ValueError, match="clip_size"):
         component_configs(load(STAGE1, "--config.data.clip_size=48"))

@@ -119,5 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.snr_gamma = None
     c.train.update(num_steps=steps, log_every=1 if variant == "quick" else 10, save_every=steps if variant == "quick" else 400, max_to_keep=1,
                    async_save=False, compute_flops=False)
+    if variant == "quick":
+        # 60 + 4 steps are compile-bound: XLA's backend level 0 compiles a tiny step ~25% faster
+        # and runs it ~30% slower (benchmarks/RESULTS.md, "Training")
+        c.train.xla_options = "xla_backend_optimization_level=0"
     c.validation.update(every=0, num_inference_steps=8, guidance_scale=1.0)
     return c

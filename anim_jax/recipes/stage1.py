@@ -124,6 +124,9 @@ def base_config(stage: int, variant: str | None) -> ml_collections.ConfigDict:
         export=True,  # at the end: <workdir>/export, a converted-weights directory (next stage's init)
         peak_flops_per_device=0.0,  # 0: guessed from the device kind
         compute_flops=True,  # XLA cost analysis of the step for MFU (one extra compile when remat is on)
+        # XLA options for compiling the train step, "key=value,key=value" (per compilation, unlike
+        # XLA_FLAGS), e.g. xla_backend_optimization_level=0: a faster compile for a short CPU run
+        xla_options="",
     ))
 
     c.validation = ml_collections.ConfigDict(dict(

@@ -89,6 +89,7 @@ def check_config(cfg) -> None:
     from anim_jax.configlib import ConfigError
     from anim_jax.train import optim
     from anim_jax.train.architecture import component_configs
+    from anim_jax.train.setup import xla_options
 
     if cfg.get("stage") not in (1, 2):
         raise ConfigError(f"config.stage must be 1 or 2, got {cfg.get('stage')!r}")
@@ -116,6 +117,7 @@ def check_config(cfg) -> None:
     try:
         optim.make_optimizer(cfg.optimizer)
         component_configs(cfg)
+        xla_options(tc.get("xla_options", ""))
     except ValueError as e:  # both name the config field at fault
         raise ConfigError(str(e)) from e
 

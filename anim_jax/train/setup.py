@@ -91,13 +91,26 @@ class Trainer:
 _STEP_CACHE: dict = {}
 
 
+def xla_options(text: str) -> dict[str, str]:
+    """``train.xla_options`` ("key=value,key=value") as ``jax.jit``'s ``compiler_options``."""
+    out = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config.train.xla_options: expected key=value[,key=value...], got {text!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _jitted_steps(cfg, state, mask, loss_cfg, tx, shardings, spec, mesh):
     policy = cfg.model.get("remat", "none")
-    key = (mask, state.graphdef, policy, loss_cfg, training_schedule(cfg), json.dumps(plain(cfg.optimizer), sort_keys=True),
+    options = xla_options(cfg.train.get("xla_options", ""))
+    key = (tuple(sorted(options.items())), mask, state.graphdef, policy, loss_cfg, training_schedule(cfg), json.dumps(plain(cfg.optimizer), sort_keys=True),
            tuple((k, v.shape, str(v.dtype)) for k, v in sorted(spec.items())), mesh, rules_from_config(cfg))
     if key not in _STEP_CACHE:
         loss_fn = make_loss_fn(loss_cfg, training_schedule(cfg))
-        plain_step = train_state.jit_train_step(train_state.make_train_step(loss_fn, tx), state, shardings)
+        plain_step = train_state.jit_train_step(train_state.make_train_step(loss_fn, tx), state, shardings,
+                                                compiler_options=options)
         step, graphdef = plain_step, state.graphdef
         if policy != "none":
             # Same parameters and paths, rematerialising graph: only the graphdef differs.
@@ -107,7 +120,7 @@ def _jitted_steps(cfg, state, mask, loss_cfg, tx, shardings, spec, mesh):
             log.info("remat %r on %d blocks of %s", policy, n, "/".join(trained))
             graphdef = nnx.split(remat_model, mask, ...)[0]
             step = train_state.jit_train_step(train_state.make_train_step(loss_fn, tx), state.replace(graphdef=graphdef),
-                                              shardings)
+                                              shardings, compiler_options=options)
         _STEP_CACHE[key] = (loss_fn, plain_step, step, state.graphdef, graphdef, {})
     return _STEP_CACHE[key]
 

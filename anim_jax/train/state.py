@@ -277,10 +277,11 @@ def make_train_step(
     return train_step
 
 
-def jit_train_step(train_step, state: TrainState, batch_sharding, *, donate: bool = True):
+def jit_train_step(train_step, state: TrainState, batch_sharding, *, donate: bool = True,
+                   compiler_options: dict[str, str] | None = None):
     """``jax.jit`` with explicit shardings: the state keeps its placement, ``batch_sharding`` (a
     ``Sharding`` or a pytree prefix of the batch) places the batch, metrics come back replicated;
-    the input state is donated."""
+    the input state is donated. ``compiler_options``: XLA options for its compilation."""
     shardings = state_shardings(state)
     rep = NamedSharding(state_mesh(state), P())
     return jax.jit(
@@ -288,4 +289,5 @@ def jit_train_step(train_step, state: TrainState, batch_sharding, *, donate: boo
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, rep),
         donate_argnums=(0,) if donate else (),
+        compiler_options=compiler_options or None,
     )
