@@ -78,7 +78,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                    help="a converted-weights directory to evaluate instead of the shipped demo model")
     p.add_argument("--train", action="store_true",
                    help="train the demo model from scratch (stage 1 then stage 2; the shipped model's recipe, "
-                        "about 45 minutes on 2 CPU cores) and use it; writes OUT/weights")
+                        "about 95 minutes on 2 CPU cores) and use it; writes OUT/weights")
     p.add_argument("--quick", action="store_true",
                    help="with --train: the test suite's short run, a smaller model at 32x32 for 60 + 4 steps on 16 "
                         "videos (shows learning, not appearance transfer), and 4-step sampling")

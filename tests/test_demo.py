@@ -40,11 +40,10 @@ def shipped(tmp_path_factory):
 @pytest.mark.longest
 def test_shipped_model_animates_held_out_characters(shipped):
     """The shipped model on characters and motions it never saw. Asserted: issue 15's PSNR target
-    (>= 3 dB over copying the reference) and what the model reaches of its colour targets (README,
-    "The demo"): a per-part colour error below the untrained model's and copying's, and swap outputs
-    closer in colour to their own reference than to the others on average. Not reached, so not
-    asserted: the colour error below half the untrained model's and the own reference closest for
-    every one of the four swap outputs (reached for two)."""
+    (>= 3 dB over copying the reference; reached +4.58 dB) and swap target (each of the four swap
+    outputs closest in colour to its own reference; reached), and what the model reaches of the
+    colour-error target (README, "The demo"): below the untrained model's and copying's (80.2
+    against 116.0 and 137.6), but not below half the untrained model's, the issue's bar."""
     out, stdout, record = shipped
     mean = {k: record["metrics"][k]["mean"] for k in ("trained", "untrained", "copy_reference")}
     assert mean["trained"]["psnr"] >= mean["copy_reference"]["psnr"] + 3.0, mean
@@ -53,8 +52,8 @@ def test_shipped_model_animates_held_out_characters(shipped):
     matrix = np.array(record["swap"]["colour_error_matrix"])
     assert matrix.shape == (4, 4)
     own, others = np.diag(matrix), matrix[~np.eye(4, dtype=bool)]
-    assert own.mean() < 0.95 * others.mean(), matrix
-    assert (np.argmin(matrix, axis=1) == np.arange(4)).sum() >= 2, matrix
+    assert own.mean() < 0.85 * others.mean(), matrix  # reached 0.78
+    assert (np.argmin(matrix, axis=1) == np.arange(4)).all(), matrix
     assert record["targets"]["psnr_lead_at_least_3db"]
 
 
