@@ -95,8 +95,8 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
 def place(x, sharding: NamedSharding):
     """``jax.device_put(x, sharding)`` for a sharding of this process's devices. An array on one
     device bound for several goes through the host: JAX reshards a device array with a compiled
-    program per shape and sharding (176 of them, 18 s, to place the tiny training state on 8 CPU
-    devices), while a numpy array is sliced on the host and copied, with nothing to compile."""
+    program per shape and sharding (176 of them to place the tiny training state on 8 CPU devices),
+    while a numpy array is sliced on the host and copied, with nothing to compile."""
     if (isinstance(x, jax.Array) and len(x.sharding.device_set) == 1 < len(sharding.device_set)
             and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)):  # typed PRNG keys have no numpy form
         x = np.asarray(x)
