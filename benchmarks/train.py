@@ -261,9 +261,12 @@ def main(argv=None) -> int:
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         p.error(f"unrecognised arguments: {bad}")
-    if any("=" not in o for o in args.compiler_option):
-        p.error("--compiler-option takes KEY=VALUE")
-    compiler_options = dict(o.split("=", 1) for o in args.compiler_option)
+    from anim_jax.train.setup import xla_options
+
+    try:  # the trainer's own parser of train.xla_options
+        compiler_options = xla_options(",".join(args.compiler_option))
+    except ValueError:
+        p.error(f"--compiler-option takes KEY=VALUE, got {args.compiler_option}")
     import jax
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,9 +9,9 @@ different shapes, and in bfloat16 compute against float32; the numbers are in do
 
 Three compilations of the 8-way step in all (fp32 on two meshes, bf16 on one), one step each, at
 XLA's backend optimisation level 0, which compiles the 8-way step in 33.5 s instead of 38.5 s
-(benchmarks/RESULTS.md, "Training"); every program here is compiled the same way, so each comparison is between equals. The level is not
-neutral for bf16 (the default also drops redundant float conversions): docs/numerics.md gives the
-bf16 numbers at both levels.
+(benchmarks/RESULTS.md, "Training"); every program here is compiled the same way, so each
+comparison is between equals. The level is not neutral for bf16 (the default also drops redundant
+float conversions): docs/numerics.md gives the bf16 numbers at both levels.
 """
 
 from __future__ import annotations

@@ -46,8 +46,8 @@ VARIANTS = ("full", "quick")
 # Attention (self, reference and CLIP cross-attention) at 16x16, 8x8 and the mid block, none at
 # 32x32: there the 1024-token self-attention over twice as many reference tokens made a training
 # step 4.9x slower on CPU (3.98 s against 0.82 s at batch 8; benchmarks/RESULTS.md, "The demo") and
-# a 4x4-pixel patch per token still resolves every body part of a 64x64 character. ~2.7M parameters each; all weights 11.7 MB in
-# float16 (the package limit is 12 MB).
+# a 4x4-pixel patch per token still resolves every body part of a 64x64 character. ~2.7M parameters
+# each; all weights 11.7 MB in float16 (the package limit is 12 MB).
 UNET = dict(
     block_out_channels=(32, 64, 96),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
