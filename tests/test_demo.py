@@ -95,7 +95,7 @@ def test_train_quick_learns(tmp_path):
         assert f"[demo] {step}" in proc.stdout, proc.stdout
     record = json.loads((out / "metrics.json").read_text())
     losses = np.array([v for _, v in record["losses"]["stage 1"]])
-    assert np.isfinite(losses).all() and len(losses) == 60
+    assert np.isfinite(losses).all() and len(losses) == 40
     assert losses[-20:].mean() < 0.5 * losses[:10].mean(), losses
     psnr = {k: record["metrics"][k]["mean"]["psnr"] for k in ("trained", "untrained")}
     assert psnr["trained"] > psnr["untrained"] + 5, psnr

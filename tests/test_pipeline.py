@@ -73,35 +73,45 @@ def _moore_style_loop(p: AnimatePipeline, ref, poses, *, steps, guidance, latent
     ref_img = media.to_rgb_image(ref)
     ref_px = media.resize_lanczos(ref_img, WIDTH, HEIGHT)
     pose_px = np.stack([media.resize_lanczos(media.to_rgb_image(f), WIDTH, HEIGHT) for f in poses])
-    mean, _ = p.vae.encode(jnp.asarray(ref_px, jnp.float32)[None] / 127.5 - 1)
-    ref_latent = mean * p.vae.config.scaling_factor
-    cond = p.image_encoder(jnp.asarray(clip_preprocess(ref_img, 16)))[:, None]
-    kv = p.denoiser.reference_kv(p.reference_net(ref_latent, jnp.zeros((1,), jnp.int32), cond))
-    pose_feat = p.pose_guider(jnp.asarray(pose_px, jnp.float32) / 255)
+
+    @jax.jit  # one compilation instead of one per eager op (hundreds: most of this test's time)
+    def conditions(ref_px, clip_px, pose_px):
+        mean, _ = p.vae.encode(ref_px[None] / 127.5 - 1)
+        ref_latent = mean * p.vae.config.scaling_factor
+        cond = p.image_encoder(clip_px)[:, None]
+        kv = p.denoiser.reference_kv(p.reference_net(ref_latent, jnp.zeros((1,), jnp.int32), cond))
+        return cond, kv, p.pose_guider(pose_px / 255)
+
+    cond, kv, pose_feat = conditions(jnp.asarray(ref_px, jnp.float32), jnp.asarray(clip_preprocess(ref_img, 16)),
+                                     jnp.asarray(pose_px, jnp.float32))
     den = jax.jit(lambda x, t, c, r, pf: p.denoiser(x, t, c, num_frames=x.shape[0], reference=r, pose_features=pf))
-    x = jnp.asarray(latents)
+    x = np.asarray(latents)
+    pose_feat = np.asarray(pose_feat)
     for t in p.schedule.inference_timesteps(steps):
-        pred = {"c": jnp.zeros_like(x), "u": jnp.zeros_like(x)}
+        pred = {"c": np.zeros_like(x), "u": np.zeros_like(x)}
         counter = np.zeros((x.shape[0], 1, 1, 1), np.float32)
         for w in context_windows(x.shape[0], window, overlap, closed_loop=True):
             w = np.asarray(w)
-            pred["u"] = pred["u"].at[w].add(den(x[w], t, jnp.zeros_like(cond), None, pose_feat[w]))
-            pred["c"] = pred["c"].at[w].add(den(x[w], t, cond, kv, pose_feat[w]))
+            pred["u"][w] += np.asarray(den(x[w], t, jnp.zeros_like(cond), None, pose_feat[w]))
+            pred["c"][w] += np.asarray(den(x[w], t, cond, kv, pose_feat[w]))
             counter[w] += 1
         u, c = pred["u"] / counter, pred["c"] / counter
-        x = ddim_step(p.schedule, u + guidance * (c - u), t, x, steps)
-    return np.asarray(x)
+        x = np.asarray(ddim_step(p.schedule, jnp.asarray(u + guidance * (c - u)), t, jnp.asarray(x), steps))
+    return x
+
+
+# The sampler call most tests here make (10 frames, 2 steps, windows of 4 overlapping by 1), so they
+# run one compiled program (XLA compiles the sampler in ~10 s of a CI core).
+SHARED_CALL = dict(width=WIDTH, height=HEIGHT, steps=2, context_frames=4, context_overlap=1)
 
 
 def test_batched_jitted_sampler_equals_per_window_loop(components, inputs):
     ref, poses = inputs
     pipe = AnimatePipeline(**components)
     noise = np.random.default_rng(1).standard_normal((10, HEIGHT // 2, WIDTH // 2, 4)).astype(np.float32)
-    # 10 frames, 2 steps, windows of 4 overlapping by 1: the program of the single-device run in
-    # test_sharded_output_equals_single_device and of the CLI test (one compilation for the three;
-    # the CLI test asks for these modules' attention, "xla", to share it).
-    out = pipe(ref, poses, width=WIDTH, height=HEIGHT, steps=2, guidance_scale=3.5, latents=noise,
-               context_frames=4, context_overlap=1, output_type="both")
+    # SHARED_CALL with Moore's guidance (the pipeline's default): also the program of the CLI test,
+    # which asks for these modules' attention, "xla", to share it.
+    out = pipe(ref, poses, **SHARED_CALL, guidance_scale=3.5, latents=noise, output_type="both")
     expected = _moore_style_loop(pipe, ref, poses, steps=2, guidance=3.5, latents=noise, window=4, overlap=1)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(out.latents, expected, atol=1e-4 * scale)
@@ -116,10 +126,12 @@ def test_sharded_output_equals_single_device(components, inputs, devices):
     """Mesh invariance: the same seed gives the same latents per element, and the same video up to
     one uint8 level where a pixel sits on a rounding boundary."""
     ref, poses = inputs
-    kw = dict(width=WIDTH, height=HEIGHT, steps=2, seed=3, context_frames=4, context_overlap=1, output_type="both")
+    kw = dict(SHARED_CALL, seed=3, output_type="both")
     single = AnimatePipeline(**components)(ref, poses, **kw)
     mesh = parallel.make_mesh((8,), ("data",))
-    sharded = AnimatePipeline(**components, mesh=mesh)(ref, poses, **kw)
+    # its own copy of the modules: sharding places their parameters on the mesh, which would give the
+    # single-device pipelines of the later tests another program to compile
+    sharded = AnimatePipeline(**tiny_components(), mesh=mesh)(ref, poses, **kw)
     assert_close(sharded.latents, single.latents, MESH_TOL, "latents, 8 devices vs 1")
     diff = np.abs(sharded.frames.astype(np.int16) - single.frames.astype(np.int16))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
@@ -128,7 +140,7 @@ def test_sharded_output_equals_single_device(components, inputs, devices):
 def test_same_seed_same_video_and_seed_matters(components, inputs):
     ref, poses = inputs
     pipe = AnimatePipeline(**components)
-    kw = dict(width=WIDTH, height=HEIGHT, num_frames=3, steps=2)
+    kw = dict(SHARED_CALL, output_type="frames")
     a, b = pipe(ref, poses, seed=5, **kw).frames, pipe(ref, poses, seed=5, **kw).frames
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, pipe(ref, poses, seed=6, **kw).frames)
@@ -136,18 +148,21 @@ def test_same_seed_same_video_and_seed_matters(components, inputs):
 
 def test_sampler_batches_videos_and_both_guidance_modes_agree(components):
     """Several videos in one sample() call (as validation runs it) equal one call per video, and
-    CFG as one masked batched call equals two calls. The one-video shapes are the pipeline's above
-    (shared compilation)."""
+    CFG as one masked batched call equals two calls. The one-video calls are SHARED_CALL's program
+    (the pipeline's, above)."""
     from anim_jax.diffusion import moore_inference_schedule, sampling
+    from anim_jax.diffusion.windows import windows_array
     from anim_jax.models.animate_anyone import AnimateAnyone
 
     model = AnimateAnyone(**components)
     r = np.random.default_rng(4)
-    noise = jnp.asarray(r.standard_normal((2, 3, HEIGHT // 2, WIDTH // 2, 4)), jnp.float32)
+    frames = 10
+    noise = jnp.asarray(r.standard_normal((2, frames, HEIGHT // 2, WIDTH // 2, 4)), jnp.float32)
     ref = jnp.asarray(r.uniform(-1, 1, (2, HEIGHT, WIDTH, 3)), jnp.float32)
     clip = jnp.asarray(r.integers(0, 256, (2, 16, 16, 3)), jnp.uint8)
-    poses = jnp.asarray(r.uniform(0, 1, (2, 3, HEIGHT, WIDTH, 3)), jnp.float32)
-    kw = dict(schedule=moore_inference_schedule(), steps=2, guidance_scale=3.5)
+    poses = jnp.asarray(r.uniform(0, 1, (2, frames, HEIGHT, WIDTH, 3)), jnp.float32)
+    windows = windows_array(frames, SHARED_CALL["context_frames"], SHARED_CALL["context_overlap"], True)
+    kw = dict(schedule=moore_inference_schedule(), steps=SHARED_CALL["steps"], guidance_scale=3.5, windows=windows)
     both = np.asarray(sampling.sample(model, noise, reference=ref, clip=clip, poses=poses, **kw))
     scale = np.abs(both).max()
     for i in range(2):
@@ -165,7 +180,7 @@ def test_changing_schedule_or_config_between_calls_changes_the_output(components
 
     ref, poses = inputs
     pipe = AnimatePipeline(**components)
-    kw = dict(width=WIDTH, height=HEIGHT, num_frames=3, steps=2, seed=1, output_type="latents")
+    kw = dict(SHARED_CALL, seed=1, output_type="latents")
     base = pipe(ref, poses, **kw).latents
     schedule = pipe.schedule
     pipe.schedule = dataclasses.replace(schedule, prediction_type="epsilon", rescale_betas_zero_snr=False)

@@ -25,7 +25,7 @@ Variants (``get_config("stage1")``, ``"stage2"``, with a suffix):
 * none: the shipped model (``anim_jax/demo_weights``), sized to train on 2 CPU cores in about an
   hour and a half (README, "The demo"): 6000 stage-1 steps, where 2400 reached the PSNR target but
   not the appearance swap (own reference closest for 2 of 4 characters; 4 of 4 now);
-* ``,quick``: the test suite's short run: a smaller model at 32x32 for 60 + 4 steps; it
+* ``,quick``: the test suite's short run: a smaller model at 32x32 for 40 + 4 steps; it
   shows learning (loss falls, the trained model beats the untrained one), not appearance transfer.
 """
 
@@ -66,7 +66,7 @@ MOTION = dict(tiny.MOTION, num_attention_heads=4, norm_num_groups=16, levels=(1,
 # "full" is the shipped model, sized to train on 2 CPU cores (a GPU runs the same recipe faster).
 SCHEDULE = {
     "full": dict(resolution=(64, 64), stage1=(6000, 8, 2e-3), stage2=(60, 4, 5e-4), workers=0),
-    "quick": dict(resolution=(32, 32), stage1=(60, 8, 3e-3), stage2=(4, 4, 1e-3), workers=0),
+    "quick": dict(resolution=(32, 32), stage1=(40, 8, 3e-3), stage2=(4, 4, 1e-3), workers=0),
 }
 # The synthetic training set per variant: videos x frames (rendered in parallel processes).
 DATA = {"full": (480, 24), "quick": (16, 24)}
@@ -121,7 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(num_steps=steps, log_every=1 if variant == "quick" else 10, save_every=steps if variant == "quick" else 400, max_to_keep=1,
                    async_save=False, compute_flops=False)
     if variant == "quick":
-        # 60 + 4 steps are compile-bound: XLA's backend level 0 compiles a tiny step ~25% faster
+        # 40 + 4 steps are compile-bound: XLA's backend level 0 compiles a tiny step ~25% faster
         # and runs it ~30% slower (benchmarks/RESULTS.md, "Training")
         c.train.xla_options = "xla_backend_optimization_level=0"
     c.validation.update(every=0, num_inference_steps=8, guidance_scale=1.0)
