@@ -61,9 +61,10 @@ def tiny_weights(tmp_path_factory):
 # the worker's state was not found), ~75 s of the suite's CPU time in all.
 LONG_FILES = (
     "test_gcs.py", "test_pose_nets_parity.py", "test_dwpose_convert.py", "test_mesh_invariance.py",
-    "test_multiprocess_train.py", "test_multiprocess_prepare.py", "test_gcs_multiprocess.py", "test_train_animate_anyone.py", "test_fvd.py", "test_driving.py", "test_convert.py", "test_pipeline.py",
-    "test_train_animate_anyone_stage2.py", "test_evaluate.py", "test_data_pipeline.py", "test_failure_paths.py", "test_gcs_paths.py",
-    "test_bf16.py", "test_unet_parity.py", "test_core.py",
+    "test_multiprocess_train.py", "test_multiprocess_prepare.py", "test_gcs_multiprocess.py",
+    "test_train_animate_anyone.py", "test_fvd.py", "test_driving.py", "test_convert.py", "test_pipeline.py",
+    "test_train_animate_anyone_stage2.py", "test_evaluate.py", "test_data_pipeline.py", "test_failure_paths.py",
+    "test_gcs_paths.py", "test_bf16.py", "test_unet_parity.py", "test_core.py",
 )
 
 
