@@ -149,6 +149,17 @@ def test_uncond_clip_input_is_the_encoded_zero_image(devices):
     assert np.abs(ctx[0, 0] - zero).max() > 1e-3
 
 
+def test_image_context_passes_gradients_to_the_encoder(devices):
+    """A recipe may train the image encoder (the demo's: no pretrained CLIP there), so the context
+    must not cut its gradient; a frozen one gets none because training differentiates only the
+    trainable parameters. Under a stop_gradient every gradient here is exactly zero."""
+    model = build_model(load(STAGE1))
+    clip = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
+    grads = nnx.grad(lambda m: jnp.sum(m.image_context(clip) ** 2))(model)
+    leaves = jax.tree.leaves(grads["image_encoder"])
+    assert max(float(jnp.abs(g).max()) for g in leaves) > 1e-4
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage 1
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +178,9 @@ def test_stage1_trainable_set(devices):
     # Stage 2's trainable set names motion modules, which a stage-1 (2-D) denoiser does not have.
     with pytest.raises(ValueError, match="matches no parameter"):
         trainable_filter(model, load(STAGE2).trainable.include)
+    # The VAE's latents carry no gradient, so it is refused rather than left to drift by weight decay.
+    with pytest.raises(ValueError, match=r"vae\..*cannot train"):
+        trainable_filter(model, (r"^denoiser\.", r"^vae\."))
 
 
 def test_stage1_lowers_the_loss_on_a_fixed_batch(dataset):

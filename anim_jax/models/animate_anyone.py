@@ -95,7 +95,8 @@ class AnimateAnyone(nnx.Module):
 
     def image_context(self, clip_images: jax.Array, zero_image: jax.Array | None = None) -> jax.Array:
         """CLIP inputs (B, S, S, 3) uint8, already resized (``clip.clip_resize``) -> context
-        (B, 1, D), float32, no gradient.
+        (B, 1, D), float32. Differentiable: a frozen encoder gets no backward anyway (training
+        differentiates only the trainable parameters), and one in ``config.trainable`` must learn.
 
         ``zero_image`` (bool (B,)): those samples encode a zero image instead (Moore's training
         unconditional input: ``zeros_like`` of the *normalised* pixel values)."""
@@ -103,7 +104,7 @@ class AnimateAnyone(nnx.Module):
         if zero_image is not None:
             x = jnp.where(zero_image[:, None, None, None], 0.0, x)
         embeds = self.image_encoder(x)
-        return jax.lax.stop_gradient(embeds[:, None, :].astype(jnp.float32))
+        return embeds[:, None, :].astype(jnp.float32)
 
     # -- trained networks ---------------------------------------------------------------------------
 

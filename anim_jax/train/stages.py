@@ -26,7 +26,14 @@ def trainable_filter(model: AnimateAnyone, include: Sequence[str], exclude: Sequ
         raise ValueError("config.trainable.include is empty: nothing would train (see configs/stage1.py)")
     names = dict(last_up_block=last_up_block(model))
     fill = lambda patterns: tuple(p.replace("{last_up_block}", str(names["last_up_block"])) for p in patterns)
-    return optim.trainable_mask(model, include=fill(include), exclude=fill(exclude))
+    mask = optim.trainable_mask(model, include=fill(include), exclude=fill(exclude))
+    # The latents are cut from the VAE's graph (``AnimateAnyone.encode``): a VAE in the trainable set
+    # would get zero gradients and only drift by weight decay.
+    vae = [p for p in _paths(model.vae) if mask.selects(f"vae.{p}")]
+    if vae:
+        raise ValueError(f"config.trainable selects VAE parameters (vae.{vae[0]}, ...): the VAE cannot train "
+                         "here, its latents carry no gradient; leave it out of config.trainable.include")
+    return mask
 
 
 def trained_components(model: AnimateAnyone, mask: optim.TrainableFilter) -> tuple[str, ...]:
