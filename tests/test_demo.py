@@ -1,5 +1,5 @@
 """``anim-jax demo`` through the real entry point: the shipped model on the held-out set (issue 15's
-PSNR target, and the part of its colour targets it reaches), and ``--train --quick`` learns.
+PSNR, colour and swap targets), and ``--train --quick`` learns.
 
 Both runs are fresh processes with one CPU device, as a user runs them (the suite's 8 fake devices
 would shard the small model for nothing). The targets are measured, not assumed: the held-out
@@ -39,22 +39,22 @@ def shipped(tmp_path_factory):
 
 @pytest.mark.longest
 def test_shipped_model_animates_held_out_characters(shipped):
-    """The shipped model on characters and motions it never saw. Asserted: issue 15's PSNR target
-    (>= 3 dB over copying the reference; reached +4.58 dB) and swap target (each of the four swap
-    outputs closest in colour to its own reference; reached), and what the model reaches of the
-    colour-error target (README, "The demo"): below the untrained model's and copying's (80.2
-    against 116.0 and 137.6), but not below half the untrained model's, the issue's bar."""
+    """The shipped model on characters and motions it never saw. Asserted: issue 15's targets as
+    the README states them: PSNR >= 3 dB over copying the reference (reached +8.00 dB), per-part
+    colour error at most half the untrained model's (52.0 against 116.0) and below copying's
+    (137.6), and each of the four swap outputs closest in colour to its own reference."""
     out, stdout, record = shipped
     mean = {k: record["metrics"][k]["mean"] for k in ("trained", "untrained", "copy_reference")}
     assert mean["trained"]["psnr"] >= mean["copy_reference"]["psnr"] + 3.0, mean
-    assert mean["trained"]["colour"] < 0.8 * mean["untrained"]["colour"], mean
-    assert mean["trained"]["colour"] < 0.8 * mean["copy_reference"]["colour"], mean
+    assert mean["trained"]["colour"] <= 0.5 * mean["untrained"]["colour"], mean
+    assert mean["trained"]["colour"] < 0.5 * mean["copy_reference"]["colour"], mean
     matrix = np.array(record["swap"]["colour_error_matrix"])
     assert matrix.shape == (4, 4)
     own, others = np.diag(matrix), matrix[~np.eye(4, dtype=bool)]
-    assert own.mean() < 0.85 * others.mean(), matrix  # reached 0.78
+    assert own.mean() < 0.6 * others.mean(), matrix  # reached 0.49
     assert (np.argmin(matrix, axis=1) == np.arange(4)).all(), matrix
-    assert record["targets"]["psnr_lead_at_least_3db"]
+    targets = record["targets"]
+    assert targets["psnr_lead_at_least_3db"] and targets["colour_error_at_most_half_untrained"], targets
 
 
 @pytest.mark.longest
