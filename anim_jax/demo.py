@@ -260,8 +260,8 @@ def train_model(out: pathlib.Path, settings: DemoSettings, *, weights_out=None, 
     seconds["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    say(f"2/5 stage 1: denoiser + ReferenceNet + PoseGuider + image encoder on single frames, {stage1.train.num_steps} steps, batch "
-        f"{stage1.data.batch_size} (the first step compiles)")
+    say(f"2/5 stage 1: denoiser + ReferenceNet + PoseGuider + image encoder on single frames, "
+        f"{stage1.train.num_steps} steps, batch {stage1.data.batch_size} (the first step compiles)")
     _train(stage1, runs / "stage1", records)
     seconds["stage1"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -37,8 +37,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, fragment
         (["--config.optimizer.lr=inf"], "optimizer.lr: expected a finite number, got 'inf'"),
         (["--config.optimizer.lrr=1e-3"], "no field 'lrr'"),
         ([], "config.data.dataset is not set"),
+        (["--config.data.dataset={tmp}", "--config.trainable.include=('^denoiser\\.','^vae\\.')"],
+         "the VAE cannot train here"),
+        (["--config.data.dataset={tmp}", "--config.trainable.include=('^denoiser\\.motion',)"],
+         "matches no parameter"),
     ],
-    ids=["infinite-lr", "misspelled-field", "no-dataset"],
+    ids=["infinite-lr", "misspelled-field", "no-dataset", "trainable-vae", "trainable-matches-nothing"],
 )
 def test_train_bad_config_fails_before_any_work(tmp_path, overrides, fragment):
     workdir = tmp_path / "run"

@@ -120,6 +120,13 @@ def check_config(cfg) -> None:
         xla_options(tc.get("xla_options", ""))
     except ValueError as e:  # both name the config field at fault
         raise ConfigError(str(e)) from e
+    from anim_jax.train.architecture import build_model
+    from anim_jax.train.stages import trainable_filter
+
+    try:  # the trainable set against the model's parameter paths (shapes only: nothing is allocated)
+        trainable_filter(build_model(cfg, abstract=True), cfg.trainable.include, cfg.trainable.get("exclude", ()))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 
