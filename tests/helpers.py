@@ -57,6 +57,17 @@ def write_tiny_weights(directory, *, seed: int = 0, native: dict | None = None) 
     return directory
 
 
+def subprocess_xla_flags(devices: int | None = None) -> str:
+    """``XLA_FLAGS`` for a test's subprocess: the suite's options (tests/conftest.py) with the fake CPU
+    device count set to ``devices`` (None: XLA's one device, as a user's process has)."""
+    import os
+
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
 def run_local_processes(argv: list[str], num_processes: int = 2, *, local_devices: int = 4, timeout: float = 120,
                         cwd=None) -> list[str]:
     """Runs ``argv`` as ``num_processes`` jax.distributed processes on localhost (each with
@@ -74,7 +85,7 @@ def run_local_processes(argv: list[str], num_processes: int = 2, *, local_device
     for pid in range(num_processes):
         env = dict(os.environ)
         env.update(
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+            XLA_FLAGS=subprocess_xla_flags(local_devices),
             JAX_PLATFORMS="cpu",
             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",

@@ -23,7 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def _demo(args, timeout=600):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    env["XLA_FLAGS"] = ""  # a user's process: one CPU device, XLA's default options
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run([sys.executable, "-m", "anim_jax.cli", "demo", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -19,6 +19,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pose_helpers as ph  # noqa: E402
+from helpers import subprocess_xla_flags  # noqa: E402
 from test_pipeline import components  # noqa: E402,F401  (the tiny Animate Anyone model, a fixture)
 
 from anim_jax import cli, media, native  # noqa: E402
@@ -86,7 +87,7 @@ def test_cli_driving_video_writes_video_grid_and_poses(setup, tmp_path):
         [sys.executable, "-m", "anim_jax.cli", "animate", "--weights", str(weights), "--reference", str(root / "ref.png"),
          "--driving-video", str(root / "dance.mp4"), "--pose-weights", str(dwpose), "--out", str(out),
          "--grid", "--save-poses", "--devices", "2", *CLI_SMALL],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": subprocess_xla_flags(2)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compiling the sampler for 24x32x4" in proc.stderr
