@@ -150,22 +150,26 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        c = x.shape[-1]
-        g = self.num_groups
-        xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (g, c // g))
-        axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
-        mean = xg.mean(axis=axes, keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)  # two-pass: exact when |mean| >> std
+        n, c, g = x.shape[0], x.shape[-1], self.num_groups
+        k = c // g
+        # Sums over the (n, positions, channels) view keep the channel axis minor, which XLA:CPU
+        # reduces 1.7-6x faster than a reduction over (H, W, channels-in-group) of the 5-D grouped
+        # view (benchmarks/RESULTS.md, "Issue 19, CPU round 4"); per-channel sums are then added
+        # up per group. The variance is two-pass (exact when |mean| >> std).
+        xf = x.astype(jnp.float32).reshape(n, -1, c)
+        count = xf.shape[1] * k
+        mean = jnp.repeat(xf.sum(axis=1).reshape(n, g, k).sum(axis=-1) / count, k, axis=1)  # (n, c)
+        var = jnp.square(xf - mean[:, None, :]).sum(axis=1).reshape(n, g, k).sum(axis=-1) / count
         # The output is x * a + b with per-(sample, channel) a and b (torch's CPU kernel does the
         # same): the elementwise pass then reads x once and shares no ``x - mean`` with the variance,
         # so XLA does not materialise that float32 copy of the activation.
-        rstd = jax.lax.rsqrt(var + self.eps)  # (N, 1.., G, 1)
-        stat_shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
-        a = jnp.broadcast_to(rstd, rstd.shape[:-1] + (c // g,)).reshape(stat_shape)
-        b = jnp.broadcast_to(-mean * rstd, rstd.shape[:-1] + (c // g,)).reshape(stat_shape)
+        a = jnp.repeat(jax.lax.rsqrt(var + self.eps), k, axis=1)  # (n, c)
+        b = -mean * a
         if self.scale is not None:
             scale = self.scale[...].astype(jnp.float32)
             a, b = a * scale, b * scale + self.bias[...].astype(jnp.float32)
+        stat_shape = (n,) + (1,) * (x.ndim - 2) + (c,)
+        a, b = a.reshape(stat_shape), b.reshape(stat_shape)
         return (x.astype(jnp.float32) * a + b).astype(dtype)
 
 
