@@ -68,10 +68,11 @@ def test_flash_reference_concat_with_per_video_switch_equals_plain():
     _close(outs["flash"], outs["xla"])
 
 
-def test_flash_gradients_equal_plain():
+@pytest.mark.parametrize("kv_block", [16, 4096])  # several key blocks (online softmax); one (the CPU's usual case)
+def test_flash_gradients_equal_plain(kv_block):
     q, k, v = _qkv(5, 2, 20, 45, 2, 8)
     lengths = jnp.asarray([45, 17])
-    cfg = AttentionConfig("flash", flash_query_block=6, flash_kv_block=16, flash_tile_elements=100)
+    cfg = AttentionConfig("flash", flash_query_block=6, flash_kv_block=kv_block, flash_tile_elements=100)
 
     def loss(c):
         return lambda q, k, v: (dot_product_attention(q, k, v, c, kv_lengths=lengths) ** 2).sum()

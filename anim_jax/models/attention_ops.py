@@ -135,18 +135,29 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
     if lens is not None:
         lens = jnp.pad(lens, (0, ng * gt - g), constant_values=lk)
 
-    def scores(qt, kt, start, lt):
-        s = jnp.einsum("gqd,gkd->gqk", qt, kt, preferred_element_type=jnp.float32) * scale
+    def masked(s, start, lt):
         if lt is None:
             return s
-        valid = (start + jnp.arange(kt.shape[1]))[None, :] < lt[:, None]
+        valid = (start + jnp.arange(s.shape[-1]))[None, :] < lt[:, None]
         return jnp.where(valid[:, None, :], s, -jnp.inf)
 
+    def scores(qt, kt, start, lt):
+        s = jnp.einsum("gqd,gkd->gqk", qt, kt, preferred_element_type=jnp.float32) * scale
+        return masked(s, start, lt)
+
     def one_query_block(qt, kt, vt, lt):
-        """qt (gt, qb, d); kt, vt (gt, nk*kb, d); lt (gt,) or None -> (gt, qb, dv)."""
+        """qt (gt, qb, d); kt, vt (gt, nk*kb, d), kt (gt, d, kb) when nk == 1; lt (gt,) or None
+        -> (gt, qb, dv)."""
         if nk == 1:
-            p = jax.nn.softmax(scores(qt, kt, 0, lt), axis=-1).astype(vt.dtype)
-            return jnp.einsum("gqk,gkd->gqd", p, vt)
+            # One key block, the CPU's usual case (benchmarks/RESULTS.md, "Issue 19, CPU round 4"):
+            # the keys come transposed once per tile, so the score product is a plain (qb, d) x
+            # (d, kb) one; q is scaled before it (qb x d products, not qb x kb); and the output is
+            # normalised after the value product (qb x dv divisions, not qb x kb).
+            s = jnp.einsum("gqd,gdk->gqk", qt * jnp.asarray(scale, qt.dtype), kt, preferred_element_type=jnp.float32)
+            s = masked(s, 0, lt)
+            p = jnp.exp(s - s.max(-1, keepdims=True))
+            out = jnp.einsum("gqk,gkd->gqd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+            return (out / p.sum(-1)[..., None]).astype(vt.dtype)
 
         def step(carry, j):
             m, l, acc = carry
@@ -173,6 +184,8 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
     def one_group_tile(xs):
         qt, kt, vt, lt = xs  # (gt, nq*qb, d), (gt, Lk', d), (gt, Lk', dv), (gt,) or None
         qblocks = qt.reshape(gt, nq, qb, d).swapaxes(0, 1)
+        if nk == 1:
+            kt = kt.swapaxes(1, 2)
         out = jax.lax.map(lambda qi: one_query_block(qi, kt, vt, lt), qblocks)  # (nq, gt, qb, dv)
         return out.swapaxes(0, 1).reshape(gt, nq * qb, dv)
 
