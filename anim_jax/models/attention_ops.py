@@ -51,7 +51,7 @@ class AttentionConfig:
     # "flash": queries per block, keys per block, and the most score elements one tile may hold
     # (4 bytes each in float32: 2**18 is 1 MiB, half a core's L2 on the CPUs measured).
     flash_query_block: int = 128
-    flash_kv_block: int = 4096
+    flash_kv_block: int = 1024
     flash_tile_elements: int = 2**18
     # "auto" on CPU switches to flash above this many score elements in one call (1 MiB in fp32):
     # measured faster than the plain path from there on (benchmarks/RESULTS.md).
@@ -142,26 +142,24 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
         return jnp.where(valid[:, None, :], s, -jnp.inf)
 
     def scores(qt, kt, start, lt):
-        s = jnp.einsum("gqd,gkd->gqk", qt, kt, preferred_element_type=jnp.float32) * scale
-        return masked(s, start, lt)
+        # On the CPU (benchmarks/RESULTS.md, "Issue 19, CPU round 4"): the keys come transposed
+        # once per tile, so this is a plain (qb, d) x (d, kb) product, and q comes scaled (qb x d
+        # products, not qb x kb).
+        return masked(jnp.einsum("gqd,gdk->gqk", qt, kt, preferred_element_type=jnp.float32), start, lt)
 
     def one_query_block(qt, kt, vt, lt):
-        """qt (gt, qb, d); kt, vt (gt, nk*kb, d), kt (gt, d, kb) when nk == 1; lt (gt,) or None
-        -> (gt, qb, dv)."""
+        """qt (gt, qb, d), scaled; kt (gt, d, nk*kb); vt (gt, nk*kb, dv); lt (gt,) or None -> (gt, qb, dv)."""
         if nk == 1:
-            # One key block, the CPU's usual case (benchmarks/RESULTS.md, "Issue 19, CPU round 4"):
-            # the keys come transposed once per tile, so the score product is a plain (qb, d) x
-            # (d, kb) one; q is scaled before it (qb x d products, not qb x kb); and the output is
-            # normalised after the value product (qb x dv divisions, not qb x kb).
-            s = jnp.einsum("gqd,gdk->gqk", qt * jnp.asarray(scale, qt.dtype), kt, preferred_element_type=jnp.float32)
-            s = masked(s, 0, lt)
+            # One key block, the CPU's usual case: the output is normalised after the value
+            # product (qb x dv divisions, not qb x kb).
+            s = scores(qt, kt, 0, lt)
             p = jnp.exp(s - s.max(-1, keepdims=True))
             out = jnp.einsum("gqk,gkd->gqd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
             return (out / p.sum(-1)[..., None]).astype(vt.dtype)
 
         def step(carry, j):
             m, l, acc = carry
-            ks = jax.lax.dynamic_slice_in_dim(kt, j * kb, kb, axis=1)
+            ks = jax.lax.dynamic_slice_in_dim(kt, j * kb, kb, axis=2)
             vs = jax.lax.dynamic_slice_in_dim(vt, j * kb, kb, axis=1)
             s = scores(qt, ks, j * kb, lt)
             m_new = jnp.maximum(m, s.max(-1))
@@ -183,9 +181,8 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
 
     def one_group_tile(xs):
         qt, kt, vt, lt = xs  # (gt, nq*qb, d), (gt, Lk', d), (gt, Lk', dv), (gt,) or None
-        qblocks = qt.reshape(gt, nq, qb, d).swapaxes(0, 1)
-        if nk == 1:
-            kt = kt.swapaxes(1, 2)
+        qblocks = (qt * jnp.asarray(scale, qt.dtype)).reshape(gt, nq, qb, d).swapaxes(0, 1)
+        kt = kt.swapaxes(1, 2)
         out = jax.lax.map(lambda qi: one_query_block(qi, kt, vt, lt), qblocks)  # (nq, gt, qb, dv)
         return out.swapaxes(0, 1).reshape(gt, nq * qb, dv)
 
