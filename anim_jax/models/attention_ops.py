@@ -150,7 +150,7 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
     def one_query_block(qt, kt, vt, lt):
         """qt (gt, qb, d), scaled; kt (gt, d, nk*kb); vt (gt, nk*kb, dv); lt (gt,) or None -> (gt, qb, dv)."""
         if nk == 1:
-            # One key block, the CPU's usual case: the output is normalised after the value
+            # One key block (short key sequences): the output is normalised after the value
             # product (qb x dv divisions, not qb x kb).
             s = scores(qt, kt, 0, lt)
             p = jnp.exp(s - s.max(-1, keepdims=True))
