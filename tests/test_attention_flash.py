@@ -68,7 +68,7 @@ def test_flash_reference_concat_with_per_video_switch_equals_plain():
     _close(outs["flash"], outs["xla"])
 
 
-@pytest.mark.parametrize("kv_block", [16, 4096])  # several key blocks (online softmax); one (the CPU's usual case)
+@pytest.mark.parametrize("kv_block", [16, 4096])  # several key blocks (online softmax); one block
 def test_flash_gradients_equal_plain(kv_block):
     q, k, v = _qkv(5, 2, 20, 45, 2, 8)
     lengths = jnp.asarray([45, 17])
