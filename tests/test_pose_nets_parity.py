@@ -98,3 +98,18 @@ def test_depthwise_conv_equals_grouped_convolution(k, stride, hw):
     ref = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w).permute(3, 2, 0, 1),
                                      stride=stride, padding=k // 2, groups=6).permute(0, 2, 3, 1).numpy()
     _close(depthwise_conv(jnp.asarray(x), jnp.asarray(w), stride), ref, rtol=1e-5, atol_frac=1e-6, what="depthwise")
+
+
+@pytest.mark.parametrize("kernels", [(5, 9, 13), (3,), (13, 5, 9), (1, 7)])
+def test_spp_pools_equal_torch_max_pools(kernels):
+    # SPP's pools are separable and chained (a 5-pool of a 5-pool is a 9-pool); torch's
+    # MaxPool2d(k, 1, k // 2) on each size alone is the reference. Maxima are exact: no tolerance.
+    from anim_jax.pose.layers import spp_pools
+
+    x = np.random.default_rng(len(kernels)).standard_normal((2, 11, 8, 3)).astype(np.float32)
+    x[0, 4, 2:5] = 7.0  # ties
+    x[1] -= 10.0  # all negative: the -inf padding must never win
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+    for k, got in zip(kernels, spp_pools(jnp.asarray(x), kernels), strict=True):
+        ref = torch.nn.functional.max_pool2d(xt, k, 1, k // 2).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(np.asarray(got), ref, err_msg=f"max pool {k} of {kernels}")
