@@ -105,9 +105,16 @@ def _jax_worker(conn, args, weights_dir, cpus):
 
     from anim_jax.pose import compile_options
 
-    def compiled(model):  # with the options the extractor compiles the networks with
+    platform = jax.devices()[0].platform
+
+    # Prepared and compiled as the extractor does (the detector's wide 3x3 convolutions as Winograd
+    # convolutions on CPU unless --direct-conv; the pose network as it is).
+    detector = compile_options.prepare(detector, platform, winograd=args.winograd)
+    winograd = compile_options.winograd_layers(detector)
+
+    def compiled(model):
         graphdef, state = nnx.split(model)
-        return compile_options.jit(lambda s, x: nnx.merge(graphdef, s)(x), jax.devices()[0].platform), state
+        return compile_options.jit(lambda s, x: nnx.merge(graphdef, s)(x), platform), state
 
     det_fn, det_state = compiled(detector)
     pose_fn, pose_state = compiled(pose_net)
@@ -116,7 +123,7 @@ def _jax_worker(conn, args, weights_dir, cpus):
     det_out = jax.block_until_ready(det_fn(det_state, jnp.asarray(frames)))
     pose_out = jax.block_until_ready(pose_fn(pose_state, jnp.asarray(crops)))
     warm = time.perf_counter() - t0
-    conn.send(dict(warmup_s=warm, device=str(jax.devices()[0].device_kind),
+    conn.send(dict(warmup_s=warm, device=str(jax.devices()[0].device_kind), winograd_layers=winograd,
                    outputs=[np.asarray(det_out), *(np.asarray(o) for o in pose_out)]))
     while conn.recv() == "run":
         t0 = time.perf_counter()
@@ -144,7 +151,7 @@ def _jax_only(conn, args, detector, pose_net):
     obj = [level.obj_pred.bias for level in detector.head.levels]
     for b in obj:
         b.value = b.value * 0 - 30.0
-    nets = DeviceNetworks(detector, pose_net, batch_size=args.batch)
+    nets = DeviceNetworks(detector, pose_net, batch_size=args.batch, winograd=args.winograd)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (args.batch, *DET_HW, 3), dtype=np.uint8)
     crops = rng.integers(0, 256, (args.batch, *pose_net.config.input_size, 3), dtype=np.uint8)
@@ -153,6 +160,7 @@ def _jax_only(conn, args, detector, pose_net):
     locs, vals = nets.estimate(crops)
     warm = time.perf_counter() - t0
     conn.send(dict(warmup_s=warm, device=str(jax.devices()[0].device_kind), devices=jax.device_count(),
+                   winograd_layers=nets.winograd_layers,
                    outputs=[det, locs, vals]))
     while conn.recv() == "run":
         t0 = time.perf_counter()
@@ -283,6 +291,8 @@ def _parse_args() -> argparse.Namespace:
                    help="with --jax-only: batches of synthetic frames through the whole extractor (default 8; 0: skip)")
     p.add_argument("--frame-size", type=_frame_size, default=(720, 1280),
                    help="with --jax-only: the synthetic source frames, HxW (default 720x1280)")
+    p.add_argument("--direct-conv", dest="winograd", action="store_false", default=None,
+                   help="XLA's direct 3x3 convolutions on CPU too (default: Winograd for the detector there, as the extractor)")
     p.add_argument("--cache", default=None,
                    help="directory keeping the ONNX export and its conversion between runs (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -344,9 +354,10 @@ def main() -> None:
         batch=args.batch, rounds=args.rounds, dtype=args.dtype, jax_device=jax_device, cpu=cpu_name(),
         cpus_pinned=len(pin) if pin else None, platform=platform.platform(), load_average=os.getloadavg()[0],
         xla_flags=os.environ.get("XLA_FLAGS", ""), prepare=prep, engines={},
+        winograd_layers=info["anim_jax (JAX)"]["winograd_layers"],
     )
     print(f"# DWPose networks, batch {args.batch}, {args.rounds} interleaved rounds, JAX on {jax_device} "
-          f"{args.dtype}" + (f", {len(pin)} CPUs pinned ({cpu_name()})" if pin else ""))
+          f"{args.dtype}, {report['winograd_layers']} Winograd convolutions" + (f", {len(pin)} CPUs pinned ({cpu_name()})" if pin else ""))
     print(f"# {report['date']}, {platform.platform()}, load average {report['load_average']:.1f}")
     if prep:
         print("# " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in prep.items()))

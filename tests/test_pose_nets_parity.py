@@ -5,7 +5,9 @@ the same structure and operator set at reduced width (``tests/dwpose_torch.py``)
 and BatchNorm statistic random, are exported with ``torch.onnx.export`` (dynamic batch) twice: as the
 exporter does by default (BatchNorm folded into the convs, Linear weights stored transposed under
 anonymous names) and with BatchNorm and Transpose nodes kept. onnxruntime runs each export; the
-converter reads it; the JAX networks must give the same outputs at batch 2.
+converter reads it; the JAX networks must give the same outputs at batch 2, with XLA's direct
+convolutions and with every 3x3 stride-1 convolution as a Winograd convolution (the CPU default,
+``anim_jax.pose.winograd``; at these widths only ``min_channels=1`` selects them).
 """
 
 from __future__ import annotations
@@ -18,12 +20,22 @@ from dwpose_torch import DET_HW, TorchRTMPose, TorchYOLOX, run_onnx, tiny_export
 from flax import nnx
 
 from anim_jax.convert.dwpose import convert_dwpose
+from anim_jax.pose.layers import use_winograd
 from anim_jax.pose.networks import load_dwpose
 from anim_jax.pose.rtmpose import RTMPoseConfig
 from anim_jax.pose.yolox import YOLOXConfig
 
 # One jitted call for both export forms: same graph structure and shapes, so one compile per network.
 _apply = nnx.jit(lambda model, x: model(x))
+CONVS = ["direct", "winograd"]
+
+
+def _prepared(model, conv: str):
+    if conv == "direct":
+        return model
+    prepared = use_winograd(model, min_channels=1)
+    assert prepared is not model
+    return prepared
 
 
 def _close(out, ref, *, rtol: float, atol_frac: float, what: str):
@@ -61,14 +73,15 @@ def test_converter_infers_the_architectures_and_folds_batchnorm(exported):
     assert report.folded_batchnorms == (0 if exported["fold"] else det_bn + pose_bn)
 
 
-def test_yolox_matches_onnxruntime(exported):
+@pytest.mark.parametrize("conv", CONVS)
+def test_yolox_matches_onnxruntime(exported, conv):
     # Pixels scaled to [0, 1]: random weights are not trained for 0..255, and at that range every
     # score of the tiny network saturates to exactly 0 or 1, which would leave them untested.
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 1, (2, *DET_HW, 3)).astype(np.float32)
     images[1, 40:, :, :] = 114 / 255  # a letterbox band
     (ref,) = run_onnx(exported["det_onnx"], np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    out = _apply(exported["detector"], jnp.asarray(images))
+    out = _apply(_prepared(exported["detector"], conv), jnp.asarray(images))
     # Box offsets and the sigmoid scores live on different scales: compare each on its own.
     _close(out[..., :4], ref[..., :4], rtol=1e-4, atol_frac=1e-5, what="box offsets")
     scores = np.asarray(ref[..., 4:])
@@ -76,11 +89,12 @@ def test_yolox_matches_onnxruntime(exported):
     _close(out[..., 4:], scores, rtol=1e-4, atol_frac=1e-5, what="objectness and class scores")
 
 
-def test_rtmpose_matches_onnxruntime(exported):
+@pytest.mark.parametrize("conv", CONVS)
+def test_rtmpose_matches_onnxruntime(exported, conv):
     cfg = exported["pose_cfg"]
     crops = np.random.default_rng(1).standard_normal((2, *cfg.input_size, 3)).astype(np.float32)
     ref_x, ref_y = run_onnx(exported["pose_onnx"], np.ascontiguousarray(crops.transpose(0, 3, 1, 2)))
-    out_x, out_y = _apply(exported["pose_net"], jnp.asarray(crops))
+    out_x, out_y = _apply(_prepared(exported["pose_net"], conv), jnp.asarray(crops))
     assert out_x.shape == (2, cfg.num_keypoints, cfg.simcc_sizes[0])
     _close(out_x, ref_x, rtol=1e-4, atol_frac=1e-5, what="simcc_x")
     _close(out_y, ref_y, rtol=1e-4, atol_frac=1e-5, what="simcc_y")

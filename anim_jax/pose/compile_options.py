@@ -1,4 +1,8 @@
-"""How the pose networks are compiled: one XLA:CPU option, scoped to their own ``jax.jit``s.
+"""How the pose networks are prepared and compiled for a platform.
+
+On CPU the detector's wide 3x3 convolutions run as Winograd convolutions (:func:`prepare`, applied
+by the extractor to the detector only; ``anim_jax.pose.winograd``), and the networks' ``jax.jit``s
+carry one XLA:CPU option (below).
 
 XLA:CPU (jaxlib 0.10) hands convolutions and matmuls above a size threshold to YNNPACK by default.
 On DWPose's networks YNNPACK's convolutions ran slower than XLA:CPU's Eigen path, which the option
@@ -24,6 +28,26 @@ def compiler_options(platform: str) -> dict[str, str] | None:
     if platform != "cpu" or YNN_FUSION_OPTION in os.environ.get("XLA_FLAGS", ""):
         return None
     return {YNN_FUSION_OPTION: ""}  # no library fusions: XLA's own (Eigen) convolutions and dots
+
+
+def prepare(model, platform: str, *, winograd: bool | None = None):
+    """``model`` as the extractor runs its detector on ``platform``: on CPU (or with ``winograd=True``) a copy
+    with its wide 3x3 stride-1 convolutions as Winograd convolutions (``layers.use_winograd``);
+    elsewhere, or with ``winograd=False``, ``model`` itself."""
+    from anim_jax.pose.layers import use_winograd
+
+    if winograd is None:
+        winograd = platform == "cpu"
+    return use_winograd(model) if winograd else model
+
+
+def winograd_layers(model) -> int:
+    """How many of ``model``'s convolutions :func:`prepare` made Winograd convolutions."""
+    from flax import nnx
+
+    from anim_jax.pose.layers import WinogradKernel
+
+    return sum(isinstance(node, WinogradKernel) for _, node in nnx.iter_graph(model))
 
 
 def jit(fn, platform: str, **kwargs):

@@ -176,16 +176,19 @@ class DeviceNetworks:
     Both flip to BGR and (for the pose network) normalise on the device, as DWPose feeds its networks;
     uint8 travels to the device (a quarter of float32's bytes). Batches are padded to a fixed size
     (a multiple of the device count), so each network compiles once per mesh and size; the compiled
-    functions are shared by all extractors with the same network structure. On CPU they compile with
-    ``anim_jax.pose.compile_options`` (XLA's own convolutions instead of YNNPACK's, faster here).
+    functions are shared by all extractors with the same network structure. On CPU they are prepared
+    and compiled by ``anim_jax.pose.compile_options``: the detector's wide 3x3 convolutions as Winograd
+    convolutions (``winograd``: None = on CPU only) and XLA's own convolutions instead of YNNPACK's.
     """
 
-    def __init__(self, detector, pose, *, batch_size: int = 8, mesh=None, detector_input=pp.DETECTOR_INPUT):
+    def __init__(self, detector, pose, *, batch_size: int = 8, mesh=None, detector_input=pp.DETECTOR_INPUT,
+                 winograd: bool | None = None):
         import jax
         from flax import nnx
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         from anim_jax.parallel import make_mesh
+        from anim_jax.pose import compile_options
 
         if mesh is None:
             local = jax.local_devices()
@@ -207,11 +210,18 @@ class DeviceNetworks:
         axis = mesh.axis_names[0]
         self._batch = NamedSharding(mesh, P(axis))
         repl = NamedSharding(mesh, P())
+        platform = mesh.devices.flat[0].platform
+        # Winograd for the detector only: it is ~85% of a frame's time, and its outputs moved by float32
+        # rounding (3.8e-6 -> 4.6e-6 of their scale against onnxruntime). RTMPose's SimCC logits
+        # amplify rounding in its head: on one of four random crops their difference from onnxruntime
+        # went from 6.7e-5 to 3.6e-4 of their scale, for a few percent of a frame's time.
+        detector = compile_options.prepare(detector, platform, winograd=winograd)
+        self.winograd_layers = compile_options.winograd_layers(detector)
         self._det_graph, det_state = nnx.split(detector)
         self._pose_graph, pose_state = nnx.split(pose)
         self._det_state = jax.device_put(det_state, repl)
         self._pose_state = jax.device_put(pose_state, repl)
-        self._detect, self._estimate = _compiled(mesh.devices.flat[0].platform)
+        self._detect, self._estimate = _compiled(platform)
 
     def _padded(self, x: np.ndarray) -> np.ndarray:
         pad = self.batch_size - len(x)
@@ -283,7 +293,9 @@ class PoseExtractor:
     all_persons: keep every detected person (default: Moore's single best person);
     no_person: "empty" (default) or "full_image" (Moore: estimate on the whole frame);
     mesh: a 1-D mesh (default: all local devices); workers: host threads for resizing and cropping;
-    detector_input: the letterboxed detector input (h, w), DWPose's 640 x 640 by default.
+    detector_input: the letterboxed detector input (h, w), DWPose's 640 x 640 by default;
+    winograd: the detector's wide 3x3 convolutions as Winograd convolutions (default: on CPU only;
+    see ``anim_jax.pose.winograd``).
     """
 
     def __init__(
@@ -299,13 +311,14 @@ class PoseExtractor:
         detector_input: tuple[int, int] = pp.DETECTOR_INPUT,
         workers: int | None = None,
         networks=None,
+        winograd: bool | None = None,
     ):
         if no_person not in NO_PERSON_MODES:
             raise ValueError(f"no_person must be one of {NO_PERSON_MODES}, got {no_person!r}")
         if detect_resolution is not None and detect_resolution < 64:
             raise ValueError(f"detect_resolution must be >= 64 or None, got {detect_resolution}")
         self.networks = networks if networks is not None else DeviceNetworks(
-            detector, pose, batch_size=batch_size, mesh=mesh, detector_input=detector_input
+            detector, pose, batch_size=batch_size, mesh=mesh, detector_input=detector_input, winograd=winograd
         )
         self.detect_resolution = detect_resolution
         self.all_persons = all_persons
