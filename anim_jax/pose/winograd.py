@@ -4,10 +4,9 @@ A 3x3 convolution computed on 6x6 input tiles for 4x4 output tiles: the input ti
 are moved into a 36-point transform domain, where the convolution becomes 36 independent matmuls
 over channels with 4x fewer multiplications than the direct form, then moved back (Lavin & Gray,
 arXiv 1509.09308). XLA:CPU has no such algorithm (its convolutions are direct), and YOLOX-L spends
-most of its time in 3x3 stride-1 convolutions: on one core of this project's CPU its 40x40x256
-layers took 16.0 ms direct and 7.1 ms here, all its eligible layers together 2x less time, and
-the whole detector 1.54x faster (1.42x on two threads; ``benchmarks/pose_conv.py``, ``benchmarks/pose.py``; numbers
-in ``benchmarks/RESULTS.md``).
+most of its time in 3x3 stride-1 convolutions. On one core of this project's CPU its 40x40x256
+layers took 12.3 ms direct and 5.4 ms here, and the whole detector 1163 -> 753 ms (769 -> 542 ms on
+two vCPUs; ``benchmarks/pose_conv.py``, numbers in ``benchmarks/RESULTS.md``).
 
 Accuracy: the transforms use the interpolation points 0, 1, -1, 1/2, -2 (and infinity), whose
 float32 error is about 3x smaller than the classic 0, +-1, +-2 (Barabasz et al., arXiv 1803.10986):
