@@ -77,3 +77,19 @@ def test_prepare_uses_winograd_on_cpu_only():
     assert compile_options.prepare(layer, "gpu") is layer and compile_options.prepare(layer, "tpu") is layer
     assert compile_options.prepare(layer, "cpu", winograd=False) is layer
     assert compile_options.winograd_layers(compile_options.prepare(layer, "gpu", winograd=True)) == 1
+
+
+def test_sharded_over_the_mesh_equals_one_device():
+    # The extractor shards frames over a 1-D mesh; the tile reshapes keep the batch outermost.
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from anim_jax.parallel import make_mesh
+
+    mesh = make_mesh((len(jax.devices()),), ("data",))
+    x = jax.random.normal(jax.random.key(3), (len(jax.devices()), 9, 6, 8))
+    u = winograd.transform_kernel(jax.random.normal(jax.random.key(4), (3, 3, 8, 8)))
+    single = np.asarray(jax.jit(winograd.conv3x3)(x, u))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    sharded = jax.jit(winograd.conv3x3, out_shardings=NamedSharding(mesh, P("data")))(xs, u)
+    assert len(sharded.sharding.device_set) == len(jax.devices()) > 1
+    np.testing.assert_allclose(np.asarray(sharded), single, rtol=0, atol=1e-6 * np.abs(single).max())
