@@ -111,8 +111,18 @@ def cli(capsys):
     return run
 
 
-def test_pose_cli_video_and_folder(weights, tmp_path, cli):
+def test_pose_cli_video_and_folder(weights, tmp_path, cli, monkeypatch):
     from data_pipelines.video_io import read_video
+
+    from anim_jax.pose import compile_options
+
+    winograd_args, prepare = [], compile_options.prepare
+
+    def recording_prepare(model, platform, *, winograd=None):
+        winograd_args.append(winograd)
+        return prepare(model, platform, winograd=winograd)
+
+    monkeypatch.setattr(compile_options, "prepare", recording_prepare)
 
     video, video2 = _write_synthetic(tmp_path / "clips", 2)
     os.makedirs(tmp_path / "clips" / "sub")
@@ -128,9 +138,10 @@ def test_pose_cli_video_and_folder(weights, tmp_path, cli):
     # exists -> refused before any work; --source-size keeps the video's size
     r = cli(video, "--weights", weights, "--out", out, "--no-progress")
     assert r.returncode == 2 and "exists" in r.stderr
-    r = cli(video, "--weights", weights, "--out", out, "--source-size", "--overwrite", *CLI_SMALL)
+    r = cli(video, "--weights", weights, "--out", out, "--source-size", "--overwrite", "--direct-conv", *CLI_SMALL)
     assert r.returncode == 0, r.stderr
     assert read_video(out)[0].shape == (6, 72, 96, 3)
+    assert winograd_args == [None, False]  # the detector: Winograd by platform, then --direct-conv
 
     # A folder: Moore's layout, one pass, the broken file reported, the rest written.
     r = cli(tmp_path / "clips", "--weights", weights, "--keypoints", tmp_path / "kps", *CLI_SMALL)

@@ -48,6 +48,9 @@ def add_pose_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-person", choices=("empty", "full_image"), default="empty",
                    help="frames where nobody is detected: an empty pose (default) or Moore's whole-frame estimate")
     p.add_argument("--batch-size", type=int, default=8, help="frames per device batch (rounded up to the device count)")
+    p.add_argument("--direct-conv", action="store_true",
+                   help="on CPU, XLA's direct 3x3 convolutions in the detector instead of Winograd's "
+                        "(slower, a few float32 roundings closer to the original)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_pose)
@@ -158,6 +161,7 @@ def run_pose(args: argparse.Namespace) -> int:
             all_persons=args.all_persons,
             no_person=args.no_person,
             detector_input=(args.detector_size, args.detector_size),
+            winograd=False if args.direct_conv else None,
         )
     except (OSError, ValueError) as e:
         return _fail(f"--weights {str(weights)!r}: {e}")
