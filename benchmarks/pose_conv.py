@@ -7,8 +7,8 @@ Every distinct 3x3 stride-1 layer shape of the full-size networks (YOLOX-L on 64
 384x288; found by tracing them abstractly) is timed alone with random inputs, both ways, calls
 alternating, each jitted as the extractor compiles the networks (``anim_jax.pose.compile_options``);
 the Winograd kernel transform is done once beforehand, as ``use_winograd`` does. Prints one row per
-shape (how many layers have it, milliseconds per call, the speed-up, the largest difference from
-the direct convolution relative to its largest output) and the count-weighted totals, with and
+shape (how many layers have it, milliseconds per call, the speed-up, each algorithm's largest error
+against a float64 convolution relative to its largest output) and the count-weighted totals, with and
 without the channel threshold that ``use_winograd`` applies. Then the whole YOLOX-L (random weights,
 one 640x640 batch) as it is and as ``compile_options.prepare`` makes it for CPU, calls alternating.
 """
@@ -87,8 +87,8 @@ def main() -> None:
     print(f"# 3x3 stride-1 convolutions of DWPose, batch {args.batch}, median of {args.repeats}; {now:%Y-%m-%d %H:%M} UTC")
     print(f"# {cpu_name()}, {len(os.sched_getaffinity(0))} CPUs in affinity, {platform.platform()}, jax {jax.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("| network | input (B, H, W, C) -> K | layers | direct ms | Winograd ms | speed-up | max diff / max |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| network | input (B, H, W, C) -> K | layers | direct ms | Winograd ms | speed-up | max error / max: direct, Winograd |")
+    print("|---|---|---:|---:|---:|---:|---|")
     totals = collections.defaultdict(float)
     rng = np.random.default_rng(0)
     for (net, b, h, w, c, k), count in sorted(shapes.items()):
@@ -97,12 +97,16 @@ def main() -> None:
         inputs = {"direct": (x, kernel), "winograd": (x, winograd.transform_kernel(kernel))}
         outs = {a: np.asarray(fns[a](*inputs[a])) for a in fns}
         ms = {a: t * 1e3 for a, t in _alternate(fns, inputs, args.repeats).items()}
-        diff = np.abs(outs["winograd"] - outs["direct"]).max() / np.abs(outs["direct"]).max()
+        xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        k64 = np.asarray(kernel, np.float64)
+        exact = sum(xp[:, i : i + h, j : j + w] @ k64[i, j] for i in range(3) for j in range(3))
+        err = {a: np.abs(outs[a] - exact).max() / np.abs(exact).max() for a in outs}
         wide = min(c, k) >= WINOGRAD_MIN_CHANNELS
         totals[net, "direct"] += count * ms["direct"]
         totals[net, "wide layers Winograd"] += count * (ms["winograd"] if wide else ms["direct"])
         print(f"| {net} | ({b}, {h}, {w}, {c}) -> {k} | {count} | {ms['direct']:.1f} | {ms['winograd']:.1f} | "
-              f"{ms['direct'] / ms['winograd']:.2f}{'' if wide else ' (narrow: kept direct)'} | {diff:.1e} |", flush=True)
+              f"{ms['direct'] / ms['winograd']:.2f}{'' if wide else ', kept direct'} | {err['direct']:.1e}, {err['winograd']:.1e} |",
+              flush=True)
     for net in sorted({net for net, _ in totals}):
         print(f"# {net}, count-weighted: direct {totals[net, 'direct']:.0f} ms; layers with >= {WINOGRAD_MIN_CHANNELS} "
               f"channels as Winograd {totals[net, 'wide layers Winograd']:.0f} ms"
