@@ -28,6 +28,10 @@ from anim_jax.pose.yolox import YOLOXConfig
 # One jitted call for both export forms: same graph structure and shapes, so one compile per network.
 _apply = nnx.jit(lambda model, x: model(x))
 CONVS = ["direct", "winograd"]
+# Per element, relative to each output's scale (docs/numerics.md): the direct path reaches 0.40 of its
+# bound; Winograd, with every 3x3 layer of the tiny networks transformed, rounds more (0.83 of the
+# direct bound, on the detector's scores), so its bound is 5x (reached 0.17 of it).
+TOL = {"direct": dict(rtol=1e-4, atol_frac=1e-5), "winograd": dict(rtol=5e-4, atol_frac=5e-5)}
 
 
 def _prepared(model, conv: str):
@@ -83,10 +87,10 @@ def test_yolox_matches_onnxruntime(exported, conv):
     (ref,) = run_onnx(exported["det_onnx"], np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     out = _apply(_prepared(exported["detector"], conv), jnp.asarray(images))
     # Box offsets and the sigmoid scores live on different scales: compare each on its own.
-    _close(out[..., :4], ref[..., :4], rtol=1e-4, atol_frac=1e-5, what="box offsets")
+    _close(out[..., :4], ref[..., :4], **TOL[conv], what="box offsets")
     scores = np.asarray(ref[..., 4:])
     assert ((scores > 1e-3) & (scores < 1 - 1e-3)).mean() > 0.2  # the scores are informative
-    _close(out[..., 4:], scores, rtol=1e-4, atol_frac=1e-5, what="objectness and class scores")
+    _close(out[..., 4:], scores, **TOL[conv], what="objectness and class scores")
 
 
 @pytest.mark.parametrize("conv", CONVS)
@@ -96,8 +100,8 @@ def test_rtmpose_matches_onnxruntime(exported, conv):
     ref_x, ref_y = run_onnx(exported["pose_onnx"], np.ascontiguousarray(crops.transpose(0, 3, 1, 2)))
     out_x, out_y = _apply(_prepared(exported["pose_net"], conv), jnp.asarray(crops))
     assert out_x.shape == (2, cfg.num_keypoints, cfg.simcc_sizes[0])
-    _close(out_x, ref_x, rtol=1e-4, atol_frac=1e-5, what="simcc_x")
-    _close(out_y, ref_y, rtol=1e-4, atol_frac=1e-5, what="simcc_y")
+    _close(out_x, ref_x, **TOL[conv], what="simcc_x")
+    _close(out_y, ref_y, **TOL[conv], what="simcc_y")
 
 
 @pytest.mark.parametrize("k,stride,hw", [(5, 1, (13, 10)), (3, 2, (13, 10)), (3, 2, (12, 9))])
