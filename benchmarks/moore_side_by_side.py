@@ -358,6 +358,7 @@ def main(argv=None) -> int:
             _hide_new_tokenizers()  # before anything imports transformers
         if a.side == "make-weights":
             worker_make_weights(a.moore, a.out)
+            print(json.dumps({}))  # the driver reads every worker's last line
             return 0
         if a.side == "moore":
             res = worker_moore(a.moore, a.weights, a.width, a.height, a.frames, a.steps, a.guidance, a.threads,
