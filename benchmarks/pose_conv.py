@@ -139,14 +139,15 @@ def _whole_detector(args, rng) -> None:
 
     detector = YOLOX(YOLOXConfig.yolox_l(), rngs=nnx.Rngs(0))
     images = jnp.asarray(rng.uniform(0, 255, (args.batch, 640, 640, 3)), jnp.float32)
+    prepared = compile_options.prepare(detector, "cpu")
     fns, inputs = {}, {}
-    for name, model in (("direct", detector), ("prepared", compile_options.prepare(detector, "cpu"))):
+    for name, model in (("direct", detector), ("prepared", prepared)):
         graph, state = nnx.split(model)
         fns[name] = compile_options.jit(lambda s, x, graph=graph: nnx.merge(graph, s)(x), "cpu")
         inputs[name] = (state, images)
     sec = _alternate(fns, inputs, args.network_repeats)
     print(f"# whole YOLOX-L, batch {args.batch}, median of {args.network_repeats}: direct {sec['direct'] * 1e3:.0f} ms, "
-          f"prepared ({compile_options.winograd_layers(compile_options.prepare(detector, 'cpu'))} Winograd layers) "
+          f"prepared ({compile_options.winograd_layers(prepared)} Winograd layers) "
           f"{sec['prepared'] * 1e3:.0f} ms, speed-up {sec['direct'] / sec['prepared']:.2f}")
 
 
