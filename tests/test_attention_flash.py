@@ -68,6 +68,75 @@ def test_flash_reference_concat_with_per_video_switch_equals_plain():
     _close(outs["flash"], outs["xla"])
 
 
+def test_flash_skips_key_blocks_past_every_row():
+    """Rows whose keys stop at a block boundary skip the later blocks (the unconditional half of
+    batched guidance): NaN keys and values there would poison any masked product (0 * NaN) but
+    must not reach the output. Key blocks of 16 (tile = one row's 2 heads): the 48-key row skips
+    nothing, the 32-key row its last block, the 16-key row two, the 20-key row masks its second
+    block and skips the third. Also a one-block call of 512 keys, which runs as two halves so the
+    256-key row skips its second."""
+    for (lk, lengths, kb) in ((48, [48, 32, 16, 20], 16), (512, [256, 512], 1024)):
+        q, k, v = _qkv(lk, len(lengths), 8, lk, 2, 8)
+        cfg = AttentionConfig("flash", flash_query_block=8, flash_kv_block=kb, flash_tile_elements=8 * 16 * 2)
+        lengths = jnp.asarray(lengths)
+        past = (jnp.arange(lk)[None, :] >= lengths[:, None])[:, :, None, None]
+        k_nan, v_nan = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.nan, v)
+        got = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, cfg, kv_lengths=lengths))(q, k_nan, v_nan)
+        if lk == 48:  # the masked block of the 20-key row multiplies NaN values by 0
+            assert np.isnan(np.asarray(got)[3]).all()
+            got, lengths_ok = got[:3], slice(0, 3)
+        else:
+            lengths_ok = slice(None)
+        assert np.isfinite(np.asarray(got)).all()
+        want = dot_product_attention(q, k, v, AttentionConfig("xla"), kv_lengths=lengths)[lengths_ok]
+        _close(got, want)
+
+
+def test_flash_splits_the_batch_over_the_ambient_mesh(devices):
+    """Under ``jax.set_mesh``, the flash loop runs per device on its own batch rows: the same
+    numbers as one device, the output stays batch-sharded and the compiled program moves no data
+    between devices (GSPMD alone gathered every row to every device: it cannot split a loop that
+    walks the sharded axis)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from anim_jax import parallel
+
+    q, k, v = _qkv(3, 8, 24, 40, 2, 8)
+    lengths = jnp.asarray([40, 20] * 4)
+    cfg = AttentionConfig("flash", flash_query_block=8, flash_kv_block=16, flash_tile_elements=256)
+    fn = jax.jit(lambda q, k, v, n: dot_product_attention(q, k, v, cfg, kv_lengths=n))
+    want = fn(q, k, v, lengths)
+    mesh = parallel.make_mesh((4, 2), ("data", "fsdp"))
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    args = [jax.device_put(x, rows) for x in (q, k, v, lengths)]
+    with jax.set_mesh(mesh):
+        got = fn(*args)
+        hlo = fn.lower(*args).compile().as_text()
+    assert got.sharding.spec[0] == ("data", "fsdp")
+    assert not re.search(r"all-gather|all-to-all|all-reduce|collective-permute", hlo)
+    _close(got, want)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])  # one context for all rows, per video, per frame
+def test_cross_attention_to_one_token_equals_softmax_attention(groups):
+    """One context token (the CLIP embedding) takes a shortcut (every query gets its value); it
+    equals the full to_q / scores / softmax / to_out computation, in float64 numpy."""
+    attn = Attention(16, heads=2, dim_head=8, context_dim=12, rngs=nnx.Rngs(3))
+    r = np.random.default_rng(groups)
+    x = jnp.asarray(r.standard_normal((6, 10, 16)), jnp.float32)
+    ctx = jnp.asarray(r.standard_normal((groups, 1, 12)), jnp.float32)
+    got = np.asarray(attn(x, ctx))
+    w = lambda lin: np.asarray(lin.kernel[...], np.float64)  # noqa: E731
+    xn = np.asarray(x, np.float64)
+    cn = np.repeat(np.asarray(ctx, np.float64), 6 // groups, axis=0)
+    q, k, v = (xn @ w(attn.to_q)).reshape(6, 10, 2, 8), (cn @ w(attn.to_k)).reshape(6, 1, 2, 8), (cn @ w(attn.to_v)).reshape(6, 1, 2, 8)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bhqk,bkhd->bqhd", p, v).reshape(6, 10, 16) @ w(attn.to_out) + np.asarray(attn.to_out.bias[...])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kv_block", [16, 4096])  # several key blocks (online softmax); one block
 def test_flash_gradients_equal_plain(kv_block):
     q, k, v = _qkv(5, 2, 20, 45, 2, 8)

@@ -25,6 +25,7 @@ of them compiles a new program; nothing is cached by name.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -121,8 +122,12 @@ def _sample(model, noise, reference, clip, poses, windows, window_weight, frame_
     return model.decode(x) if decode else x
 
 
-_sample_jit = nnx.jit(_sample, static_argnames=("schedule", "steps", "mesh", "batch_guidance", "callback", "decode",
-                                                "trajectory"))
+# graph=False: the model passes as a pytree (it shares no submodules). nnx's graph mode walks its
+# ~1,500 variables in Python on every call: ~110 ms a call against ~20 ms, which was 20% of a
+# 64x64 video's time once the decoder's per-batch calls were counted (benchmarks/RESULTS.md,
+# "Issue 19, CPU round 7").
+_sample_jit = nnx.jit(_sample, graph=False, static_argnames=("schedule", "steps", "mesh", "batch_guidance", "callback",
+                                                             "decode", "trajectory"))
 
 
 def prepare_windows(windows: np.ndarray | None, num_frames: int, batch: int = 1, mesh=None):
@@ -152,12 +157,14 @@ def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, ste
     ``trajectory`` a pair: that and the latents after every DDIM step, (steps, B, F, h, w, C) (to
     study how errors grow step by step, e.g. bf16 against fp32)."""
     windows, weight, frame_count = prepare_windows(windows, noise.shape[1], noise.shape[0], mesh)
-    return _sample_jit(model, noise, reference, clip, poses, windows, weight, frame_count, jnp.float32(guidance_scale),
-                       schedule=schedule, steps=int(steps), mesh=mesh, batch_guidance=bool(batch_guidance),
-                       callback=callback, decode=bool(decode), trajectory=bool(trajectory))
+    # Under the mesh, layers that split their own loops over devices (the flash attention) see it.
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        return _sample_jit(model, noise, reference, clip, poses, windows, weight, frame_count, jnp.float32(guidance_scale),
+                           schedule=schedule, steps=int(steps), mesh=mesh, batch_guidance=bool(batch_guidance),
+                           callback=callback, decode=bool(decode), trajectory=bool(trajectory))
 
 
-@nnx.jit
+@nnx.jit(graph=False)
 def _decode_uint8(model, latents):
     return jnp.round(model.decode(latents) * 255).astype(jnp.uint8)
 

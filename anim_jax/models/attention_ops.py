@@ -11,7 +11,9 @@ Layout is ``(batch, length, heads, head_dim)`` for q, k and v (the layout of
   a loop over tiles of (batch x head) groups and query blocks, and inside it a loop over key blocks
   that keeps a running max, denominator and output. The score tile held at once is at most
   ``flash_tile_elements`` (plus a whole key block of one query block if that is larger), so it stays
-  in the CPU's caches however long the sequences are; the backward recomputes each tile.
+  in the CPU's caches however long the sequences are; the backward recomputes each tile. With
+  ``kv_lengths``, key blocks past every row of a tile are skipped and blocks inside every row's
+  keys run unmasked. Under a mesh (``jax.set_mesh``) every device loops over its own batch rows.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (fused flash attention on
   NVIDIA GPUs; needs fp16/bf16 inputs).
 * ``"auto"``, by backend:
@@ -37,6 +39,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ("xla", "chunked", "flash", "cudnn", "auto")
 
@@ -56,6 +59,11 @@ class AttentionConfig:
     # "auto" on CPU switches to flash above this many score elements in one call (1 MiB in fp32):
     # measured faster than the plain path from there on (benchmarks/RESULTS.md).
     flash_min_elements: int = 2**18
+    # "flash" under a mesh (``jax.set_mesh``): the batch rows are split over these of its axes
+    # (those it has, when they divide the batch) and each device runs the tile loop on its own rows.
+    # GSPMD cannot split a loop whose iterations walk the sharded axis, so without this every device
+    # ran the whole attention (benchmarks/RESULTS.md, "Issue 19, CPU round 7").
+    flash_batch_axes: tuple[str, ...] = ("data", "fsdp")
 
     def __post_init__(self):
         if self.implementation not in IMPLEMENTATIONS:
@@ -108,6 +116,11 @@ def _chunked_attention(q, k, v, scale, chunk, kv_lengths=None):
     return out[:, :lq]
 
 
+# The shortest key block a one-block call is split into (shorter ones cost more in loop overhead
+# than the skipped block saves: benchmarks/RESULTS.md, "Issue 19, CPU round 7").
+_MIN_SPLIT_KV_BLOCK = 256
+
+
 def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
     # Hand-written: jax.nn.dot_product_attention has no tiled XLA path (only "xla", which builds
     # the whole score matrix, and "cudnn", GPU only), and no maintained JAX library offers a
@@ -120,6 +133,10 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
     lens = None if kv_lengths is None else jnp.repeat(kv_lengths, h)
 
     kb = min(config.flash_kv_block, lk)
+    if lens is not None and kb == lk and lk % 2 == 0 and lk // 2 >= _MIN_SPLIT_KV_BLOCK:
+        # Masked rows usually stop half way (the reference-concat keys: a frame's own tokens, then
+        # as many reference tokens); two blocks let them skip the second.
+        kb = lk // 2
     nk = -(-lk // kb)
     if nk * kb != lk:  # padded keys are masked out like keys past kv_lengths
         kg = jnp.pad(kg, ((0, 0), (0, nk * kb - lk), (0, 0)))
@@ -157,19 +174,30 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
             out = jnp.einsum("gqk,gkd->gqd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
             return (out / p.sum(-1)[..., None]).astype(vt.dtype)
 
-        def step(carry, j):
+        def update(carry, j, lt):
             m, l, acc = carry
             ks = jax.lax.dynamic_slice_in_dim(kt, j * kb, kb, axis=2)
             vs = jax.lax.dynamic_slice_in_dim(vt, j * kb, kb, axis=1)
             s = scores(qt, ks, j * kb, lt)
             m_new = jnp.maximum(m, s.max(-1))
             # Key 0 is always valid (kv_lengths >= 1) and block 0 comes first, so m_new is finite
-            # from the first block on and a fully masked later block contributes exp(-inf) = 0.
+            # from the first block on.
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
             l = l * corr + p.sum(-1)
             pv = jnp.einsum("gqk,gkd->gqd", p.astype(vt.dtype), vs, preferred_element_type=jnp.float32)
-            return (m_new, l, acc * corr[..., None] + pv), None
+            return m_new, l, acc * corr[..., None] + pv
+
+        def step(carry, j):
+            if lt is None:
+                return update(carry, j, None), None
+            # A block past every row's keys would add exp(-inf) = 0 and leave the carry as it is,
+            # so it is skipped (the unconditional half of batched guidance skips the reference's
+            # blocks); a block inside every row's keys needs no mask.
+            start = j * kb
+            branch = jnp.where(start >= lt.max(), 0, jnp.where(start + kb <= lt.min(), 1, 2))
+            return jax.lax.switch(branch, [lambda c: c, lambda c: update(c, j, None), lambda c: update(c, j, lt)],
+                                  carry), None
 
         init = (jnp.full(qt.shape[:2], -jnp.inf, jnp.float32), jnp.zeros(qt.shape[:2], jnp.float32),
                 jnp.zeros(qt.shape[:2] + (dv,), jnp.float32))
@@ -190,6 +218,21 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
     out = jax.lax.map(one_group_tile, (tiles(qg), tiles(kg), tiles(vg), None if lens is None else tiles(lens)))
     out = out.reshape(ng * gt, nq * qb, dv)[:g, :lq]
     return out.reshape(b, h, lq, dv).transpose(0, 2, 1, 3)
+
+
+def _per_device(fn, q, k, v, kv_lengths, *, axes):
+    """``fn(q, k, v, kv_lengths)`` with the batch rows split over the ambient mesh's ``axes`` (a
+    ``shard_map``: every device runs ``fn`` on its own rows), or as is without a mesh, without those
+    axes or when they do not divide the batch."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in axes if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or q.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return fn(q, k, v, kv_lengths)
+    rows = P(axes)
+    args = (q, k, v) if kv_lengths is None else (q, k, v, kv_lengths)
+    # check_vma=False: the loops' carries start as constants; nothing crosses devices.
+    return jax.shard_map(lambda *a: fn(*a, *([None] * (4 - len(a)))), mesh=mesh, in_specs=(rows,) * len(args),
+                         out_specs=rows, axis_names=set(axes), check_vma=False)(*args)
 
 
 def dot_product_attention(
@@ -215,7 +258,8 @@ def dot_product_attention(
     if impl == "chunked":
         return _chunked_attention(q, k, v, scale, config.query_chunk_size, kv_lengths)
     if impl == "flash":
-        return _flash_attention(q, k, v, scale, config, kv_lengths)
+        return _per_device(lambda *a: _flash_attention(*a[:3], scale, config, *a[3:]), q, k, v, kv_lengths,
+                           axes=config.flash_batch_axes)
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, key_value_seq_lengths=kv_lengths, implementation="cudnn"
     )

@@ -100,6 +100,8 @@ class Attention(nnx.Module):
         of repeating the context.
         """
         n, length, _ = x.shape
+        if context is not None and context.shape[1] == 1 and extra_kv is None:
+            return self._one_key_attention(context, n, length)
         q = self._split_heads(self.to_q(x))
         if context is None:
             k, v, _ = self.project_kv(x)
@@ -121,6 +123,18 @@ class Attention(nnx.Module):
             q = q.reshape((g, (n // g) * length) + q.shape[2:])
             out = dot_product_attention(q, k, v, self.attention).reshape((n, length) + q.shape[2:])
         return self.to_out(out.reshape(n, length, -1))
+
+
+    def _one_key_attention(self, context: jax.Array, n: int, length: int) -> jax.Array:
+        """Cross-attention to one token (the CLIP image embedding): a softmax over one key is exactly
+        1, so every query gets that token's value. ``to_out(to_v(token))`` once per context, then
+        broadcast, skips the query projection, the scores and ``to_out`` over all n x length rows."""
+        g = context.shape[0]
+        if n % g:
+            raise ValueError(f"context batch {g} does not divide the {n} rows of the input")
+        out = self.to_out(self.to_v(context))  # (G, 1, C)
+        out = jnp.broadcast_to(out[:, None], (g, n // g, length, out.shape[-1]))
+        return out.reshape(n, length, -1)
 
 
 class FeedForward(nnx.Module):
