@@ -62,6 +62,19 @@ def test_upsample_nearest_matches_torch(in_size, out_size):
     np.testing.assert_array_equal(np.asarray(ours), ref.permute(0, 2, 3, 1).numpy())
 
 
+@pytest.mark.parametrize("size,kernel,stride", [((1, 1), 3, 1), ((2, 2), 3, 1), ((2, 2), 3, 2), ((2, 1), 3, 1),
+                                                ((2, 2), 1, 1), ((3, 3), 3, 1)])
+def test_conv2d_matches_torch_on_tiny_inputs(size, kernel, stride):
+    """Inputs of at most 2x2 pixels take the patches-matmul path, 3x3 the convolution."""
+    r = np.random.default_rng(0)
+    conv = layers.Conv2d(6, 5, kernel, stride=stride, rngs=nnx.Rngs(0))
+    conv.bias[...] = jnp.asarray(r.standard_normal(5).astype(np.float32))
+    x = r.standard_normal((4,) + size + (6,)).astype(np.float32)
+    ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(np.asarray(conv.kernel[...])).permute(3, 2, 0, 1),
+                   torch.from_numpy(np.asarray(conv.bias[...])), stride=stride, padding=kernel // 2)
+    np.testing.assert_allclose(np.asarray(conv(jnp.asarray(x))), ref.permute(0, 2, 3, 1).numpy(), rtol=0, atol=2e-6)
+
+
 def test_group_norm_per_frame_and_pooled_match_torch():
     r = np.random.default_rng(0)
     x = r.standard_normal((2, 3, 5, 4, 8)).astype(np.float32)  # (B, F, H, W, C)
@@ -97,6 +110,36 @@ def test_make_mesh_fills_minus_one_and_is_auto(devices):
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     with pytest.raises(ValueError, match="needs 16 devices"):
         parallel.make_mesh((4, 4), ("data", "fsdp"))
+
+
+_USE_CPU_DEVICES = """
+import os, jax
+from anim_jax import parallel
+parallel.use_cpu_devices(3)
+print(len(jax.devices()), jax.devices()[0].platform, os.environ["XLA_FLAGS"])
+"""
+
+
+@pytest.mark.parametrize("flags,expected", [("--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eigen=false"),
+                                            ("--xla_cpu_multi_thread_eigen=true", "--xla_cpu_multi_thread_eigen=true")])
+def test_use_cpu_devices_makes_one_thread_devices_in_a_fresh_process(flags, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-c", _USE_CPU_DEVICES], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    count, platform, got = p.stdout.split(maxsplit=2)
+    assert (count, platform) == ("3", "cpu")
+    assert expected in got.split() and got.count("xla_cpu_multi_thread_eigen") == 1  # a caller's choice is kept
+
+
+def test_use_cpu_devices_refuses_once_the_backends_are_up(devices):
+    with pytest.raises(RuntimeError, match="before JAX initialises its backends"):
+        parallel.use_cpu_devices(2)
+    with pytest.raises(ValueError, match=">= 1"):
+        parallel.use_cpu_devices(0)
 
 
 def test_logical_rules_shard_only_divisible_dims(devices):

@@ -74,6 +74,23 @@ class Linear(nnx.Module):
         return y
 
 
+# Inputs at most this many pixels high and wide are convolved as one matmul of their patches: XLA
+# rewrites a 3x3 convolution over a 2x2 input (the UNet's lowest level at 64x64) into a form with the
+# kernel as the input, which ran 17x slower on the CPU (3.4 ms against 0.2 ms for 48 x 2x2 x 64
+# channels; at 4x4 the convolution is faster again: benchmarks/RESULTS.md, "Issue 19, CPU round 8").
+_MATMUL_CONV_MAX_SIDE = 2
+
+
+def _conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """``conv_general_dilated`` (NHWC, HWIO, symmetric padding) as patches @ kernel."""
+    n, h, w, _ = x.shape
+    k = kernel.shape[0]
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    patches = [xp[:, dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride] for dy in range(k) for dx in range(k)]
+    return jnp.concatenate(patches, axis=-1) @ kernel.reshape(-1, kernel.shape[-1])
+
+
 class Conv2d(nnx.Module):
     """PyTorch ``nn.Conv2d`` semantics (symmetric integer padding) on channels-last input.
 
@@ -108,13 +125,16 @@ class Conv2d(nnx.Module):
         x = x.reshape((-1,) + x.shape[-3:])
         dtype = self.dtype or x.dtype
         p = self.padding
-        y = jax.lax.conv_general_dilated(
-            x.astype(dtype),
-            self.kernel[...].astype(dtype),
-            window_strides=(self.stride, self.stride),
-            padding=((p, p), (p, p)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        if x.shape[1] <= _MATMUL_CONV_MAX_SIDE and x.shape[2] <= _MATMUL_CONV_MAX_SIDE:
+            y = _conv_as_matmul(x.astype(dtype), self.kernel[...].astype(dtype), self.stride, p)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(dtype),
+                self.kernel[...].astype(dtype),
+                window_strides=(self.stride, self.stride),
+                padding=((p, p), (p, p)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y.reshape(lead + y.shape[1:])
