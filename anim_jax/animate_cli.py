@@ -82,6 +82,10 @@ def add_animate_parser(subparsers) -> argparse.ArgumentParser:
                         "tiled with an online softmax, when the score matrix is large)")
     p.add_argument("--devices", type=_int_at_least(1), default=None,
                    help="shard context windows over the first N devices, N >= 1 (default: all devices)")
+    p.add_argument("--cpu-devices", type=_int_at_least(1), default=None, metavar="N",
+                   help="on a CPU: run as N devices of one thread each, the frames split over them, N at "
+                        "most your cores; pays off at larger sizes, not at 64x64 (README, Performance). "
+                        "Default: one device using XLA's threads")
     p.add_argument("--no-progress", action="store_true")
     driving_cli.add_arguments(p)
     p.set_defaults(func=run_animate)
@@ -159,6 +163,16 @@ def run_animate(args: argparse.Namespace) -> int:
     from anim_jax.pipeline import AnimatePipeline
 
     out = storage.as_path(args.out)
+    if args.cpu_devices is not None:
+        try:
+            parallel.use_cpu_devices(args.cpu_devices)
+        except RuntimeError as e:
+            print(f"anim-jax animate: error: --cpu-devices: {e}", file=sys.stderr)
+            return 2
+        if jax.default_backend() != "cpu":
+            print(f"anim-jax animate: error: --cpu-devices is for a CPU run; JAX runs on {jax.default_backend()} "
+                  f"here (JAX_PLATFORMS=cpu forces the CPU)", file=sys.stderr)
+            return 2
     if args.devices is not None and args.devices > len(jax.devices()):
         print(f"anim-jax animate: error: --devices {args.devices}: only {len(jax.devices())} devices are present", file=sys.stderr)
         return 2

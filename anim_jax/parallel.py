@@ -10,6 +10,7 @@ channel counts (4 latent channels, 3 RGB channels) stay replicated instead of fa
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -27,6 +28,30 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("batch", ("data", "fsdp")),
 )
+
+
+def use_cpu_devices(n: int) -> None:
+    """Makes JAX's CPU backend ``n`` devices that each run their programs on one thread, so that a
+    mesh over them runs ``n`` shards side by side on ``n`` cores.
+
+    XLA:CPU's own threads split single operations, and the sampler is thousands of small ones (the
+    flash-attention tiles): two threads barely beat one, while two one-thread devices, each with half
+    the frames, took 256x256 x 24 frames from 19.5 s to 11-12 s (benchmarks/RESULTS.md, "Issue 19,
+    CPU round 8"). Only before JAX initialises its backends (the first ``jax.devices()`` or
+    computation of the process): RuntimeError after. Keeps an ``--xla_cpu_multi_thread_eigen`` the
+    caller set in ``XLA_FLAGS``."""
+    if n < 1:
+        raise ValueError(f"CPU device count must be >= 1, got {n}")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        raise RuntimeError(
+            "CPU devices can only be set before JAX initialises its backends (the process's first "
+            "jax.devices() or computation)"
+        ) from None
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
 
 
 def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None) -> jax.sharding.Mesh:

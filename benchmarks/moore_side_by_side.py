@@ -21,7 +21,9 @@ What it does:
 2. ``anim-jax convert`` turns them into a converted-weights directory (both sides run the same weights).
 3. For every row (size x frames) and thread count, runs Moore's pipeline and ours in fresh processes,
    alternating which goes first, ``--repeats`` times. Each process pins itself to N cores (and sets
-   torch's / XLA's thread counts), makes one warm-up call (ours: the same call, which compiles; Moore's:
+   torch's / XLA's thread counts; with N > 1 we run as N one-thread CPU devices, the frames split over
+   them, as ``anim-jax animate --cpu-devices N`` does; ``--our-devices 1``: one device with N XLA
+   threads), makes one warm-up call (ours: the same call, which compiles; Moore's:
    one denoising step at the same size, which has nothing to compile), then times one whole call:
    reference encoding, ReferenceNet, pose guider, ``--steps`` DDIM steps with classifier-free guidance
    over 24-frame context windows, VAE decode. Peak RSS is the process's ``ru_maxrss`` (imports and, for
@@ -268,15 +270,20 @@ def worker_moore(moore: str, weights: str | None, width: int, height: int, frame
 
 
 def worker_ours(weights: str, width: int, height: int, frames: int, steps: int, guidance: float,
-                attention: str) -> dict:
+                attention: str, cpu_devices: int = 1) -> dict:
     sys.path.insert(0, str(REPO))
     import jax
     import jax.numpy as jnp
 
+    from anim_jax import parallel
     from anim_jax.models.attention_ops import AttentionConfig
     from anim_jax.pipeline import AnimatePipeline
 
-    pipe = AnimatePipeline.from_pretrained(weights, dtype=jnp.float32, attention=AttentionConfig(attention))
+    mesh = None
+    if cpu_devices > 1:  # what `anim-jax animate --cpu-devices N` does
+        parallel.use_cpu_devices(cpu_devices)
+        mesh = parallel.make_mesh((cpu_devices,), ("data",))
+    pipe = AnimatePipeline.from_pretrained(weights, dtype=jnp.float32, attention=AttentionConfig(attention), mesh=mesh)
     ref, poses = _inputs(width, height, frames)
     kw = dict(width=width, height=height, num_frames=frames, steps=steps, guidance_scale=guidance, seed=42)
     t0 = time.perf_counter()
@@ -348,7 +355,7 @@ def main(argv=None) -> int:
         ap.add_argument("--dtype", default="float32")
         ap.add_argument("--random", default="sd15", choices=("sd15", "tiny"),
                         help="without --weights: random models of this size")
-        for name in ("--width", "--height", "--frames", "--steps", "--threads"):
+        for name in ("--width", "--height", "--frames", "--steps", "--threads", "--cpu-devices"):
             ap.add_argument(name, type=int, default=1)
         ap.add_argument("--guidance", type=float)
         ap.add_argument("--json-out", help="also write the result here")
@@ -364,7 +371,7 @@ def main(argv=None) -> int:
             res = worker_moore(a.moore, a.weights, a.width, a.height, a.frames, a.steps, a.guidance, a.threads,
                                a.device, a.dtype, a.random)
         else:
-            res = worker_ours(a.weights, a.width, a.height, a.frames, a.steps, a.guidance, a.attention)
+            res = worker_ours(a.weights, a.width, a.height, a.frames, a.steps, a.guidance, a.attention, a.cpu_devices)
         res.update(width=a.width, height=a.height, frames=a.frames, steps=a.steps, guidance=a.guidance)
         if a.json_out:
             pathlib.Path(a.json_out).write_text(json.dumps(res, indent=1))
@@ -382,6 +389,10 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=3.5)
     ap.add_argument("--attention", default="auto", choices=("xla", "chunked", "flash", "auto"),
                     help="our attention implementation (default auto)")
+    ap.add_argument("--our-devices", default="threads", choices=("threads", "1"),
+                    help="with N threads, we run as N one-thread CPU devices, the frames split over them "
+                         "(threads: `anim-jax animate --cpu-devices N`, the default) or as one device with N "
+                         "XLA threads (1: `anim-jax animate` without the option)")
     ap.add_argument("--work", help="keep the weights here (default: a temporary directory)")
     ap.add_argument("--no-compilation-cache", action="store_true",
                     help="no persistent compilation cache for us: every run compiles (the cold rows only)")
@@ -430,7 +441,8 @@ def main(argv=None) -> int:
                           "--guidance", str(args.guidance)]
                 sides = {
                     "moore": (moore_py, ["moore", "--moore", str(moore), "--weights", str(moore_w), *common]),
-                    "ours": (sys.executable, ["ours", "--weights", str(ours_w), "--attention", args.attention, *common]),
+                    "ours": (sys.executable, ["ours", "--weights", str(ours_w), "--attention", args.attention,
+                                              "--cpu-devices", str(n if args.our_devices == "threads" else 1), *common]),
                 }
                 got = {"moore": [], "ours": []}
                 # Our first run of a row starts from an empty persistent compilation cache (cold: it
@@ -456,7 +468,8 @@ def main(argv=None) -> int:
                 best = {s: min(x["seconds"] for x in got[s]) for s in got}
                 by_cache = {c: [x for x in got["ours"] if x["cache"] == c] for c in ("cold", "warm")}
                 worst = lambda xs, key: max((x[key] for x in xs), default=None)  # noqa: E731
-                row = dict(size=f"{w}x{h}", frames=f, threads=n, moore_s=med["moore"], ours_s=med["ours"],
+                row = dict(size=f"{w}x{h}", frames=f, threads=n, our_devices=n if args.our_devices == "threads" else 1,
+                           moore_s=med["moore"], ours_s=med["ours"],
                            ratio=med["moore"] / med["ours"], best_ratio=best["moore"] / best["ours"],
                            moore_rss_mib=worst(got["moore"], "peak_rss_mib"),
                            ours_rss_mib=worst(by_cache["cold"], "peak_rss_mib"),
@@ -484,12 +497,12 @@ def main(argv=None) -> int:
 def _table(rows, header=True) -> str:
     lines = []
     if header:
-        lines += ["| size | frames | threads | Moore (s) | anim_jax (s) | Moore/anim_jax (best) "
+        lines += ["| size | frames | threads | our CPU devices | Moore (s) | anim_jax (s) | Moore/anim_jax (best) "
                   "| peak RSS Moore / anim_jax cold / warm (MiB) | anim_jax first call cold / warm (s) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['size']} | {r['frames']} | {r['threads']} | {r['moore_s']:.2f} | {r['ours_s']:.2f} | "
+        lines.append(f"| {r['size']} | {r['frames']} | {r['threads']} | {r['our_devices']} | {r['moore_s']:.2f} | {r['ours_s']:.2f} | "
                      f"{r['ratio']:.2f} ({r['best_ratio']:.2f}) | {r['moore_rss_mib']:.0f} / "
                      f"{f(r['ours_rss_mib'], '.0f')} / {f(r['ours_warm_rss_mib'], '.0f')} | "
                      f"{f(r['ours_first_call_s'], '.1f')} / {f(r['ours_warm_first_call_s'], '.1f')} |")

@@ -80,14 +80,15 @@ def setup(components, tmp_path_factory):  # noqa: F811
 
 
 def test_cli_driving_video_writes_video_grid_and_poses(setup, tmp_path):
-    """The real entry point in a fresh process: no size/steps flags, so the directory's native settings apply."""
+    """The real entry point in a fresh process: no size/steps flags, so the directory's native settings
+    apply; --cpu-devices makes the two devices that --devices asks for (XLA's default is one)."""
     root, weights, dwpose = setup
     out = tmp_path / "out" / "result.mp4"
     proc = subprocess.run(
         [sys.executable, "-m", "anim_jax.cli", "animate", "--weights", str(weights), "--reference", str(root / "ref.png"),
          "--driving-video", str(root / "dance.mp4"), "--pose-weights", str(dwpose), "--out", str(out),
-         "--grid", "--save-poses", "--devices", "2", *CLI_SMALL],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": subprocess_xla_flags(2)},
+         "--grid", "--save-poses", "--cpu-devices", "2", "--devices", "2", *CLI_SMALL],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": subprocess_xla_flags()},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compiling the sampler for 24x32x4" in proc.stderr

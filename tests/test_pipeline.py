@@ -251,6 +251,9 @@ def test_cli_animate_reports_bad_inputs(components, inputs, tmp_path, capsys):
         (["--reference", str(tmp_path / "ref.png"), "--pose", str(tmp_path / "nope.mp4")], "nope.mp4"),
         (["--reference", str(tmp_path / "ref.png"), "--pose", str(tmp_path / "pose.mp4"), "--devices", "9"],
          "--devices 9: only 8 devices are present"),
+        # this process's backends are up (a fresh `anim-jax animate` has none: tests/test_driving.py)
+        (["--reference", str(tmp_path / "ref.png"), "--pose", str(tmp_path / "pose.mp4"), "--cpu-devices", "2"],
+         "--cpu-devices: CPU devices can only be set before JAX initialises its backends"),
     ]
     for extra, match in cases:
         assert cli.main(base + extra) == 2
