@@ -37,6 +37,7 @@ from flax import nnx
 from anim_jax import parallel
 from anim_jax.diffusion.ddim import ddim_step
 from anim_jax.diffusion.schedules import NoiseSchedule
+from anim_jax.models.animate_anyone import decode_images
 from anim_jax.diffusion.windows import pad_windows, window_weights
 
 
@@ -165,8 +166,10 @@ def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, ste
 
 
 @nnx.jit(graph=False)
-def _decode_uint8(model, latents):
-    return jnp.round(model.decode(latents) * 255).astype(jnp.uint8)
+def _decode_uint8(vae, latents):
+    # The VAE alone, not the model: each call flattens what it is given (27 -> 0 ms of a 53 ms call
+    # for 8 frames at 64x64; benchmarks/RESULTS.md, "Issue 19, CPU round 8").
+    return jnp.round(decode_images(vae, latents) * 255).astype(jnp.uint8)
 
 
 def decode_frames(model, latents, batch_size: int = 8) -> np.ndarray:
@@ -178,5 +181,5 @@ def decode_frames(model, latents, batch_size: int = 8) -> np.ndarray:
         n = chunk.shape[0]
         if n < batch_size:
             chunk = jnp.concatenate([chunk, jnp.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(_decode_uint8(model, chunk))[:n])
+        out.append(np.asarray(_decode_uint8(model.vae, chunk))[:n])
     return np.concatenate(out)
