@@ -234,10 +234,13 @@ def _per_device(fn, q, k, v, kv_lengths, *, axes):
     if not axes or q.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return fn(q, k, v, kv_lengths)
     rows = P(axes)
-    args = (q, k, v) if kv_lengths is None else (q, k, v, kv_lengths)
+    if kv_lengths is None:
+        local, args = (lambda q, k, v: fn(q, k, v, None)), (q, k, v)
+    else:
+        local, args = fn, (q, k, v, kv_lengths)
     # check_vma=False: the loops' carries start as constants; nothing crosses devices.
-    return jax.shard_map(lambda *a: fn(*a, *([None] * (4 - len(a)))), mesh=mesh, in_specs=(rows,) * len(args),
-                         out_specs=rows, axis_names=set(axes), check_vma=False)(*args)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows,) * len(args), out_specs=rows, axis_names=set(axes),
+                         check_vma=False)(*args)
 
 
 def dot_product_attention(
@@ -263,8 +266,8 @@ def dot_product_attention(
     if impl == "chunked":
         return _chunked_attention(q, k, v, scale, config.query_chunk_size, kv_lengths)
     if impl == "flash":
-        return _per_device(lambda *a: _flash_attention(*a[:3], scale, config, *a[3:]), q, k, v, kv_lengths,
-                           axes=config.flash_batch_axes)
+        flash = lambda q, k, v, lengths: _flash_attention(q, k, v, scale, config, lengths)  # noqa: E731
+        return _per_device(flash, q, k, v, kv_lengths, axes=config.flash_batch_axes)
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, key_value_seq_lengths=kv_lengths, implementation="cudnn"
     )

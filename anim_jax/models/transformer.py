@@ -50,6 +50,14 @@ def per_frame(t: jax.Array, n: int, num_frames: int) -> jax.Array:
     return jnp.broadcast_to(t[:, None], (b, num_frames) + t.shape[1:]).reshape((n,) + t.shape[1:])
 
 
+def _context_groups(context: jax.Array, n: int) -> int:
+    """How many contexts cross-attention gets for ``n`` rows (each shared by n / G consecutive rows)."""
+    g = context.shape[0]
+    if n % g:
+        raise ValueError(f"context batch {g} does not divide the {n} rows of the input")
+    return g
+
+
 class Attention(nnx.Module):
     """diffusers ``Attention``: ``to_q``/``to_k``/``to_v`` (no bias by default), ``to_out.0`` (bias),
     scale ``head_dim**-0.5``; the maths is ``attention_ops.dot_product_attention``."""
@@ -116,22 +124,17 @@ class Attention(nnx.Module):
         else:
             if extra_kv is not None:
                 raise ValueError("extra keys/values are only defined for self-attention")
-            g = context.shape[0]
-            if n % g:
-                raise ValueError(f"context batch {g} does not divide the {n} rows of the input")
+            g = _context_groups(context, n)
             k, v, _ = self.project_kv(context)
             q = q.reshape((g, (n // g) * length) + q.shape[2:])
             out = dot_product_attention(q, k, v, self.attention).reshape((n, length) + q.shape[2:])
         return self.to_out(out.reshape(n, length, -1))
 
-
     def _one_key_attention(self, context: jax.Array, n: int, length: int) -> jax.Array:
         """Cross-attention to one token (the CLIP image embedding): a softmax over one key is exactly
         1, so every query gets that token's value. ``to_out(to_v(token))`` once per context, then
         broadcast, skips the query projection, the scores and ``to_out`` over all n x length rows."""
-        g = context.shape[0]
-        if n % g:
-            raise ValueError(f"context batch {g} does not divide the {n} rows of the input")
+        g = _context_groups(context, n)
         out = self.to_out(self.to_v(context))  # (G, 1, C)
         out = jnp.broadcast_to(out[:, None], (g, n // g, length, out.shape[-1]))
         return out.reshape(n, length, -1)
