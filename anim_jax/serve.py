@@ -403,6 +403,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"most frames one request may generate (default: {DEFAULT_MAX_FRAMES})")
     p.add_argument("--devices", type=int, default=None,
                    help="shard context windows over this many devices (default: all local devices)")
+    p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                   help="on a CPU: run as N devices of one thread each, the frames split over them, N at most "
+                        "your cores (as `anim-jax animate --cpu-devices`)")
     p.set_defaults(func=run_serve)
     return p
 
@@ -439,6 +442,13 @@ def run_serve(args: argparse.Namespace) -> int:
         return _fail(f"--port must be 1..65535, got {args.port}")
     if args.max_upload_mb <= 0 or args.max_frames < 1:
         return _fail("--max-upload-mb must be > 0 and --max-frames >= 1")
+    if args.cpu_devices is not None:
+        from anim_jax import parallel
+
+        try:
+            parallel.use_cpu_devices(args.cpu_devices)
+        except (RuntimeError, ValueError) as e:
+            return _fail(f"--cpu-devices: {e}")
 
     import signal
 

@@ -194,6 +194,16 @@ def test_serve_command_checks_its_arguments(tmp_path, capsys, monkeypatch):
     assert "anim_jax.json is missing" in capsys.readouterr().err
 
 
+def test_serve_cpu_devices_refused_once_the_backends_are_up(tiny_weights, capsys):
+    # (a fresh `anim-jax serve` has none up: tests/test_driving.py runs `animate --cpu-devices` so)
+    jax.devices()  # up for sure: were they not, the command would change this process's devices
+    assert cli.main(["serve", "--weights", str(tiny_weights), "--cpu-devices", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--cpu-devices: CPU devices can only be set before JAX initialises" in err
+    assert cli.main(["serve", "--weights", str(tiny_weights), "--cpu-devices", "0"]) == 2
+    assert "--cpu-devices: CPU device count must be >= 1" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # The page in a real browser (Chromium + chromedriver from the distribution, see .ci/run). The
 # server runs in this process on the module's Animator, so the shapes compiled above are reused.
