@@ -37,8 +37,8 @@ from flax import nnx
 from anim_jax import parallel
 from anim_jax.diffusion.ddim import ddim_step
 from anim_jax.diffusion.schedules import NoiseSchedule
-from anim_jax.models.animate_anyone import decode_images
 from anim_jax.diffusion.windows import pad_windows, window_weights
+from anim_jax.models.animate_anyone import decode_images
 
 
 class Conditioning(NamedTuple):

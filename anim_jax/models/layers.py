@@ -87,7 +87,8 @@ def _conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) 
     k = kernel.shape[0]
     ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    patches = [xp[:, dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride] for dy in range(k) for dx in range(k)]
+    rows, cols = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+    patches = [xp[:, dy:dy + rows:stride, dx:dx + cols:stride] for dy in range(k) for dx in range(k)]
     return jnp.concatenate(patches, axis=-1) @ kernel.reshape(-1, kernel.shape[-1])
 
 
