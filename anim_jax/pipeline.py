@@ -247,7 +247,8 @@ class AnimatePipeline:
                 self._bar.close()
                 self._bar = None
             self._on_step = None
-        frames = sampling.decode_frames(self.model, x, self.decode_batch_size) if output_type in ("frames", "both") else None
+        frames = (sampling.decode_frames(self.model, x, self.decode_batch_size, self.mesh)
+                  if output_type in ("frames", "both") else None)
         lat = np.asarray(x) if output_type in ("latents", "both") else None
         if drive is not None and fps is None:
             fps = drive.fps

@@ -137,6 +137,22 @@ def test_sharded_output_equals_single_device(components, inputs, devices):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
 
 
+def test_decode_frames_splits_each_batch_over_the_mesh(components, devices, monkeypatch):
+    from anim_jax.diffusion import sampling
+
+    model = AnimatePipeline(**components).model
+    latents = jax.random.normal(jax.random.key(0), (5, HEIGHT // 2, WIDTH // 2, 4))
+    single = sampling.decode_frames(model, latents, 3)
+    seen, decode = [], sampling._decode_uint8
+    monkeypatch.setattr(sampling, "_decode_uint8", lambda vae, x: seen.append(x) or decode(vae, x))
+    split = sampling.decode_frames(model, latents, 3, parallel.make_mesh((8,), ("data",)))
+    # the batch of 3 rounded up to the 8 devices, one frame on each
+    assert [x.shape[0] for x in seen] == [8] and len(seen[0].sharding.device_set) == 8
+    assert seen[0].sharding.shard_shape(seen[0].shape)[0] == 1
+    diff = np.abs(split.astype(np.int16) - single.astype(np.int16))
+    assert split.shape == single.shape == (5, HEIGHT, WIDTH, 3) and diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
 def test_same_seed_same_video_and_seed_matters(components, inputs):
     ref, poses = inputs
     pipe = AnimatePipeline(**components)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from anim_jax import parallel
 from anim_jax.diffusion.ddim import ddim_step
@@ -115,6 +116,9 @@ def denoise(model, noise: jax.Array, cond: Conditioning, windows: jax.Array, win
 
 def _sample(model, noise, reference, clip, poses, windows, window_weight, frame_count, guidance_scale, *, schedule,
             steps, mesh, batch_guidance, callback, decode, trajectory=False):
+    if mesh is not None and poses.shape[1] % mesh.size == 0:
+        # the pose guider's frames split over the devices too (otherwise every device ran all of them)
+        poses = jax.lax.with_sharding_constraint(poses, NamedSharding(mesh, P(None, tuple(mesh.axis_names))))
     cond = condition(model, reference, clip, poses)
     x = denoise(model, noise, cond, windows, window_weight, frame_count, guidance_scale, schedule=schedule, steps=steps,
                 mesh=mesh, batch_guidance=batch_guidance, callback=callback, trajectory=trajectory)
@@ -172,14 +176,22 @@ def _decode_uint8(vae, latents):
     return jnp.round(decode_images(vae, latents) * 255).astype(jnp.uint8)
 
 
-def decode_frames(model, latents, batch_size: int = 8) -> np.ndarray:
+def decode_frames(model, latents, batch_size: int = 8, mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
     """(N, h, w, C) scaled latents -> (N, H, W, 3) uint8 frames, ``batch_size`` at a time (one
-    compiled shape: the last batch is padded), so decoding a long video needs bounded memory."""
+    compiled shape: the last batch is padded), so decoding a long video needs bounded memory. With a
+    mesh, each batch's frames are split over its devices (the batch rounded up to a multiple of its
+    size), as the sampler's are."""
+    sharding = None
+    if mesh is not None and mesh.size > 1:
+        batch_size = -(-batch_size // mesh.size) * mesh.size
+        sharding = parallel.batch_sharding(mesh, latents.ndim, batch_axes=tuple(mesh.axis_names))
     out = []
     for start in range(0, latents.shape[0], batch_size):
         chunk = jnp.asarray(latents[start:start + batch_size])
         n = chunk.shape[0]
         if n < batch_size:
             chunk = jnp.concatenate([chunk, jnp.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+        if sharding is not None:
+            chunk = jax.device_put(chunk, sharding)
         out.append(np.asarray(_decode_uint8(model.vae, chunk))[:n])
     return np.concatenate(out)
