@@ -84,7 +84,7 @@ def add_animate_parser(subparsers) -> argparse.ArgumentParser:
                    help="shard context windows over the first N devices, N >= 1 (default: all devices)")
     p.add_argument("--cpu-devices", type=_int_at_least(1), default=None, metavar="N",
                    help="on a CPU: run as N devices of one thread each, the frames split over them, N at "
-                        "most your cores; pays off at larger sizes, not at 64x64 (README, Performance). "
+                        "most your cores (README, Performance). "
                         "Default: one device using XLA's threads")
     p.add_argument("--no-progress", action="store_true")
     driving_cli.add_arguments(p)
