@@ -95,8 +95,9 @@ def _auto_implementation(q, k, config: AttentionConfig, backend: str) -> str:
 
 def _xla_attention(q, k, v, scale, kv_lengths=None):
     # q is scaled before the score product (q elements, not scores), and the output is normalised
-    # after the value product (q x d divisions, not q x k): on the CPU 1.1-2.6x faster than a
-    # softmax over the scores at the UNet's shapes (benchmarks/RESULTS.md, "Issue 19, CPU round 8").
+    # after the value product (q x d divisions, not q x k): on the CPU up to 2.6x faster than a
+    # softmax over the scores at the UNet's shapes, the smallest ones unchanged (benchmarks/RESULTS.md,
+    # "Issue 19, CPU round 8").
     scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
     if kv_lengths is not None:
         valid = jnp.arange(k.shape[1]) < kv_lengths[:, None]
