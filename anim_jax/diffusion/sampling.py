@@ -128,8 +128,7 @@ def _sample(model, noise, reference, clip, poses, windows, window_weight, frame_
 
 
 # graph=False: the model passes as a pytree (it shares no submodules). nnx's graph mode walks its
-# ~1,500 variables in Python on every call: ~110 ms a call against ~20 ms, which was 20% of a
-# 64x64 video's time once the decoder's per-batch calls were counted (benchmarks/RESULTS.md,
+# ~1,500 variables in Python on every call: 113 ms a call against 23 ms (benchmarks/RESULTS.md,
 # "Issue 19, CPU round 7").
 _sample_jit = nnx.jit(_sample, graph=False, static_argnames=("schedule", "steps", "mesh", "batch_guidance", "callback",
                                                              "decode", "trajectory"))
@@ -171,8 +170,8 @@ def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, ste
 
 @nnx.jit(graph=False)
 def _decode_uint8(vae, latents):
-    # The VAE alone, not the model: each call flattens what it is given (27 -> 0 ms of a 53 ms call
-    # for 8 frames at 64x64; benchmarks/RESULTS.md, "Issue 19, CPU round 8").
+    # The VAE alone, not the model: each call flattens what it is given (8 frames at 64x64: 53 ms a
+    # call with the model, 26 ms with the VAE; benchmarks/RESULTS.md, "Issue 19, CPU round 8").
     return jnp.round(decode_images(vae, latents) * 255).astype(jnp.uint8)
 
 
@@ -184,7 +183,7 @@ def decode_frames(model, latents, batch_size: int = 8, mesh: jax.sharding.Mesh |
     sharding = None
     if mesh is not None and mesh.size > 1:
         batch_size = -(-batch_size // mesh.size) * mesh.size
-        sharding = parallel.batch_sharding(mesh, latents.ndim, batch_axes=tuple(mesh.axis_names))
+        sharding = _frame_sharding(mesh, latents.ndim)
     out = []
     for start in range(0, latents.shape[0], batch_size):
         chunk = jnp.asarray(latents[start:start + batch_size])
