@@ -133,8 +133,11 @@ def test_parity_with_diffusers_in_both_formats(name):
     assert_close(got, want, MOTION_TOL)
     np.testing.assert_array_equal(_run(model_o, x), got)
 
-    # The chunked attention path computes the same thing.
-    model_c = MotionModule(c["channels"], cfg, attention=AttentionConfig("chunked", query_chunk_size=3), rngs=nnx.Rngs(3))
+    # The chunked attention path computes the same thing, and so does the per-position path run over
+    # chunks of 3 positions (the feed-forward's 8x-wide rows of every frame set the chunk).
+    frames, channels = x.shape[1], x.shape[-1]
+    chunked = AttentionConfig("chunked", query_chunk_size=3, row_chunk_elements=8 * frames * channels * 3)
+    model_c = MotionModule(c["channels"], cfg, attention=chunked, rngs=nnx.Rngs(3))
     assert_close(_run(load_torch_state_dict(model_c, diff_sd, MOTION_KEYMAP_DIFFUSERS), x), want, MOTION_TOL)
 
     # Export reproduces the original-format tensors bit for bit (the pe buffers are not parameters).

@@ -64,6 +64,10 @@ class AttentionConfig:
     # GSPMD cannot split a loop whose iterations walk the sharded axis, so without this every device
     # ran the whole attention (benchmarks/RESULTS.md, "Issue 19, CPU round 7").
     flash_batch_axes: tuple[str, ...] = ("data", "fsdp")
+    # On CPU backends, row-wise layer stacks (the feed-forward, a motion module's per-position path)
+    # run over chunks of rows whose widest intermediate holds at most this many elements
+    # (``anim_jax.models.row_chunks``; 0: never). The batch axes are ``flash_batch_axes``.
+    row_chunk_elements: int = 2**18
 
     def __post_init__(self):
         if self.implementation not in IMPLEMENTATIONS:
@@ -72,6 +76,8 @@ class AttentionConfig:
             )
         if self.query_chunk_size <= 0:
             raise ValueError(f"attention query_chunk_size must be positive, got {self.query_chunk_size}")
+        if self.row_chunk_elements < 0:
+            raise ValueError(f"attention row_chunk_elements must be >= 0, got {self.row_chunk_elements}")
         for name in ("flash_query_block", "flash_kv_block", "flash_tile_elements"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"attention {name} must be positive, got {getattr(self, name)}")

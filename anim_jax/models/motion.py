@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from anim_jax.models import row_chunks
 from anim_jax.models.attention_ops import AttentionConfig, dot_product_attention_heads_first
 from anim_jax.models.layers import Dtype, GroupNorm, LayerNorm, Linear
 from anim_jax.models.transformer import FeedForward
@@ -193,6 +194,7 @@ class TemporalTransformer3D(nnx.Module):
         )
         self.proj_out = Linear(channels, channels, axes=("mlp", "embed"), **kw)
         self.config = config
+        self.attention = attention
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, f, hh, ww, c = x.shape
@@ -207,10 +209,16 @@ class TemporalTransformer3D(nnx.Module):
             pe = jnp.asarray(sinusoidal_position_table(f, c))
         h = self.norm(x.reshape(b * f, hh, ww, c))  # per-frame statistics
         h = h.reshape(b, f, hh * ww, c).swapaxes(1, 2).reshape(b * hh * ww, f, c)
-        h = self.proj_in(h)
-        for block in self.transformer_blocks:
-            h = block(h, pe)
-        h = self.proj_out(h)
+
+        def per_position(h):
+            h = self.proj_in(h)
+            for block in self.transformer_blocks:
+                h = block(h, pe)
+            return self.proj_out(h)
+
+        # every position's frames are one row (the feed-forward's projection, 8x the channels per
+        # frame, is its widest intermediate)
+        h = row_chunks.apply(per_position, h, self.attention, row_width=8 * f * c)
         h = h.reshape(b, hh * ww, f, c).swapaxes(1, 2).reshape(b, f, hh, ww, c)
         return (h + x).astype(x.dtype)
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from anim_jax.models import layers
+from anim_jax.models import layers, row_chunks
 from anim_jax.models.attention_ops import AttentionConfig, dot_product_attention
 
 
@@ -181,6 +181,7 @@ class BasicTransformerBlock(nnx.Module):
         self.attn2 = Attention(dim, heads=heads, dim_head=dim_head, context_dim=context_dim, attention=attention, **kw)
         self.norm3 = layers.LayerNorm(dim, param_dtype=param_dtype)
         self.ff = FeedForward(dim, **kw)
+        self.attention = attention
 
     def __call__(
         self, x: jax.Array, context: jax.Array, *, num_frames: int = 1, reference: Reference = None
@@ -196,8 +197,10 @@ class BasicTransformerBlock(nnx.Module):
             )
         x = self.attn1(n, num_frames=num_frames, extra_kv=reference) + x
         x = self.attn2(self.norm2(x), context, num_frames=num_frames) + x
-        x = self.ff(self.norm3(x)) + x
-        return x, n
+        # On the CPU the feed-forward runs over chunks of tokens (its 8x-wide projection stays in cache)
+        tokens = row_chunks.apply(lambda t: self.ff(self.norm3(t)) + t, x.reshape(-1, x.shape[-1]), self.attention,
+                                  row_width=8 * x.shape[-1])
+        return tokens.reshape(x.shape), n
 
 
 class Transformer2DModel(nnx.Module):
