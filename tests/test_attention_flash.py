@@ -117,6 +117,31 @@ def test_flash_splits_the_batch_over_the_ambient_mesh(devices):
     _close(got, want)
 
 
+def test_masked_rows_trade_halves_between_devices(devices):
+    """Batched guidance puts every unconditional row (it skips the reference keys) on the first
+    half of the devices; with kv_lengths the devices trade the second half of their rows with the
+    device half the mesh away before the flash loop and trade the outputs back: the same numbers,
+    the output where it was, and the only data moved between devices is that trade."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from anim_jax import parallel
+
+    q, k, v = _qkv(4, 16, 24, 40, 2, 8)
+    lengths = jnp.asarray([20] * 8 + [40] * 8)  # 16 rows: 4 per device, the short ones on devices 0-1
+    cfg = AttentionConfig("flash", flash_query_block=8, flash_kv_block=20, flash_tile_elements=8 * 20 * 2)
+    fn = jax.jit(lambda q, k, v, n: dot_product_attention(q, k, v, cfg, kv_lengths=n))
+    want = dot_product_attention(q, k, v, AttentionConfig("xla"), kv_lengths=lengths)
+    mesh = parallel.make_mesh((4,), ("data",), devices=devices[:4])
+    rows = NamedSharding(mesh, P("data"))
+    args = [jax.device_put(x, rows) for x in (q, k, v, lengths)]
+    with jax.set_mesh(mesh):
+        got = fn(*args)
+        hlo = fn.lower(*args).compile().as_text()
+    assert got.sharding.spec[0] == "data"
+    assert "collective-permute" in hlo and not re.search(r"all-gather|all-to-all|all-reduce", hlo)
+    _close(got, want)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 6])  # one context for all rows, per video, per frame
 def test_cross_attention_to_one_token_equals_softmax_attention(groups):
     """One context token (the CLIP embedding) takes a shortcut (every query gets its value); it

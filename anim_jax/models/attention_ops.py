@@ -13,7 +13,8 @@ Layout is ``(batch, length, heads, head_dim)`` for q, k and v (the layout of
   ``flash_tile_elements`` (plus a whole key block of one query block if that is larger), so it stays
   in the CPU's caches however long the sequences are; the backward recomputes each tile. With
   ``kv_lengths``, key blocks past every row of a tile are skipped and blocks inside every row's
-  keys run unmasked. Under a mesh (``jax.set_mesh``) every device loops over its own batch rows.
+  keys run unmasked. Under a mesh (``jax.set_mesh``) every device loops over its own batch rows
+  (with ``kv_lengths``, after trading half of them with another device, so cheap and dear rows mix).
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (fused flash attention on
   NVIDIA GPUs; needs fp16/bf16 inputs).
 * ``"auto"``, by backend:
@@ -232,20 +233,40 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
     return out.reshape(b, h, lq, dv).transpose(0, 2, 1, 3)
 
 
+def _trade_halves(fn, axes: tuple[str, ...], devices: int):
+    """``fn`` with each device's second half of rows computed on the device half the mesh away.
+
+    Rows with ``kv_lengths`` often come in blocks of unequal cost: batched guidance puts every
+    unconditional row (it skips the reference keys: half the work of a conditional row) on the
+    first half of the devices, so those waited for the others. After the trade every device holds
+    rows of both kinds; the same trade brings the outputs home (shifting by half the devices twice
+    is no shift)."""
+    perm = [(i, (i + devices // 2) % devices) for i in range(devices)]
+
+    def trade(t):
+        half = t.shape[0] // 2
+        return jnp.concatenate([t[:half], jax.lax.ppermute(t[half:], axes, perm)])
+
+    return lambda q, k, v, lengths: trade(fn(trade(q), trade(k), trade(v), trade(lengths)))
+
+
 def _per_device(fn, q, k, v, kv_lengths, *, axes):
     """``fn(q, k, v, kv_lengths)`` with the batch rows split over the ambient mesh's ``axes`` (a
     ``shard_map``: every device runs ``fn`` on its own rows), or as is without a mesh, without those
-    axes or when they do not divide the batch."""
+    axes or when they do not divide the batch. With ``kv_lengths``, on an even number of devices
+    each holding an even number of rows, the devices trade halves first (``_trade_halves``)."""
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(a for a in axes if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or q.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    devices = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    if not axes or q.shape[0] % devices:
         return fn(q, k, v, kv_lengths)
     rows = P(axes)
     if kv_lengths is None:
         local, args = (lambda q, k, v: fn(q, k, v, None)), (q, k, v)
     else:
-        local, args = fn, (q, k, v, kv_lengths)
-    # check_vma=False: the loops' carries start as constants; nothing crosses devices.
+        balanced = devices % 2 == 0 and (q.shape[0] // devices) % 2 == 0
+        local, args = (_trade_halves(fn, axes, devices) if balanced else fn), (q, k, v, kv_lengths)
+    # check_vma=False: the loops' carries start as constants; nothing crosses devices but the trade.
     return jax.shard_map(local, mesh=mesh, in_specs=(rows,) * len(args), out_specs=rows, axis_names=set(axes),
                          check_vma=False)(*args)
 
