@@ -6,8 +6,8 @@ going through memory several times for a few hundred MFLOP, and on a CPU those p
 arithmetic, set the time. ``map_rows`` runs such a stack (anything whose every output row depends
 only on the same input row: norms, projections, the feed-forward, a motion module's whole
 per-position path) over chunks of rows in an XLA loop, so each chunk's intermediates are written
-and read back while they are still in cache: the top level's feed-forward 65 -> 25 ms on one CPU
-core (benchmarks/RESULTS.md, "Issue 19, CPU round 9").
+and read back while they are still in cache: the top level's feed-forward 65-77 -> 25-29 ms on one
+CPU core (benchmarks/RESULTS.md, "Issue 19, CPU round 9").
 
 Only CPU backends chunk (``AttentionConfig.row_chunk_elements``); on accelerators a loop of small
 matmuls would only cost parallelism. Under a mesh (``jax.set_mesh``) with the rows split over
