@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from anim_jax.models import row_chunks
+
 IMPLEMENTATIONS = ("xla", "chunked", "flash", "cudnn", "auto")
 
 
@@ -255,11 +257,10 @@ def _per_device(fn, q, k, v, kv_lengths, *, axes):
     ``shard_map``: every device runs ``fn`` on its own rows), or as is without a mesh, without those
     axes or when they do not divide the batch. With ``kv_lengths``, on an even number of devices
     each holding an even number of rows, the devices trade halves first (``_trade_halves``)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in axes if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
-    devices = math.prod(mesh.shape[a] for a in axes) if axes else 1
-    if not axes or q.shape[0] % devices:
+    axes, devices = row_chunks.mesh_row_split(q.shape[0], axes)
+    if not axes:
         return fn(q, k, v, kv_lengths)
+    mesh = jax.sharding.get_abstract_mesh()
     rows = P(axes)
     if kv_lengths is None:
         local, args = (lambda q, k, v: fn(q, k, v, None)), (q, k, v)

@@ -33,7 +33,7 @@ def _chunking(rows: int, target: int) -> tuple[int, int]:
     return chunk, -(-rows // chunk)
 
 
-def _row_devices(n: int, axes: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
+def mesh_row_split(n: int, axes: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
     """The ambient mesh's axes (of ``axes``, size > 1) that split ``n`` rows evenly, and their size."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -49,7 +49,7 @@ def map_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, chunk_rows: 
     i of the input alone), computed about ``chunk_rows`` rows at a time (per device under a mesh;
     ``chunk_rows`` at least the rows: one call, no loop)."""
     n = x.shape[0]
-    mesh_axes, devices = _row_devices(n, axes)
+    mesh_axes, devices = mesh_row_split(n, axes)
     local = n // devices
     chunk, steps = _chunking(local, chunk_rows)
     if steps == 1:
