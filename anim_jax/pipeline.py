@@ -163,6 +163,7 @@ class AnimatePipeline:
         reference_frame: int = 0,
         on_step: Callable[[int], None] | None = None,
         keep_trajectory: bool = False,
+        steps_per_call: int | None = None,
     ) -> AnimateOutput:
         """``pose_frames``: rendered pose pictures (a video, a folder of images, an array); or, instead,
         ``driving_video`` (a video of a person, a path or (F, H, W, 3) frames) with ``pose_extractor``
@@ -173,7 +174,9 @@ class AnimatePipeline:
         is Moore's 4 frames (fewer when a window is shorter). ``on_step(i)``: called on the host after
         DDIM step ``i`` (0-based), e.g. to drive a progress display other than the terminal bar of
         ``progress``. ``keep_trajectory``: also return the latents after every step
-        (``AnimateOutput.trajectory``)."""
+        (``AnimateOutput.trajectory``). ``steps_per_call``: DDIM steps per compiled program (None:
+        all); 1 bounds the memory XLA:CPU holds per step on several CPU devices
+        (``sampling.sample``)."""
         from anim_jax import driving as driving_lib
 
         width = self.native.width if width is None else width
@@ -236,7 +239,7 @@ class AnimatePipeline:
                 clip=clip_resize(reference, self.model.clip_size), poses=(pose_pixels.astype(np.float32) / 255.0)[None],
                 schedule=self.schedule, steps=steps, guidance_scale=guidance_scale, windows=windows, mesh=self.mesh,
                 batch_guidance=self.batch_guidance, callback=self._tick if (progress or on_step is not None) else None,
-                trajectory=keep_trajectory,
+                trajectory=keep_trajectory, steps_per_call=steps_per_call,
             )
             x, every = (out[0][0], np.asarray(out[1][:, 0])) if keep_trajectory else (out[0], None)
             x = jax.block_until_ready(x)

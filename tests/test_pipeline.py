@@ -190,6 +190,38 @@ def test_sampler_batches_videos_and_both_guidance_modes_agree(components):
     np.testing.assert_allclose(np.asarray(two_calls), both, atol=1e-5 * scale)
 
 
+def test_sampler_steps_in_several_programs_equal_one(components):
+    """``steps_per_call``: the DDIM steps split over programs (each picks its own timesteps from the
+    schedule) give the one program's latents and trajectory, and the step callback counts every
+    step once, in order."""
+    from anim_jax.diffusion import moore_inference_schedule, sampling
+    from anim_jax.models.animate_anyone import AnimateAnyone
+
+    model = AnimateAnyone(**components)
+    r = np.random.default_rng(5)
+    frames = 4
+    noise = jnp.asarray(r.standard_normal((1, frames, HEIGHT // 2, WIDTH // 2, 4)), jnp.float32)
+    ref = jnp.asarray(r.uniform(-1, 1, (1, HEIGHT, WIDTH, 3)), jnp.float32)
+    clip = jnp.asarray(r.integers(0, 256, (1, 16, 16, 3)), jnp.uint8)
+    poses = jnp.asarray(r.uniform(0, 1, (1, frames, HEIGHT, WIDTH, 3)), jnp.float32)
+    kw = dict(reference=ref, clip=clip, poses=poses, schedule=moore_inference_schedule(), steps=3, guidance_scale=3.5,
+              trajectory=True)
+    last, every = sampling.sample(model, noise, **kw)
+    seen = []
+    tick = seen.append
+    last1, every1 = sampling.sample(model, noise, steps_per_call=2, callback=tick, **kw)
+    jax.effects_barrier()
+    scale = np.abs(np.asarray(last)).max()
+    assert every1.shape == every.shape == (3, 1, frames, HEIGHT // 2, WIDTH // 2, 4)
+    np.testing.assert_allclose(np.asarray(every1), np.asarray(every), atol=1e-5 * scale)
+    np.testing.assert_allclose(np.asarray(last1), np.asarray(last), atol=1e-5 * scale)
+    assert np.abs(np.asarray(every[0] - every[2])).max() > 1e-2 * scale
+    assert sorted(int(i) for i in seen) == [0, 1, 2]
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="steps_per_call must be between 1 and steps"):
+            sampling.sample(model, noise, steps_per_call=bad, **kw)
+
+
 def test_changing_schedule_or_config_between_calls_changes_the_output(components, inputs):
     """Nothing is cached by name: the schedule and the modules' configs are part of what compiles."""
     import dataclasses

@@ -2,14 +2,15 @@
 
 ``sample(model, noise, reference=, clip=, poses=, ...)`` takes an ``AnimateAnyone`` (or any object
 with its ``image_context``/``encode``/``reference``/``pose_features``/``predict_pair``/``decode``)
-and runs, as one jitted program:
+and runs, as jitted programs:
 
 1. the once-per-video conditioning: CLIP token, ReferenceNet -> projected reference keys/values,
    PoseGuider features;
-2. a ``lax.scan`` over the DDIM timesteps, each step: gather every window of every video (all
-   windows in one batch, the frame rows sharded over the mesh), the unconditional and conditional
-   predictions (``predict_pair``), their per-frame average over the windows covering each frame
-   (weights: ``windows.window_weights``; padded windows weigh 0), guidance, the DDIM update;
+2. a ``lax.scan`` over the DDIM timesteps (all of them in one program unless ``steps_per_call``
+   says fewer), each step: gather every window of every video (all windows in one batch, the frame
+   rows sharded over the mesh), the unconditional and conditional predictions (``predict_pair``),
+   their per-frame average over the windows covering each frame (weights:
+   ``windows.window_weights``; padded windows weigh 0), guidance, the DDIM update;
 3. optionally the VAE decode (``decode=True``; the pipeline decodes in batches instead, see
    ``decode_frames``).
 
@@ -17,10 +18,10 @@ This is Moore-AnimateAnyone's ``Pose2VideoPipeline`` loop (tests/test_pipeline.p
 against a per-window loop written its way). The pipeline, training's validation, the demo and the
 benchmarks all call it.
 
-Jitting is correct by construction: the program is ``nnx.jit``-ed with the model as an argument,
+Jitting is correct by construction: each program is ``nnx.jit``-ed with the model as an argument,
 so the model's graph (its configs included) is part of the compilation cache key, and the
-schedule, step count, mesh, guidance mode and progress callback are static arguments. Changing any
-of them compiles a new program; nothing is cached by name.
+schedule, step count, steps per program, mesh, guidance mode and progress callback are static
+arguments. Changing any of them compiles a new program; nothing is cached by name.
 """
 
 from __future__ import annotations
@@ -68,11 +69,13 @@ def _frame_sharding(mesh, ndim: int):
 def denoise(model, noise: jax.Array, cond: Conditioning, windows: jax.Array, window_weight: jax.Array,
             frame_count: jax.Array, guidance_scale, *, schedule: NoiseSchedule, steps: int, mesh=None,
             batch_guidance: bool = True, callback: Callable[[Any], None] | None = None,
-            trajectory: bool = False) -> jax.Array:
+            trajectory: bool = False, first: jax.Array | int = 0, count: int | None = None) -> jax.Array:
     """The sampling loop, traceable (``sample`` jits it). ``noise`` (B, F, h, w, C); ``windows``
     (W, L) frame indices, ``window_weight`` (W,) (0 for padding windows), ``frame_count`` (F,) the
-    summed weight covering each frame. Returns the latents (B, F, h, w, C), float32; with
-    ``trajectory`` the latents after every step, (steps, B, F, h, w, C)."""
+    summed weight covering each frame. Runs DDIM steps ``first .. first + count - 1`` of the
+    ``steps``-step schedule (default: all of them; ``first`` may be traced, so one program serves
+    every run of ``count`` steps). Returns the latents (B, F, h, w, C), float32; with ``trajectory``
+    the latents after every step run, (count, B, F, h, w, C)."""
     b, f = noise.shape[:2]
     n_win, length = windows.shape
     flat = windows.reshape(-1)
@@ -109,29 +112,42 @@ def denoise(model, noise: jax.Array, cond: Conditioning, windows: jax.Array, win
             jax.debug.callback(callback, i, ordered=False)
         return x, x if trajectory else None
 
-    timesteps = jnp.asarray(schedule.inference_timesteps(steps), jnp.int32)
-    out, every = jax.lax.scan(body, noise.astype(jnp.float32), (jnp.arange(timesteps.shape[0]), timesteps))
+    count = steps if count is None else count
+    index = first + jnp.arange(count)
+    timesteps = jnp.asarray(schedule.inference_timesteps(steps), jnp.int32)[index]
+    out, every = jax.lax.scan(body, noise.astype(jnp.float32), (index, timesteps))
     return every if trajectory else out
 
 
-def _sample(model, noise, reference, clip, poses, windows, window_weight, frame_count, guidance_scale, *, schedule,
-            steps, mesh, batch_guidance, callback, decode, trajectory=False):
+def _conditioning(model, reference, clip, poses, *, mesh):
     if mesh is not None and poses.shape[1] % mesh.size == 0:
         # the pose guider's frames split over the devices too (otherwise every device ran all of them)
         poses = jax.lax.with_sharding_constraint(poses, NamedSharding(mesh, P(None, tuple(mesh.axis_names))))
-    cond = condition(model, reference, clip, poses)
-    x = denoise(model, noise, cond, windows, window_weight, frame_count, guidance_scale, schedule=schedule, steps=steps,
-                mesh=mesh, batch_guidance=batch_guidance, callback=callback, trajectory=trajectory)
-    if trajectory:
-        return (model.decode(x[-1]) if decode else x[-1]), x
-    return model.decode(x) if decode else x
+    return condition(model, reference, clip, poses)
 
 
 # graph=False: the model passes as a pytree (it shares no submodules). nnx's graph mode walks its
 # ~1,500 variables in Python on every call: 113 ms a call against 23 ms (benchmarks/RESULTS.md,
 # "Issue 19, CPU round 7").
-_sample_jit = nnx.jit(_sample, graph=False, static_argnames=("schedule", "steps", "mesh", "batch_guidance", "callback",
-                                                             "decode", "trajectory"))
+_condition_jit = nnx.jit(_conditioning, graph=False, static_argnames=("mesh",))
+_denoise_jit = nnx.jit(denoise, graph=False, static_argnames=("schedule", "steps", "mesh", "batch_guidance", "callback",
+                                                              "trajectory", "count"))
+_decode_jit = nnx.jit(lambda model, x: model.decode(x), graph=False)
+
+
+def _steps(model, x, cond, windows, weight, frame_count, guidance_scale, *, schedule, steps, mesh, batch_guidance,
+           callback, trajectory, per_call):
+    """Every DDIM step, ``per_call`` steps a program; with ``trajectory`` also the latents after each."""
+    kw = dict(schedule=schedule, steps=steps, mesh=mesh, batch_guidance=batch_guidance, callback=callback,
+              trajectory=trajectory)
+    every = []
+    for first in range(0, steps, per_call):
+        count = min(per_call, steps - first)
+        out = _denoise_jit(model, x, cond, windows, weight, frame_count, guidance_scale, first=jnp.int32(first),
+                           count=count, **kw)
+        x = out[-1] if trajectory else out
+        every.append(out)
+    return (x, jnp.concatenate(every)) if trajectory else (x, None)
 
 
 def prepare_windows(windows: np.ndarray | None, num_frames: int, batch: int = 1, mesh=None):
@@ -147,8 +163,9 @@ def prepare_windows(windows: np.ndarray | None, num_frames: int, batch: int = 1,
 
 def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, steps: int, guidance_scale: float = 3.5,
            windows: np.ndarray | None = None, mesh: jax.sharding.Mesh | None = None, batch_guidance: bool = True,
-           callback: Callable[[Any], None] | None = None, decode: bool = False, trajectory: bool = False):
-    """B videos of F frames, one jitted program (see the module docstring).
+           callback: Callable[[Any], None] | None = None, decode: bool = False, trajectory: bool = False,
+           steps_per_call: int | None = None):
+    """B videos of F frames (see the module docstring).
 
     ``noise`` (B, F, h, w, C) float32; ``reference`` (B, H, W, 3) in [-1, 1]; ``clip`` (B, S, S, 3)
     uint8; ``poses`` (B, F, H, W, 3) in [0, 1]; ``windows`` (W, L) frame indices from
@@ -159,13 +176,29 @@ def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, ste
     argument, so pass the same callable each time to reuse the compilation).
     Returns the latents (B, F, h, w, C) float32, or with ``decode`` the frames in [0, 1]; with
     ``trajectory`` a pair: that and the latents after every DDIM step, (steps, B, F, h, w, C) (to
-    study how errors grow step by step, e.g. bf16 against fp32)."""
+    study how errors grow step by step, e.g. bf16 against fp32). ``steps_per_call``: DDIM steps per
+    program (None: all); the numbers do not depend on it. On a mesh of several CPU devices XLA:CPU
+    holds memory for every step a program has run until it returns (glibc's count of allocated
+    bytes grows ~40 MB a step at 256x256 x 24 frames on two devices, ~0.6 GB at 512x512; one device
+    does not grow): ``steps_per_call=1`` bounds it, at ~0.11 s a step there (benchmarks/RESULTS.md,
+    "Issue 19, CPU round 10")."""
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     windows, weight, frame_count = prepare_windows(windows, noise.shape[1], noise.shape[0], mesh)
+    steps = int(steps)
+    per_call = steps if steps_per_call is None else int(steps_per_call)
+    if not 1 <= per_call <= steps:
+        raise ValueError(f"steps_per_call must be between 1 and steps ({steps}), got {steps_per_call}")
     # Under the mesh, layers that split their own loops over devices (the flash attention) see it.
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-        return _sample_jit(model, noise, reference, clip, poses, windows, weight, frame_count, jnp.float32(guidance_scale),
-                           schedule=schedule, steps=int(steps), mesh=mesh, batch_guidance=bool(batch_guidance),
-                           callback=callback, decode=bool(decode), trajectory=bool(trajectory))
+        cond = _condition_jit(model, reference, clip, poses, mesh=mesh)
+        x, every = _steps(model, jnp.asarray(noise, jnp.float32), cond, windows, weight, frame_count,
+                          jnp.float32(guidance_scale), schedule=schedule, steps=steps, mesh=mesh,
+                          batch_guidance=bool(batch_guidance), callback=callback, trajectory=bool(trajectory),
+                          per_call=per_call)
+        if decode:
+            x = _decode_jit(model, x)
+    return (x, every) if trajectory else x
 
 
 @nnx.jit(graph=False)
