@@ -162,6 +162,16 @@ def test_same_seed_same_video_and_seed_matters(components, inputs):
     assert not np.array_equal(a, pipe(ref, poses, seed=6, **kw).frames)
 
 
+def _sampler_inputs(seed: int, videos: int, frames: int):
+    """Random ``sampling.sample`` inputs for ``videos`` videos: noise, reference, CLIP image, poses."""
+    r = np.random.default_rng(seed)
+    noise = jnp.asarray(r.standard_normal((videos, frames, HEIGHT // 2, WIDTH // 2, 4)), jnp.float32)
+    ref = jnp.asarray(r.uniform(-1, 1, (videos, HEIGHT, WIDTH, 3)), jnp.float32)
+    clip = jnp.asarray(r.integers(0, 256, (videos, 16, 16, 3)), jnp.uint8)
+    poses = jnp.asarray(r.uniform(0, 1, (videos, frames, HEIGHT, WIDTH, 3)), jnp.float32)
+    return noise, ref, clip, poses
+
+
 def test_sampler_batches_videos_and_both_guidance_modes_agree(components):
     """Several videos in one sample() call (as validation runs it) equal one call per video, and
     CFG as one masked batched call equals two calls. The one-video calls are SHARED_CALL's program
@@ -171,12 +181,8 @@ def test_sampler_batches_videos_and_both_guidance_modes_agree(components):
     from anim_jax.models.animate_anyone import AnimateAnyone
 
     model = AnimateAnyone(**components)
-    r = np.random.default_rng(4)
     frames = 10
-    noise = jnp.asarray(r.standard_normal((2, frames, HEIGHT // 2, WIDTH // 2, 4)), jnp.float32)
-    ref = jnp.asarray(r.uniform(-1, 1, (2, HEIGHT, WIDTH, 3)), jnp.float32)
-    clip = jnp.asarray(r.integers(0, 256, (2, 16, 16, 3)), jnp.uint8)
-    poses = jnp.asarray(r.uniform(0, 1, (2, frames, HEIGHT, WIDTH, 3)), jnp.float32)
+    noise, ref, clip, poses = _sampler_inputs(4, 2, frames)
     windows = windows_array(frames, SHARED_CALL["context_frames"], SHARED_CALL["context_overlap"], True)
     kw = dict(schedule=moore_inference_schedule(), steps=SHARED_CALL["steps"], guidance_scale=3.5, windows=windows)
     both = np.asarray(sampling.sample(model, noise, reference=ref, clip=clip, poses=poses, **kw))
@@ -198,12 +204,8 @@ def test_sampler_steps_in_several_programs_equal_one(components):
     from anim_jax.models.animate_anyone import AnimateAnyone
 
     model = AnimateAnyone(**components)
-    r = np.random.default_rng(5)
     frames = 4
-    noise = jnp.asarray(r.standard_normal((1, frames, HEIGHT // 2, WIDTH // 2, 4)), jnp.float32)
-    ref = jnp.asarray(r.uniform(-1, 1, (1, HEIGHT, WIDTH, 3)), jnp.float32)
-    clip = jnp.asarray(r.integers(0, 256, (1, 16, 16, 3)), jnp.uint8)
-    poses = jnp.asarray(r.uniform(0, 1, (1, frames, HEIGHT, WIDTH, 3)), jnp.float32)
+    noise, ref, clip, poses = _sampler_inputs(5, 1, frames)
     kw = dict(reference=ref, clip=clip, poses=poses, schedule=moore_inference_schedule(), steps=3, guidance_scale=3.5,
               trajectory=True)
     last, every = sampling.sample(model, noise, **kw)
