@@ -180,8 +180,8 @@ def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, ste
     program (None: all); the numbers do not depend on it. On a mesh of several CPU devices XLA:CPU
     holds memory for every step a program has run until it returns (glibc's count of allocated
     bytes grows ~40 MB a step at 256x256 x 24 frames on two devices, ~0.6 GB at 512x512; one device
-    does not grow): ``steps_per_call=1`` bounds it, at ~0.11 s a step there (benchmarks/RESULTS.md,
-    "Issue 19, CPU round 10")."""
+    does not grow): ``steps_per_call=1`` bounds it, at 0.05-0.11 s a step there
+    (benchmarks/steps_per_call.py; benchmarks/RESULTS.md, "Issue 19, CPU round 10")."""
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     windows, weight, frame_count = prepare_windows(windows, noise.shape[1], noise.shape[0], mesh)
