@@ -176,7 +176,7 @@ class AnimatePipeline:
         ``progress``. ``keep_trajectory``: also return the latents after every step
         (``AnimateOutput.trajectory``). ``steps_per_call``: DDIM steps per compiled program (None:
         all, or on several CPU devices as many as keep the memory XLA:CPU holds per step within
-        ~256 MiB: ``sampling.auto_steps_per_call``)."""
+        ~1 GiB: ``sampling.auto_steps_per_call``)."""
         from anim_jax import driving as driving_lib
 
         width = self.native.width if width is None else width

@@ -154,10 +154,10 @@ def _steps(model, x, cond, windows, weight, frame_count, guidance_scale, *, sche
 # attention's tile loops until the program returns: ~1.6 bytes x frame rows x (latent pixels)^2 a
 # DDIM step (40.5 MiB a step at 256x256 x 24 frames on 2 devices, 594 MiB at 512x512;
 # benchmarks/RESULTS.md, "Issue 19, CPU rounds 10-11"). By default the loop is split so that a
-# program holds at most this much of it; each extra program costs ~0.1-0.2 s at 256x256 and ~0.75 s
-# at 512x512 (its first step pages its buffers in again).
+# program holds at most this much of it. Not less: each extra program costs time (its buffers are
+# paged in again): 0.05-0.23 s at 256x256 x 24 frames, 0.65 s at 96 frames, 0.83 s at 512x512.
 _CPU_MESH_GROWTH_PER_ELEMENT = 1.6
-_CPU_MESH_GROWTH_BUDGET = 256 * 2**20
+_CPU_MESH_GROWTH_BUDGET = 2**30
 
 
 def auto_steps_per_call(steps: int, rows: int, latent_pixels: int, mesh) -> int:
@@ -202,7 +202,7 @@ def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, ste
     program; the numbers do not depend on it. None: all of them, except on a mesh of several CPU
     devices, where XLA:CPU holds memory for every step a program has run until it returns (~40 MB
     a step at 256x256 x 24 frames on two devices, ~0.6 GB at 512x512; one device does not grow):
-    there ``auto_steps_per_call`` splits the loop so that a program holds at most ~256 MiB of it
+    there ``auto_steps_per_call`` splits the loop so that a program holds at most ~1 GiB of it
     (benchmarks/steps_per_call.py; benchmarks/RESULTS.md, "Issue 19, CPU rounds 10-11")."""
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
