@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from anim_jax import media, native, parallel
+from anim_jax import compile_memory, media, native, parallel
 from anim_jax.diffusion import NoiseSchedule, moore_inference_schedule
 from anim_jax.diffusion import sampling
 from anim_jax.diffusion.windows import windows_array
@@ -82,6 +82,7 @@ class AnimatePipeline:
         self._bar = None
         self._on_step = None
         self._compiled: set[tuple] = set()
+        compile_memory.release_after_compiles()  # the compiler's freed memory goes back to the system
 
     # ------------------------------------------------------------------------------ construction
 

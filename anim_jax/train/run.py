@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from anim_jax import native
+from anim_jax import compile_memory, native
 from anim_jax.checkpoint import CheckpointManager
 from anim_jax import atomic, storage
 from anim_jax.convert.components import save_components
@@ -79,6 +79,7 @@ def train(cfg, workdir, *, source=None) -> "object":
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)  # (nothing to create on an object store)
         _write_config(cfg, workdir)
+    compile_memory.release_after_compiles()
     t0 = time.perf_counter()
     trainer = setup(cfg)
     log.info("stage %d: %d trainable / %d frozen parameters, global batch %d on mesh %s (%.1fs)", int(cfg.stage),

@@ -1,0 +1,64 @@
+"""Hands the memory XLA's compiler used back to the operating system once a compile is done.
+
+Compiling the sampler makes glibc's heap grow by hundreds of MB (LLVM's work on hundreds of fused
+kernels). The compiler frees that memory, but glibc keeps freed heap pages mapped for reuse, so the
+process held it through the whole video: at 256x256 x 24 frames on one CPU core, ~0.4 GB of freed
+compiler memory, and a peak of 1.26 GB where 1.02 GB is enough (benchmarks/RESULTS.md, "Issue 19,
+CPU round 12"). ``malloc_trim(0)`` returns such pages; ``release_after_compiles`` calls it after every
+compile that took at least ``min_seconds`` (short compiles free little, and the trim walks the
+whole heap). Nothing is needed where there is no glibc (macOS, musl): there it does nothing.
+
+``AnimatePipeline`` and the command line turn it on; it only ever returns memory that is free.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from typing import Callable
+
+import jax
+
+# jax records this event after each backend compile (or persistent-cache load), before the program runs.
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+_listener: Callable | None = None
+
+
+def _glibc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``, or None where the C library has none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+def release_after_compiles(min_seconds: float = 1.0, trim: Callable[[], object] | None = None) -> bool:
+    """From now on, after every compile of at least ``min_seconds``, return the heap's free pages to
+    the system (``trim``: glibc's ``malloc_trim(0)`` by default). Once per process: later calls
+    change nothing. Returns whether a listener is installed (False without glibc)."""
+    global _listener
+    if _listener is not None:
+        return True
+    trim = trim or _glibc_trim()
+    if trim is None:
+        return False
+
+    def listener(event: str, duration: float, **_) -> None:
+        if event == COMPILE_EVENT and duration >= min_seconds:
+            trim()
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    _listener = listener
+    return True
+
+
+def stop() -> None:
+    """Removes the listener (tests)."""
+    global _listener
+    if _listener is not None:
+        jax.monitoring.unregister_event_duration_listener(_listener)
+        _listener = None
