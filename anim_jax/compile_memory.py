@@ -3,8 +3,8 @@
 Compiling the sampler makes glibc's heap grow by hundreds of MB (XLA's passes and the code
 generation for hundreds of fused kernels). The compiler frees that memory, but glibc keeps freed
 heap pages mapped for reuse, so the process held it through the whole video: at 256x256 x 24
-frames on one CPU core, ~0.4 GB of freed compiler memory, and a peak of 1.26 GB where 1.02 GB is
-enough (benchmarks/RESULTS.md, "Issue 19, CPU round 12"). ``malloc_trim(0)`` returns such pages;
+frames on one CPU core, ~400 MiB of freed compiler memory, and a peak of 1,255 MiB where 1,015 MiB
+is enough (benchmarks/RESULTS.md, "Issue 19, CPU round 12"). ``malloc_trim(0)`` returns such pages;
 ``release_after_compiles`` calls it after every compile that took at least ``min_seconds`` (short
 compiles free little, and the trim walks the whole heap). Without glibc (macOS, musl) it does nothing.
 
