@@ -18,7 +18,7 @@ This is Moore-AnimateAnyone's ``Pose2VideoPipeline`` loop (tests/test_pipeline.p
 against a per-window loop written its way). The pipeline, training's validation, the demo and the
 benchmarks all call it.
 
-Jitting is correct by construction: each program is ``nnx.jit``-ed with the model as an argument,
+Jitting is correct by construction: each program is jitted with the model as an argument,
 so the model's graph (its configs included) is part of the compilation cache key, and the
 schedule, step count, steps per program, mesh, guidance mode and progress callback are static
 arguments. Changing any of them compiles a new program; nothing is cached by name.
@@ -33,10 +33,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from anim_jax import parallel
+from anim_jax import cpu_codegen, parallel
 from anim_jax.diffusion.ddim import ddim_step
 from anim_jax.diffusion.schedules import NoiseSchedule
 from anim_jax.diffusion.windows import pad_windows, window_weights
@@ -126,13 +125,14 @@ def _conditioning(model, reference, clip, poses, *, mesh):
     return condition(model, reference, clip, poses)
 
 
-# graph=False: the model passes as a pytree (it shares no submodules). nnx's graph mode walks its
-# ~1,500 variables in Python on every call: 113 ms a call against 23 ms (benchmarks/RESULTS.md,
-# "Issue 19, CPU round 7").
-_condition_jit = nnx.jit(_conditioning, graph=False, static_argnames=("mesh",))
-_denoise_jit = nnx.jit(denoise, graph=False, static_argnames=("schedule", "steps", "mesh", "batch_guidance", "callback",
-                                                              "trajectory", "count"))
-_decode_jit = nnx.jit(lambda model, x: model.decode(x), graph=False)
+# The model passes as a pytree (it shares no submodules; its configs are static in the treedef).
+# nnx's graph mode walked its ~1,500 variables in Python on every call: 113 ms a call against 23 ms
+# (benchmarks/RESULTS.md, "Issue 19, CPU round 7"). cpu_codegen.jit: jax.jit with XLA:CPU's loops
+# vectorised for the host's widest registers.
+_condition_jit = cpu_codegen.jit(_conditioning, static_argnames=("mesh",))
+_denoise_jit = cpu_codegen.jit(denoise, static_argnames=("schedule", "steps", "mesh", "batch_guidance", "callback",
+                                                         "trajectory", "count"))
+_decode_jit = cpu_codegen.jit(lambda model, x: model.decode(x))
 
 
 def _steps(model, x, cond, windows, weight, frame_count, guidance_scale, *, schedule, steps, mesh, batch_guidance,
@@ -227,7 +227,7 @@ def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, ste
     return (x, every) if trajectory else x
 
 
-@nnx.jit(graph=False)
+@cpu_codegen.jit
 def _decode_uint8(vae, latents):
     # The VAE alone, not the model: each call flattens what it is given (8 frames at 64x64: 53 ms a
     # call with the model, 26 ms with the VAE; benchmarks/RESULTS.md, "Issue 19, CPU round 8").
