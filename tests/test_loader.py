@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file  # the reference implementation, as an independent reader
 
-from anim_jax import parallel, weights_dir
+from anim_jax import compile_memory, parallel, weights_dir
 from anim_jax.convert.components import load_components
 from anim_jax.convert.loader import load
 from anim_jax.convert.mapping import CheckpointMismatchError, KeyMap, flat_params
@@ -82,6 +82,40 @@ def test_torch_layout_select_ignore_and_report():
     for var in flat_params(donor).values():  # own buffers: a donating step may free the donor's
         var.value.delete()
     assert all(np.array_equal(a, want[k]) for k, a in values(copy).items())
+
+
+class OddNet(nnx.Module):
+    """Parameter shapes no other test makes, so nothing about them is compiled yet."""
+
+    def __init__(self, rngs):
+        self.conv = layers.Conv2d(5, 11, rngs=rngs)
+        self.proj = nnx.List([layers.Linear(11, 13, rngs=rngs)])
+
+
+def test_loading_host_arrays_copies_them_without_compiling():
+    # jnp.array(host, copy=True) compiled a conversion program per parameter shape, and kept it:
+    # ~65 MiB for the side-by-side's tiny model (benchmarks/RESULTS.md, "Issue 19, CPU round 13").
+    # abstract parameters (as the pipeline builds its networks), so nothing is computed on them yet
+    model = nnx.eval_shape(lambda: OddNet(nnx.Rngs(1)))
+    rng = np.random.default_rng(0)
+    source = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in flat_params(model).items()}
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == compile_memory.COMPILE_EVENT:
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        report = load(model, source)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(report.loaded) == 4 and compiles == []
+    expected = {k: v.copy() for k, v in source.items()}
+    for v in source.values():  # the host arrays change after loading; the model's copies do not
+        v += 100
+    got = values(model)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
 
 
 def test_load_keeps_shardings(devices, tmp_path):
