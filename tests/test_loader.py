@@ -94,7 +94,7 @@ class OddNet(nnx.Module):
 
 def test_loading_host_arrays_copies_them_without_compiling():
     # jnp.array(host, copy=True) compiled a conversion program per parameter shape, and kept it:
-    # ~65 MiB for the side-by-side's tiny model (benchmarks/RESULTS.md, "Issue 19, CPU round 13").
+    # ~70 MiB for the side-by-side's tiny model (benchmarks/RESULTS.md, "Issue 19, CPU round 13").
     # abstract parameters (as the pipeline builds its networks), so nothing is computed on them yet
     model = nnx.eval_shape(lambda: OddNet(nnx.Rngs(1)))
     rng = np.random.default_rng(0)

@@ -228,7 +228,7 @@ def _fresh_array(value, dtype) -> jax.Array:
     array of that dtype (another module's parameter) or host memory XLA could alias (a mapped
     file): sharing it would let a donating train step free both. Host arrays are cast on the host
     and copied over: ``jnp.array(..., copy=True)`` compiled a conversion program per parameter
-    shape, which stayed cached (52 programs, ~65 MiB, for the side-by-side's tiny model)."""
+    shape, which stayed cached (52 programs, ~70 MiB, for the side-by-side's tiny model)."""
     dtype = jnp.dtype(dtype)
     if isinstance(value, jax.Array):
         if value.dtype == dtype:
