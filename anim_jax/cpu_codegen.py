@@ -5,9 +5,10 @@ else itself through LLVM: the elementwise fusions (the flash attention's exponen
 the activations) and the reductions it keeps. Its LLVM backend prefers 256-bit vectors
 (``xla_cpu_prefer_vector_width=256``) also on CPUs with AVX-512's 512-bit registers. Letting it use
 them made the sampler's DDIM steps faster on this project's Sapphire Rapids host (one thread,
-medians of interleaved calls of the same program compiled both ways): 15% at 256x256 x 24 frames
-(3.89 -> 3.30 s for 2 steps), 4% at 64x64 and 512x512; results differ only by float32 rounding
-(``benchmarks/RESULTS.md``, "Issue 19, CPU round 13").
+medians of interleaved calls of the same program compiled both ways,
+``benchmarks/cpu_vector_width.py``): 5-16% at 256x256 x 24 frames over three runs, 2-4% at 64x64
+and 512x512; results differ only by float32 rounding (``benchmarks/RESULTS.md``, "Issue 19, CPU
+round 13").
 
 :func:`jit` is ``jax.jit`` that compiles with :func:`compiler_options` for the backend it runs
 on: the option on a CPU backend whose host has AVX-512, nothing otherwise. It is passed per
