@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import pathlib
 import statistics
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from _cpu_pipeline import cpu_pipeline, weights_error  # benchmarks run as scripts: their folder is on sys.path
 
 
 def main(argv=None) -> int:
@@ -38,8 +37,8 @@ def main(argv=None) -> int:
                     help="attention implementation (default auto, as anim-jax animate)")
     ap.add_argument("--repeats", type=int, default=6, help="timed calls per width (default 6)")
     a = ap.parse_args(argv)
-    if not pathlib.Path(a.weights, "anim_jax.json").is_file():
-        print(f"error: --weights {a.weights}: no anim_jax.json there (a converted weights directory)", file=sys.stderr)
+    if error := weights_error(a.weights):
+        print(error, file=sys.stderr)
         return 2
     try:
         widths = [int(w) for w in a.widths.split(",")]
@@ -50,21 +49,14 @@ def main(argv=None) -> int:
         print("error: --size must be a positive multiple of 8, --steps 1-10 and --repeats >= 1", file=sys.stderr)
         return 2
 
-    sys.path.insert(0, str(REPO))
-    import numpy as np
-
-    from anim_jax import cpu_codegen, parallel
-
-    parallel.use_cpu_devices(a.devices)
+    pipe, mesh = cpu_pipeline(a.weights, a.attention, a.devices)
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
+    from anim_jax import cpu_codegen
     from anim_jax.diffusion import sampling
-    from anim_jax.models.attention_ops import AttentionConfig
-    from anim_jax.pipeline import AnimatePipeline
 
-    mesh = parallel.make_mesh((a.devices,), ("data",)) if a.devices > 1 else None
-    pipe = AnimatePipeline.from_pretrained(a.weights, attention=AttentionConfig(a.attention), mesh=mesh)
     rng = np.random.default_rng(0)
     s, f = a.size, a.frames
     ref = jnp.asarray(rng.random((1, s, s, 3)) * 2 - 1, jnp.float32)
@@ -90,7 +82,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 jax.block_until_ready(p(*args, first=jnp.int32(0)))
                 seconds[w].append(round(time.perf_counter() - t0, 3))
-    rows = [dict(width=w, compile_s=compile_s[w], median_s=statistics.median(seconds[w]), min_s=min(seconds[w]),
+    rows = [dict(width=w, compile_s=compile_s[w], median_s=round(statistics.median(seconds[w]), 3), min_s=min(seconds[w]),
                  seconds=seconds[w], max_abs_diff=float(np.abs(first[w] - first[widths[0]]).max())) for w in widths]
     print(json.dumps(dict(size=s, frames=f, steps=a.steps, devices=a.devices, attention=a.attention,
                           host_vector_bits=cpu_codegen.host_vector_bits(), jax=jax.__version__, rows=rows)))

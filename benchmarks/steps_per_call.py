@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from _cpu_pipeline import cpu_pipeline, weights_error  # benchmarks run as scripts: their folder is on sys.path
 
 
 def _rss_mib() -> int:
@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="auto", choices=("xla", "chunked", "flash", "auto"))
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per value after the first (0: memory only)")
     a = ap.parse_args(argv)
-    if not pathlib.Path(a.weights, "anim_jax.json").is_file():
-        print(f"error: --weights {a.weights}: no anim_jax.json there (a converted weights directory)", file=sys.stderr)
+    if error := weights_error(a.weights):
+        print(error, file=sys.stderr)
         return 2
     try:
         values = [int(v) for v in a.per_call.split(",")]
@@ -53,19 +53,10 @@ def main(argv=None) -> int:
         print(f"error: --per-call values must be between 1 and --steps ({a.steps}), got {a.per_call}", file=sys.stderr)
         return 2
 
-    sys.path.insert(0, str(REPO))
+    pipe, _ = cpu_pipeline(a.weights, a.attention, a.devices)
+    import jax
     import numpy as np
 
-    from anim_jax import parallel
-
-    parallel.use_cpu_devices(a.devices)
-    import jax
-
-    from anim_jax.models.attention_ops import AttentionConfig
-    from anim_jax.pipeline import AnimatePipeline
-
-    mesh = parallel.make_mesh((a.devices,), ("data",)) if a.devices > 1 else None
-    pipe = AnimatePipeline.from_pretrained(a.weights, attention=AttentionConfig(a.attention), mesh=mesh)
     rng = np.random.default_rng(0)
     ref = rng.integers(0, 256, (a.size, a.size, 3), np.uint8)
     poses = rng.integers(0, 256, (a.frames, a.size, a.size, 3), np.uint8)
