@@ -2,12 +2,13 @@
 
 Compiling the sampler makes glibc's heap grow by hundreds of MB: XLA's fusion emitters hold ~1.35
 MiB for every distinct kernel of a program until its compile ends, whatever the kernel computes
-(364 kernels, ~475 MiB, in the 64x64 DDIM program; benchmarks/RESULTS.md, "Issue 19, CPU round
-14"). The compiler frees that memory, but glibc keeps freed heap pages mapped for reuse, so the
-process held it through the whole video: at 256x256 x 24 frames on one CPU core, ~400 MiB of freed
-compiler memory, and a peak of 1,255 MiB where 1,015 MiB is enough (round 12). ``malloc_trim(0)``
-returns such pages; ``release_after_compiles`` calls it after every compile that took at least
-``min_seconds`` (short compiles free little, and the trim walks the whole heap). Without glibc (macOS, musl) it does nothing.
+(364 kernels, ~475 MiB, in the 64x64 DDIM program; benchmarks/compile_memory.py,
+benchmarks/RESULTS.md, "Issue 19, CPU round 14"). The compiler frees that memory, but glibc keeps
+freed heap pages mapped for reuse, so the process held it through the whole video: at 256x256 x 24
+frames on one CPU core, ~400 MiB of freed compiler memory, and a peak of 1,255 MiB where 1,015 MiB
+is enough (round 12). ``malloc_trim(0)`` returns such pages; ``release_after_compiles`` calls it
+after every compile that took at least ``min_seconds`` (short compiles free little, and the trim
+walks the whole heap). Without glibc (macOS, musl) it does nothing.
 
 ``AnimatePipeline`` and training (``train.run.train``) turn it on; it only returns memory that is
 already free.
