@@ -176,8 +176,7 @@ class AnimatePipeline:
         DDIM step ``i`` (0-based), e.g. to drive a progress display other than the terminal bar of
         ``progress``. ``keep_trajectory``: also return the latents after every step
         (``AnimateOutput.trajectory``). ``steps_per_call``: DDIM steps per compiled program (None:
-        all, or on several CPU devices as many as keep the memory XLA:CPU holds per step within
-        ~1 GiB: ``sampling.auto_steps_per_call``)."""
+        all)."""
         from anim_jax import driving as driving_lib
 
         width = self.native.width if width is None else width

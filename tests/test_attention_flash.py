@@ -1,6 +1,7 @@
 """The flash (tiled, online-softmax) attention equals the plain path, never builds the score
 matrix, and is what ``auto`` picks for long key sequences on the CPU."""
 
+import contextlib
 import math
 import re
 
@@ -42,14 +43,21 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("on_cpu_mesh", [False, True])
 @pytest.mark.parametrize("b,lq,lk,h,d,dv,qb,kb,tile", SHAPES)
-def test_flash_equals_plain(b, lq, lk, h, d, dv, qb, kb, tile):
+def test_flash_equals_plain(b, lq, lk, h, d, dv, qb, kb, tile, on_cpu_mesh, devices):
+    """Also on a mesh of two CPU devices, where the row maxima are trees of maxima over halves (odd
+    lengths included) and the row sums products with ones (``flash_cpu_mesh_query_block``)."""
+    from anim_jax import parallel
+
     q, k, v = _qkv(lq + lk, b, lq, lk, h, d, dv)
     cfg = AttentionConfig("flash", flash_query_block=qb, flash_kv_block=kb, flash_tile_elements=tile)
     lengths = jnp.asarray(np.random.default_rng(lk).integers(1, lk + 1, b))  # includes short rows
+    mesh = parallel.make_mesh((2,), ("data",), devices[:2])
     for kv_lengths in (None, lengths):
         want = dot_product_attention(q, k, v, AttentionConfig("xla"), kv_lengths=kv_lengths)
-        got = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, cfg, kv_lengths=kv_lengths))(q, k, v)
+        with jax.set_mesh(mesh) if on_cpu_mesh else contextlib.nullcontext():
+            got = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, cfg, kv_lengths=kv_lengths))(q, k, v)
         _close(got, want)
 
 
@@ -193,6 +201,51 @@ def test_flash_never_holds_the_score_matrix():
     assert flash <= 4 * 1024 * 2 * 16  # nothing larger than k or v themselves
 
 
+def _ynnpack_fusions(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``(kind, output dims)`` of every fusion a compiled CPU program hands YNNPACK: kind "reduce"
+    when its computation reduces, "dot" when it multiplies matrices, else "other"."""
+    bodies, name = {}, None
+    for line in hlo.splitlines():
+        if head := re.match(r"(?:ENTRY )?%([\w.\-]+) \(", line):
+            name = head.group(1)
+            bodies[name] = []
+        elif name and line.startswith("  "):
+            bodies[name].append(line)
+    found = []
+    for line in (text for lines in bodies.values() for text in lines):
+        if '"__ynn_fusion"' not in line:
+            continue
+        dims = tuple(int(n) for n in re.search(r"= f32\[([\d,]*)\]", line).group(1).split(",") if n)
+        body = "\n".join(bodies[re.search(r"calls=%([\w.\-]+)", line).group(1)])
+        found.append(("reduce" if " reduce(" in body else "dot" if " dot(" in body else "other", dims))
+    return found
+
+
+def test_flash_on_a_cpu_mesh_hands_ynnpack_no_reduction_and_no_tall_dot(devices):
+    """On a mesh of several CPU devices XLA:CPU keeps ~5 KB for every YNNPACK reduction, and every
+    YNNPACK dot of more than 64 rows, that a program runs until it returns (tens of GB over a
+    512x512 video; benchmarks/RESULTS.md, "Issue 19, CPU round 15"). There the flash loop takes its
+    row maxima and sums without YNNPACK and query blocks of ``flash_cpu_mesh_query_block`` rows;
+    the same call off the mesh hands YNNPACK both (so the check can see them)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from anim_jax import parallel
+
+    s = jax.ShapeDtypeStruct
+    cfg = AttentionConfig("flash")  # query blocks of 128, as the pipeline runs it
+    fn = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, cfg))
+    shapes = ((8, 512, 2, 16), (8, 1024, 2, 16), (8, 1024, 2, 16))
+    off = _ynnpack_fusions(fn.lower(*(s(x, jnp.float32) for x in shapes)).compile().as_text())
+    assert "reduce" in {kind for kind, _ in off}
+    assert max(dims[-2] for kind, dims in off if kind == "dot") == 128
+    mesh = parallel.make_mesh((2,), ("data",), devices[:2])
+    rows = NamedSharding(mesh, P("data"))
+    with jax.set_mesh(mesh):
+        on = _ynnpack_fusions(fn.lower(*(s(x, jnp.float32, sharding=rows) for x in shapes)).compile().as_text())
+    assert {kind for kind, _ in on} == {"dot"}
+    assert max(dims[-2] for _, dims in on) == cfg.flash_cpu_mesh_query_block == 64
+
+
 def test_auto_policy_by_backend_and_size():
     s = jax.ShapeDtypeStruct
     cfg = AttentionConfig("auto")
@@ -206,7 +259,8 @@ def test_auto_policy_by_backend_and_size():
     assert _auto_implementation(big_q, big_k, cfg, "gpu") == "xla"
 
 
-@pytest.mark.parametrize("field", ["flash_query_block", "flash_kv_block", "flash_tile_elements"])
+@pytest.mark.parametrize("field", ["flash_query_block", "flash_kv_block", "flash_tile_elements",
+                                   "flash_cpu_mesh_query_block"])
 def test_flash_config_rejects_non_positive_blocks(field):
     with pytest.raises(ValueError, match=field):
         AttentionConfig("flash", **{field: 0})

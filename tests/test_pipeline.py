@@ -224,25 +224,6 @@ def test_sampler_steps_in_several_programs_equal_one(components):
             sampling.sample(model, noise, steps_per_call=bad, **kw)
 
 
-def test_default_steps_per_call_splits_only_on_a_cpu_mesh(devices):
-    """The default split: one program unless several CPU devices would hold more than the budget
-    (~1.6 bytes x frame rows x latent pixels^2 a step, 1 GiB a program), and then a divisor of the
-    steps, so every program has one length. Expected values from that arithmetic by hand: 256x256
-    latents (32x32) hold 40.3 MB a step for 24 frame rows (26 steps fit) and 201 MB for 120 (96
-    frames in five windows of 24: 5 fit); 512x512 (64x64) 644 MB for 24 (1 fits); 64x64 (8x8) kBs."""
-    from anim_jax.diffusion.sampling import auto_steps_per_call
-
-    two, one = parallel.make_mesh((2,), ("data",), devices[:2]), parallel.make_mesh((1,), ("data",), devices[:1])
-    assert auto_steps_per_call(10, 24, 32 * 32, two) == 10
-    assert auto_steps_per_call(10, 120, 32 * 32, two) == 5
-    assert auto_steps_per_call(25, 120, 32 * 32, two) == 5
-    assert auto_steps_per_call(7, 120, 32 * 32, two) == 1  # no divisor of 7 between 2 and 5
-    assert auto_steps_per_call(10, 24, 64 * 64, two) == 1
-    assert auto_steps_per_call(10, 24, 8 * 8, two) == 10
-    for mesh in (one, None):
-        assert auto_steps_per_call(10, 24, 64 * 64, mesh) == 10
-
-
 def test_changing_schedule_or_config_between_calls_changes_the_output(components, inputs):
     """Nothing is cached by name: the schedule and the modules' configs are part of what compiles."""
     import dataclasses

@@ -150,28 +150,6 @@ def _steps(model, x, cond, windows, weight, frame_count, guidance_scale, *, sche
     return (x, jnp.concatenate(every)) if trajectory else (x, None)
 
 
-# On a mesh of several CPU devices, XLA:CPU holds memory for every iteration of the flash
-# attention's tile loops until the program returns: ~1.6 bytes x frame rows x (latent pixels)^2 a
-# DDIM step (40.5 MiB a step at 256x256 x 24 frames on 2 devices, 594 MiB at 512x512;
-# benchmarks/RESULTS.md, "Issue 19, CPU rounds 10-11"). By default the loop is split so that a
-# program holds at most this much of it. Not less: each extra program costs time (its buffers are
-# paged in again): 0.05-0.23 s at 256x256 x 24 frames, 0.65 s at 96 frames, 0.83 s at 512x512.
-_CPU_MESH_GROWTH_PER_ELEMENT = 1.6
-_CPU_MESH_GROWTH_BUDGET = 2**30
-
-
-def auto_steps_per_call(steps: int, rows: int, latent_pixels: int, mesh) -> int:
-    """The default ``steps_per_call``: every step in one program, except on a mesh of several CPU
-    devices, where the largest divisor of ``steps`` whose steps' held memory (``rows`` frame rows of
-    ``latent_pixels`` latent pixels each: see ``_CPU_MESH_GROWTH_PER_ELEMENT``) fits
-    ``_CPU_MESH_GROWTH_BUDGET`` (a divisor, so every program has the same length and compiles once)."""
-    if mesh is None or mesh.size < 2 or mesh.devices.flat[0].platform != "cpu":
-        return steps
-    per_step = _CPU_MESH_GROWTH_PER_ELEMENT * rows * latent_pixels**2
-    fits = max(1, int(_CPU_MESH_GROWTH_BUDGET // per_step))
-    return max(d for d in range(1, min(fits, steps) + 1) if steps % d == 0)
-
-
 def prepare_windows(windows: np.ndarray | None, num_frames: int, batch: int = 1, mesh=None):
     """Host side of the windows: ``(windows (W', L) int32, window weights (W',), frame counts (F,))``.
     None: one window of all frames. With a mesh the list is padded (weight-0 copies of window 0)
@@ -199,20 +177,13 @@ def sample(model, noise, *, reference, clip, poses, schedule: NoiseSchedule, ste
     Returns the latents (B, F, h, w, C) float32, or with ``decode`` the frames in [0, 1]; with
     ``trajectory`` a pair: that and the latents after every DDIM step, (steps, B, F, h, w, C) (to
     study how errors grow step by step, e.g. bf16 against fp32). ``steps_per_call``: DDIM steps per
-    program; the numbers do not depend on it. None: all of them, except on a mesh of several CPU
-    devices, where XLA:CPU holds memory for every step a program has run until it returns (~40 MB
-    a step at 256x256 x 24 frames on two devices, ~0.6 GB at 512x512; one device does not grow):
-    there ``auto_steps_per_call`` splits the loop so that a program holds at most ~1 GiB of it
-    (benchmarks/steps_per_call.py; benchmarks/RESULTS.md, "Issue 19, CPU rounds 10-11")."""
+    program (None: all of them); the numbers do not depend on it. Each extra program costs time
+    (0.05-0.8 s at 256x256-512x512 on the CPU: benchmarks/steps_per_call.py)."""
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     windows, weight, frame_count = prepare_windows(windows, noise.shape[1], noise.shape[0], mesh)
     steps = int(steps)
-    if steps_per_call is None:
-        rows = noise.shape[0] * windows.shape[0] * windows.shape[1]
-        per_call = auto_steps_per_call(steps, rows, noise.shape[2] * noise.shape[3], mesh)
-    else:
-        per_call = int(steps_per_call)
+    per_call = steps if steps_per_call is None else int(steps_per_call)
     if not 1 <= per_call <= steps:
         raise ValueError(f"steps_per_call must be between 1 and steps ({steps}), got {steps_per_call}")
     # Under the mesh, layers that split their own loops over devices (the flash attention) see it.

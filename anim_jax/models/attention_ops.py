@@ -14,7 +14,9 @@ Layout is ``(batch, length, heads, head_dim)`` for q, k and v (the layout of
   in the CPU's caches however long the sequences are; the backward recomputes each tile. With
   ``kv_lengths``, key blocks past every row of a tile are skipped and blocks inside every row's
   keys run unmasked. Under a mesh (``jax.set_mesh``) every device loops over its own batch rows
-  (with ``kv_lengths``, after trading half of them with another device, so cheap and dear rows mix).
+  (with ``kv_lengths``, after trading half of them with another device, so cheap and dear rows mix);
+  on several CPU devices in smaller query blocks and with no YNNPACK reductions, which XLA:CPU would
+  otherwise hold memory for until the program returns (``flash_cpu_mesh_query_block``).
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (fused flash attention on
   NVIDIA GPUs; needs fp16/bf16 inputs).
 * ``"auto"``, by backend:
@@ -59,6 +61,11 @@ class AttentionConfig:
     flash_query_block: int = 128
     flash_kv_block: int = 1024
     flash_tile_elements: int = 2**18
+    # "flash" on a mesh of several CPU devices: query blocks of at most this many rows, and row maxima
+    # and sums XLA computes itself. There XLA:CPU keeps ~5 KB for every YNNPACK reduction, and every
+    # YNNPACK dot of more than 64 rows, that a program runs until the program returns: the tile loops
+    # run hundreds of thousands a step (benchmarks/RESULTS.md, "Issue 19, CPU round 15").
+    flash_cpu_mesh_query_block: int = 64
     # "auto" on CPU switches to flash above this many score elements in one call (1 MiB in fp32):
     # measured faster than the plain path from there on (benchmarks/RESULTS.md).
     flash_min_elements: int = 2**18
@@ -81,7 +88,7 @@ class AttentionConfig:
             raise ValueError(f"attention query_chunk_size must be positive, got {self.query_chunk_size}")
         if self.row_chunk_elements < 0:
             raise ValueError(f"attention row_chunk_elements must be >= 0, got {self.row_chunk_elements}")
-        for name in ("flash_query_block", "flash_kv_block", "flash_tile_elements"):
+        for name in ("flash_query_block", "flash_kv_block", "flash_tile_elements", "flash_cpu_mesh_query_block"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"attention {name} must be positive, got {getattr(self, name)}")
 
@@ -136,6 +143,27 @@ def _chunked_attention(q, k, v, scale, chunk, kv_lengths=None):
 _MIN_SPLIT_KV_BLOCK = 256
 
 
+def _row_max(s):
+    """``s.max(-1)`` as a tree of elementwise maxima over halves, which XLA fuses into loops of its
+    own instead of handing YNNPACK a reduction (see ``flash_cpu_mesh_query_block``)."""
+    while s.shape[-1] > 1:
+        half = s.shape[-1] // 2
+        s = jnp.concatenate([jnp.maximum(s[..., :half], s[..., half : 2 * half]), s[..., 2 * half :]], axis=-1)
+    return s[..., 0]
+
+
+def _row_sum(p):
+    """``p.sum(-1)`` as a product with a ones vector, which XLA computes without YNNPACK (see
+    ``flash_cpu_mesh_query_block``)."""
+    return jnp.einsum("...k,k->...", p, jnp.ones(p.shape[-1], p.dtype), preferred_element_type=jnp.float32)
+
+
+def _on_cpu_mesh() -> bool:
+    """Whether this trace runs on a mesh of several CPU devices (see ``flash_cpu_mesh_query_block``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() == "cpu" and not mesh.empty and mesh.size > 1
+
+
 def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
     # Hand-written: jax.nn.dot_product_attention has no tiled XLA path (only "xla", which builds
     # the whole score matrix, and "cudnn", GPU only), and no maintained JAX library offers a
@@ -146,6 +174,10 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
     groups = lambda t: t.transpose(0, 2, 1, 3).reshape(g, t.shape[1], t.shape[3])  # (B*H, L, D)
     qg, kg, vg = groups(q), groups(k), groups(v)
     lens = None if kv_lengths is None else jnp.repeat(kv_lengths, h)
+    # One device: YNNPACK's reductions and larger blocks are faster (8-10% a 256x256 step).
+    cpu_mesh = _on_cpu_mesh()
+    row_max = _row_max if cpu_mesh else (lambda s: s.max(-1))
+    row_sum = _row_sum if cpu_mesh else (lambda p: p.sum(-1))
 
     kb = min(config.flash_kv_block, lk)
     if lens is not None and kb == lk and lk % 2 == 0 and lk // 2 >= _MIN_SPLIT_KV_BLOCK:
@@ -157,7 +189,7 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
         kg = jnp.pad(kg, ((0, 0), (0, nk * kb - lk), (0, 0)))
         vg = jnp.pad(vg, ((0, 0), (0, nk * kb - lk), (0, 0)))
         lens = jnp.full((g,), lk, jnp.int32) if lens is None else lens
-    qb = min(config.flash_query_block, lq)
+    qb = min(config.flash_query_block, config.flash_cpu_mesh_query_block if cpu_mesh else lq, lq)
     nq = -(-lq // qb)
     gt = max(1, min(g, config.flash_tile_elements // (qb * kb)))  # groups per tile
     ng = -(-g // gt)
@@ -185,21 +217,21 @@ def _flash_attention(q, k, v, scale, config: AttentionConfig, kv_lengths=None):
             # One key block (short key sequences): the output is normalised after the value
             # product (qb x dv divisions, not qb x kb).
             s = scores(qt, kt, 0, lt)
-            p = jnp.exp(s - s.max(-1, keepdims=True))
+            p = jnp.exp(s - row_max(s)[..., None])
             out = jnp.einsum("gqk,gkd->gqd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
-            return (out / p.sum(-1)[..., None]).astype(vt.dtype)
+            return (out / row_sum(p)[..., None]).astype(vt.dtype)
 
         def update(carry, j, lt):
             m, l, acc = carry
             ks = jax.lax.dynamic_slice_in_dim(kt, j * kb, kb, axis=2)
             vs = jax.lax.dynamic_slice_in_dim(vt, j * kb, kb, axis=1)
             s = scores(qt, ks, j * kb, lt)
-            m_new = jnp.maximum(m, s.max(-1))
+            m_new = jnp.maximum(m, row_max(s))
             # Key 0 is always valid (kv_lengths >= 1) and block 0 comes first, so m_new is finite
             # from the first block on.
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
-            l = l * corr + p.sum(-1)
+            l = l * corr + row_sum(p)
             pv = jnp.einsum("gqk,gkd->gqd", p.astype(vt.dtype), vs, preferred_element_type=jnp.float32)
             return m_new, l, acc * corr[..., None] + pv
 
