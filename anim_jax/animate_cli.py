@@ -82,6 +82,9 @@ def add_animate_parser(subparsers) -> argparse.ArgumentParser:
                         "tiled with an online softmax, when the score matrix is large)")
     p.add_argument("--devices", type=_int_at_least(1), default=None,
                    help="shard context windows over the first N devices, N >= 1 (default: all devices)")
+    p.add_argument("--window-batch", type=_int_at_least(0), default=1, metavar="N",
+                   help="context windows per denoiser call (default 1; 0: all windows of a step in one "
+                        "call, which holds all their activations at once)")
     p.add_argument("--cpu-devices", type=_int_at_least(1), default=None, metavar="N",
                    help="on a CPU: run as N devices of one thread each, the frames split over them, N at "
                         "most your cores (README, Performance). "
@@ -186,6 +189,7 @@ def run_animate(args: argparse.Namespace) -> int:
             args.reference, args.pose, **driving_cli.pipeline_kwargs(args, devices), width=args.width, height=args.height, num_frames=args.frames,
             steps=args.steps, guidance_scale=args.guidance, seed=args.seed, context_frames=args.context_frames,
             context_overlap=args.context_overlap, closed_loop=not args.open_loop, progress=not args.no_progress,
+            window_batch=args.window_batch or None,
         )
     except (FileNotFoundError, ValueError) as e:  # media.InputError is a ValueError
         print(f"anim-jax animate: error: {e}", file=sys.stderr)

@@ -11,8 +11,8 @@ Moore-AnimateAnyone's ``Pose2VideoPipeline`` (pipeline_pose2vid_long.py):
 * the latents decoded in batches of ``decode_batch_size`` and rounded to uint8 (the original
   truncates).
 
-All windows of a step are denoised in one batched call (sharded over the mesh, so N devices take N
-windows), and the whole sampling loop is one jitted ``lax.scan``.
+The windows of a step are denoised one per call (``window_batch``; each call's frames sharded over
+the mesh), and the whole sampling loop is one jitted ``lax.scan``.
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ class AnimatePipeline:
         on_step: Callable[[int], None] | None = None,
         keep_trajectory: bool = False,
         steps_per_call: int | None = None,
+        window_batch: int | None = 1,
     ) -> AnimateOutput:
         """``pose_frames``: rendered pose pictures (a video, a folder of images, an array); or, instead,
         ``driving_video`` (a video of a person, a path or (F, H, W, 3) frames) with ``pose_extractor``
@@ -176,7 +177,8 @@ class AnimatePipeline:
         DDIM step ``i`` (0-based), e.g. to drive a progress display other than the terminal bar of
         ``progress``. ``keep_trajectory``: also return the latents after every step
         (``AnimateOutput.trajectory``). ``steps_per_call``: DDIM steps per compiled program (None:
-        all)."""
+        all). ``window_batch``: context windows per denoiser call (None: all windows of a step at
+        once, which holds all their activations)."""
         from anim_jax import driving as driving_lib
 
         width = self.native.width if width is None else width
@@ -240,6 +242,7 @@ class AnimatePipeline:
                 schedule=self.schedule, steps=steps, guidance_scale=guidance_scale, windows=windows, mesh=self.mesh,
                 batch_guidance=self.batch_guidance, callback=self._tick if (progress or on_step is not None) else None,
                 trajectory=keep_trajectory, steps_per_call=steps_per_call,
+                window_batch=window_batch,
             )
             x, every = (out[0][0], np.asarray(out[1][:, 0])) if keep_trajectory else (out[0], None)
             x = jax.block_until_ready(x)

@@ -67,8 +67,10 @@ def test_debug_flag_shows_the_traceback(tmp_path):
         (["--guidance", "-1"], "argument --guidance: must be a finite number >= 0, got '-1'"),
         (["--devices", "0"], "argument --devices: must be >= 1, got 0"),
         (["--context-overlap", "24"], "--context-overlap 24 must be less than --context-frames 24"),
+        (["--window-batch", "-1"], "argument --window-batch: must be >= 0, got -1"),
     ],
-    ids=["out-is-a-directory", "out-under-a-file", "nan-guidance", "negative-guidance", "zero-devices", "overlap"],
+    ids=["out-is-a-directory", "out-under-a-file", "nan-guidance", "negative-guidance", "zero-devices", "overlap",
+         "negative-window-batch"],
 )
 def test_animate_bad_arguments_fail_before_any_work(tmp_path, extra, fragment):
     (tmp_path / "taken.mp4").mkdir()

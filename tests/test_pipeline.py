@@ -224,6 +224,49 @@ def test_sampler_steps_in_several_programs_equal_one(components):
             sampling.sample(model, noise, steps_per_call=bad, **kw)
 
 
+def test_window_groups_equal_one_batch_hold_less_and_split_over_the_mesh(components, devices):
+    """``window_batch``: the windows of a step in groups (one denoiser call per group, a scan over the
+    groups) give the latents of all windows in one call, on one device and on the 8-device mesh
+    (where a group of one 4-frame window would give each device half a frame row, so groups become
+    two windows); a group of 3 of the 4 windows pads the list with weight-0 windows. The compiled
+    step holds fewer buffers with one window a call."""
+    from anim_jax.diffusion import moore_inference_schedule, sampling
+    from anim_jax.diffusion.windows import windows_array
+    from anim_jax.models.animate_anyone import AnimateAnyone
+
+    model = AnimateAnyone(**components)
+    frames = 10
+    noise, ref, clip, poses = _sampler_inputs(6, 1, frames)
+    windows = windows_array(frames, 4, 1, True)  # starts 0, 3, 6, 9: four windows
+    kw = dict(reference=ref, clip=clip, poses=poses, schedule=moore_inference_schedule(), steps=2, guidance_scale=3.5,
+              windows=windows)
+    whole = np.asarray(sampling.sample(model, noise, window_batch=None, **kw))
+    scale = np.abs(whole).max()
+    for group in (1, 3):
+        np.testing.assert_allclose(np.asarray(sampling.sample(model, noise, window_batch=group, **kw)), whole,
+                                   atol=1e-5 * scale, err_msg=f"window_batch={group}")
+    mesh = parallel.make_mesh((8,), ("data",))
+    assert sampling.window_group(4, 4, 1, mesh, 1) == 2 and sampling.window_group(4, 4, 1, mesh, 2) == 2
+    assert sampling.window_group(4, 4, 1, None, 4) == 0 and sampling.window_group(4, 4, 1, None, None) == 0
+    padded, weight, _ = sampling.prepare_windows(windows, frames, 1, None, 3)
+    assert padded.shape == (6, 4) and weight.tolist() == [1, 1, 1, 1, 0, 0]
+    sharded = sampling.sample(AnimateAnyone(**tiny_components()), noise, mesh=mesh, window_batch=1, **kw)
+    assert_close(np.asarray(sharded), whole, MESH_TOL, "window groups on 8 devices vs one batch on 1")
+
+    def buffers(group):
+        """The compiled DDIM program's temporary buffers, bytes."""
+        padded, weight, count = sampling.prepare_windows(windows, frames, 1, None, group)
+        cond = sampling._condition_jit(model, ref, clip, poses, mesh=None)
+        lowered = sampling._denoise_jit.lower(model, noise, cond, padded, weight, count, jnp.float32(3.5),
+                                              schedule=kw["schedule"], steps=2, window_batch=group)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    one, every = buffers(1), buffers(None)
+    assert one < 0.5 * every, (one, every)
+    with pytest.raises(ValueError, match="window_batch must be >= 1"):
+        sampling.sample(model, noise, window_batch=0, **kw)
+
+
 def test_changing_schedule_or_config_between_calls_changes_the_output(components, inputs):
     """Nothing is cached by name: the schedule and the modules' configs are part of what compiles."""
     import dataclasses
