@@ -3,6 +3,9 @@
 import ctypes
 import ctypes.util
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +59,43 @@ def test_without_glibc_nothing_is_installed(fresh_listener, monkeypatch):
     monkeypatch.setattr(compile_memory, "_glibc_trim", lambda: None)
     assert not compile_memory.release_after_compiles()
     assert compile_memory._listener is None
+
+
+WRITE_ORDER = """
+import pathlib, sys
+import jax, jax.numpy as jnp, numpy as np
+from anim_jax import compile_memory
+cache = pathlib.Path(sys.argv[1])
+seen = []  # cache entries present at each trim
+compile_memory.release_after_compiles(min_seconds=0.0, trim=lambda: seen.append(len(list(cache.iterdir()))))
+jax.jit(lambda x: jnp.cos(x) * 7)(np.arange(3.0)).block_until_ready()  # one compile
+print(seen)
+"""
+
+
+def test_trims_before_the_persistent_cache_write_too(tmp_path):
+    """jax writes a compile to its persistent cache before reporting the compile: the freed compiler
+    memory is trimmed first (once before the write, once after the compile), and the entry is still
+    written."""
+    cache = tmp_path / "xla"
+    cache.mkdir()
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", WRITE_ORDER, str(cache)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[-2] == "[0, 1]", proc.stdout
+    assert any(f.name.startswith("jit__lambda") for f in cache.iterdir())
+
+
+def test_stop_restores_the_cache_write(fresh_listener):
+    from jax._src import compiler
+
+    original = compiler._cache_write
+    compile_memory.release_after_compiles(trim=lambda: None)
+    assert compiler._cache_write is not original
+    compile_memory.stop()
+    assert compiler._cache_write is original
 
 
 def _rss_mib() -> float:
