@@ -23,8 +23,9 @@ benchmarks all call it.
 
 Jitting is correct by construction: each program is jitted with the model as an argument,
 so the model's graph (its configs included) is part of the compilation cache key, and the
-schedule, step count, steps per program, mesh, guidance mode and progress callback are static
-arguments. Changing any of them compiles a new program; nothing is cached by name.
+schedule, step count, steps per program, windows per call, mesh, guidance mode and progress
+callback are static arguments. Changing any of them compiles a new program; nothing is cached by
+name.
 """
 
 from __future__ import annotations
