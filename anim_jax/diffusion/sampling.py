@@ -12,8 +12,9 @@ and runs, as jitted programs:
    mesh) and take the unconditional and conditional predictions (``predict_pair``); then their
    per-frame average over the windows covering each frame (weights: ``windows.window_weights``;
    padded windows weigh 0), guidance, the DDIM update. One window a call holds one window's
-   activations, not all of them (512x512 x 96 frames: 347 against 1,716 MiB of buffers a device,
-   benchmarks/RESULTS.md "Issue 19, CPU round 16"), at no cost in time on the CPU;
+   activations, not all of them (512x512 x 96 frames: 353 against 1,722 MiB of buffers a device,
+   benchmarks/window_buffers.py; benchmarks/RESULTS.md "Issue 19, CPU round 16"), at no cost in
+   time on the CPU;
 3. optionally the VAE decode (``decode=True``; the pipeline decodes in batches instead, see
    ``decode_frames``).
 
