@@ -3,6 +3,7 @@ one-thread CPU devices (as ``anim-jax animate --cpu-devices N``)."""
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 
@@ -14,6 +15,21 @@ def weights_error(weights: str) -> str | None:
     if pathlib.Path(weights, "anim_jax.json").is_file():
         return None
     return f"error: --weights {weights}: no anim_jax.json there (a converted weights directory)"
+
+
+def int_list(low: int):
+    """An argparse ``type``: comma-separated integers, each at least ``low`` (argparse reports a bad
+    value in one line and exits with 2)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if any(v < low for v in values):
+            raise argparse.ArgumentTypeError(f"values must be >= {low}, got {text}")
+        return values
+
+    return parse
 
 
 def cpu_pipeline(weights: str, attention: str, devices: int):

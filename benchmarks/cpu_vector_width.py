@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from _cpu_pipeline import cpu_pipeline, weights_error  # benchmarks run as scripts: their folder is on sys.path
+from _cpu_pipeline import cpu_pipeline, int_list, weights_error  # benchmarks run as scripts: their folder is on sys.path
 
 
 def main(argv=None) -> int:
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--steps", type=int, default=2, help="DDIM steps a call, of a 10-step schedule (default 2)")
     ap.add_argument("--devices", type=int, default=1, help="one-thread CPU devices (default 1)")
-    ap.add_argument("--widths", default="256,512", help="vector widths in bits (default 256,512)")
+    ap.add_argument("--widths", type=int_list(1), default=[256, 512], help="vector widths in bits (default 256,512)")
     ap.add_argument("--attention", default="auto", choices=("xla", "chunked", "flash", "auto"),
                     help="attention implementation (default auto, as anim-jax animate)")
     ap.add_argument("--repeats", type=int, default=6, help="timed calls per width (default 6)")
@@ -40,11 +40,7 @@ def main(argv=None) -> int:
     if error := weights_error(a.weights):
         print(error, file=sys.stderr)
         return 2
-    try:
-        widths = [int(w) for w in a.widths.split(",")]
-    except ValueError:
-        print(f"error: --widths: expected comma-separated integers, got {a.widths!r}", file=sys.stderr)
-        return 2
+    widths = a.widths
     if a.size % 8 or a.size < 8 or not 1 <= a.steps <= 10 or a.repeats < 1:
         print("error: --size must be a positive multiple of 8, --steps 1-10 and --repeats >= 1", file=sys.stderr)
         return 2

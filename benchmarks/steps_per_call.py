@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-from _cpu_pipeline import cpu_pipeline, weights_error  # benchmarks run as scripts: their folder is on sys.path
+from _cpu_pipeline import cpu_pipeline, int_list, weights_error  # benchmarks run as scripts: their folder is on sys.path
 
 
 def _rss_mib() -> int:
@@ -37,20 +37,16 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--devices", type=int, default=2, help="one-thread CPU devices (default 2)")
-    ap.add_argument("--per-call", default="1,10", help="steps_per_call values (default 1,10)")
+    ap.add_argument("--per-call", type=int_list(1), default=[1, 10], help="steps_per_call values (default 1,10)")
     ap.add_argument("--attention", default="auto", choices=("xla", "chunked", "flash", "auto"))
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per value after the first (0: memory only)")
     a = ap.parse_args(argv)
     if error := weights_error(a.weights):
         print(error, file=sys.stderr)
         return 2
-    try:
-        values = [int(v) for v in a.per_call.split(",")]
-    except ValueError:
-        print(f"error: --per-call: expected comma-separated integers, got {a.per_call!r}", file=sys.stderr)
-        return 2
+    values = a.per_call
     if any(not 1 <= v <= a.steps for v in values):
-        print(f"error: --per-call values must be between 1 and --steps ({a.steps}), got {a.per_call}", file=sys.stderr)
+        print(f"error: --per-call values must be between 1 and --steps ({a.steps}), got {','.join(map(str, values))}", file=sys.stderr)
         return 2
 
     pipe, _ = cpu_pipeline(a.weights, a.attention, a.devices)

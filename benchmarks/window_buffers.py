@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from _cpu_pipeline import cpu_pipeline, weights_error  # benchmarks run as scripts: their folder is on sys.path
+from _cpu_pipeline import cpu_pipeline, int_list, weights_error  # benchmarks run as scripts: their folder is on sys.path
 
 
 class _Compiled(Exception):
@@ -30,19 +30,12 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=96)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--devices", type=int, default=2, help="one-thread CPU devices (default 2)")
-    ap.add_argument("--window-batch", default="1,0", help="windows per call, comma-separated; 0: all (default 1,0)")
+    ap.add_argument("--window-batch", type=int_list(0), default=[1, 0], help="windows per call, comma-separated; 0: all (default 1,0)")
     a = ap.parse_args(argv)
     if error := weights_error(a.weights):
         print(error, file=sys.stderr)
         return 2
-    try:
-        values = [int(v) for v in a.window_batch.split(",")]
-    except ValueError:
-        print(f"error: --window-batch: expected comma-separated integers, got {a.window_batch!r}", file=sys.stderr)
-        return 2
-    if any(v < 0 for v in values):
-        print(f"error: --window-batch values must be >= 0, got {a.window_batch}", file=sys.stderr)
-        return 2
+    values = a.window_batch
 
     pipe, _ = cpu_pipeline(a.weights, "auto", a.devices)
     import jax
