@@ -14,6 +14,7 @@ Parameter leaf names are ``kernel`` (linear ``(in, out)``, conv ``(kh, kw, in, o
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -74,22 +75,44 @@ class Linear(nnx.Module):
         return y
 
 
-# Inputs at most this many pixels high and wide are convolved as one matmul of their patches: XLA
-# rewrites a 3x3 convolution over a 2x2 input (the UNet's lowest level at 64x64) into a form with the
-# kernel as the input, which ran 17x slower on the CPU (3.4 ms against 0.2 ms for 48 x 2x2 x 64
-# channels; at 4x4 the convolution is faster again: benchmarks/RESULTS.md, "Issue 19, CPU round 8").
+# Inputs at most this many pixels high and wide are convolved as one matmul: XLA rewrites a 3x3
+# convolution over a 2x2 input (the UNet's lowest level at 64x64) into a form with the kernel as the
+# input, which ran 17x slower on the CPU (3.4 ms against 0.2 ms for 48 x 2x2 x 64 channels; at 4x4
+# the convolution is faster again: benchmarks/RESULTS.md, "Issue 19, CPU round 8").
 _MATMUL_CONV_MAX_SIDE = 2
 
 
-def _conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """``conv_general_dilated`` (NHWC, HWIO, symmetric padding) as patches @ kernel."""
-    n, h, w, _ = x.shape
-    k = kernel.shape[0]
+@functools.cache
+def _tap_table(h: int, w: int, k: int, stride: int, padding: int) -> tuple[np.ndarray, int, int]:
+    """``(table, ho, wo)``: ``table[i, o]`` is the kernel tap (``dy * k + dx``) joining input pixel i
+    to output pixel o of a k x k convolution over an h x w input (row-major), ``k * k`` where none does."""
     ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    rows, cols = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-    patches = [xp[:, dy:dy + rows:stride, dx:dx + cols:stride] for dy in range(k) for dx in range(k)]
-    return jnp.concatenate(patches, axis=-1) @ kernel.reshape(-1, kernel.shape[-1])
+    table = np.full((h, w, ho, wo), k * k, np.int32)
+    for oy in range(ho):
+        for ox in range(wo):
+            for dy in range(k):
+                for dx in range(k):
+                    iy, ix = oy * stride + dy - padding, ox * stride + dx - padding
+                    if 0 <= iy < h and 0 <= ix < w:
+                        table[iy, ix, oy, ox] = dy * k + dx
+    return table.reshape(h * w, ho * wo), ho, wo
+
+
+def _conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """``conv_general_dilated`` (NHWC, HWIO, symmetric padding) over a small image as one matmul:
+    the kernel unfolded into the dense (h*w*C_in, ho*wo*C_out) map it applies. Over 2x2 that is
+    fewer multiplies than the 3x3 patches (16 against 36 per channel pair; over 1x1, 1 against 9),
+    and it compiles to one gather of the kernel instead of a padded slice and a concatenation per
+    tap: each is a kernel of its own to XLA:CPU, which holds ~1.3 MiB a kernel while it compiles."""
+    n, h, w, c = x.shape
+    k, cout = kernel.shape[0], kernel.shape[-1]
+    table, ho, wo = _tap_table(h, w, k, stride, padding)
+    taps = kernel.reshape(k * k, c, cout)
+    dense = taps[np.minimum(table, k * k - 1)]  # (h*w, ho*wo, C_in, C_out)
+    if (table == k * k).any():
+        dense = jnp.where((table < k * k)[:, :, None, None], dense, 0)
+    dense = dense.transpose(0, 2, 1, 3).reshape(h * w * c, ho * wo * cout)
+    return (x.reshape(n, h * w * c) @ dense).reshape(n, ho, wo, cout)
 
 
 class Conv2d(nnx.Module):
