@@ -63,7 +63,8 @@ def test_upsample_nearest_matches_torch(in_size, out_size):
 
 
 @pytest.mark.parametrize("size,kernel,stride", [((1, 1), 3, 1), ((2, 2), 3, 1), ((2, 2), 3, 2), ((2, 1), 3, 1),
-                                                ((1, 2), 3, 2), ((2, 2), 1, 1), ((3, 3), 3, 1)])
+                                                ((1, 2), 3, 2), ((2, 2), 1, 1), ((2, 2), 1, 2),
+                                                ((3, 3), 3, 1)])
 def test_conv2d_matches_torch_on_tiny_inputs(size, kernel, stride):
     """Inputs of at most 2x2 pixels take the folded-kernel matmul, 3x3 the convolution."""
     r = np.random.default_rng(0)

@@ -103,11 +103,13 @@ def _conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) 
     the kernel unfolded into the dense (h*w*C_in, ho*wo*C_out) map it applies. Over 2x2 that is
     fewer multiplies than the 3x3 patches (16 against 36 per channel pair; over 1x1, 1 against 9),
     and it compiles to one gather of the kernel instead of a padded slice and a concatenation per
-    tap, each a kernel for XLA:CPU to compile: the 64x64 DDIM program has 38 fusion kernels and 54
-    elemental ones fewer, and its compile peaks ~25 MiB lower (benchmarks/RESULTS.md, "Issue 19,
-    CPU round 17")."""
+    tap, each a kernel for XLA:CPU to compile: the 64x64 DDIM program has 40 fewer fusion kernels and
+    54 fewer elemental ones, and its compile peaks ~25 MiB lower (benchmarks/RESULTS.md, "Issue 19,
+    CPU round 17"). A 1x1 kernel without padding needs no unfolding."""
     n, h, w, c = x.shape
     k, cout = kernel.shape[0], kernel.shape[-1]
+    if k == 1 and padding == 0:
+        return x[:, ::stride, ::stride] @ kernel.reshape(c, cout)
     table, ho, wo = _tap_table(h, w, k, stride, padding)
     taps = kernel.reshape(k * k, c, cout)
     dense = taps[np.minimum(table, k * k - 1)]  # (h*w, ho*wo, C_in, C_out)
